@@ -1,0 +1,245 @@
+"""Per-token log-probabilities straight from hidden states and the LM head.
+
+    logp[n] = log_softmax(hidden[n] @ weight.T / temperature + bias)[targets[n]]
+
+The `[tokens, vocab]` logits (vocab 151,936 for Qwen2.5) are never materialised
+whole: token rows are processed in chunks whose logits block is about the size
+of the hidden states, so peak extra memory is O(chunk * vocab), not
+O(tokens * vocab). Backward recomputes each chunk's logits (one extra GEMM)
+instead of keeping them; under `torch.no_grad()` nothing is saved at all, which
+is what the old-policy and reference passes need.
+
+This file holds the pure-torch chunk kernels (the CPU path, and the reference
+the Triton kernels are tested against) and the autograd Function; see
+`grpo_loss.py` for the fused loss.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .backend import resolve_backend
+
+
+def default_chunk_rows(num_rows: int, hidden_size: int, vocab_size: int) -> int:
+    """Rows per chunk so that a chunk's logits hold about as many elements as the hidden states."""
+    rows = max(1, math.ceil(num_rows * hidden_size / vocab_size))
+    rows = 1 << (rows - 1).bit_length()  # power of two: fewer distinct GEMM shapes
+    return max(16, min(rows, 4096, num_rows if num_rows > 0 else 1))
+
+
+def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Logits of one chunk in float32: `hidden [n, H] @ weight[V, H].T (+ bias)` -> `[n, V]`.
+
+    The GEMM runs in the input dtype (bf16 tensor cores on GPU, fp32 accumulate) and
+    is widened once, so everything downstream of it is fp32."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return logits.float()
+
+
+def row_stats_torch(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                    with_entropy: bool = False):
+    """Row statistics of one logits chunk `[n, V]` (fp32).
+
+    Returns `(logp [n], lse [n], entropy [n] or None)` where `lse` is the
+    log-sum-exp of the temperature-scaled row and `entropy` that of its softmax."""
+    scaled = logits / temperature if temperature != 1.0 else logits
+    lse = torch.logsumexp(scaled, dim=-1)  # [n]
+    target_logit = scaled.gather(1, targets[:, None]).squeeze(1)  # [n]
+    logp = target_logit - lse
+    entropy = None
+    if with_entropy:
+        probs = torch.exp(scaled - lse[:, None])
+        entropy = lse - (probs * scaled).sum(-1)
+    return logp, lse, entropy
+
+
+def softmax_grad_torch_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                        grad_logp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Overwrite a logits chunk `[n, V]` with d(sum_n grad_logp[n] * logp[n]) / d logits.
+
+    d logp / d z = (onehot(target) - softmax(z / T)) / T, so the chunk becomes
+    `grad_logp[:, None] * (onehot - softmax) / T`. Written in place to keep one buffer."""
+    scale = grad_logp / temperature  # [n]
+    if temperature != 1.0:
+        logits.div_(temperature)
+    logits.sub_(lse[:, None]).exp_()  # softmax
+    logits.mul_(-scale[:, None])
+    logits.scatter_add_(1, targets[:, None], scale[:, None])
+    return logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton chunk kernels (CUDA; CPU only under TRITON_INTERPRET=1 in tests). One program per token
+# row streams the row's V logits in BLOCK_V tiles, so a row is read once for the statistics and
+# once more for the gradient, and nothing of size V is ever allocated besides the chunk itself.
+# ----------------------------------------------------------------------------------------------
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # torch path only
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _row_stats_kernel(logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr,
+                          stride_row, vocab_size, inv_temperature,
+                          WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * stride_row
+        # Online max / sum-exp (and sum of p*z for the entropy) over this row's vocab tiles.
+        running_max = -float("inf")
+        running_sum = 0.0
+        running_dot = 0.0
+        for start in range(0, vocab_size, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            z = tl.load(row_ptr + cols, mask=cols < vocab_size, other=-float("inf")).to(tl.float32)
+            z = z * inv_temperature
+            new_max = tl.maximum(running_max, tl.max(z, 0))
+            rescale = tl.exp(running_max - new_max)
+            e = tl.exp(z - new_max)
+            running_sum = running_sum * rescale + tl.sum(e, 0)
+            if WITH_ENTROPY:
+                running_dot = running_dot * rescale + tl.sum(e * tl.where(cols < vocab_size, z, 0.0), 0)
+            running_max = new_max
+        lse = running_max + tl.log(running_sum)
+        target = tl.load(targets_ptr + row)
+        target_logit = tl.load(row_ptr + target).to(tl.float32) * inv_temperature
+        tl.store(logp_ptr + row, target_logit - lse)
+        tl.store(lse_ptr + row, lse)
+        if WITH_ENTROPY:
+            tl.store(entropy_ptr + row, lse - running_dot / running_sum)
+
+    @triton.jit
+    def _softmax_grad_kernel(logits_ptr, targets_ptr, lse_ptr, grad_logp_ptr,
+                             stride_row, vocab_size, inv_temperature, BLOCK_V: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * stride_row
+        lse = tl.load(lse_ptr + row)
+        scale = tl.load(grad_logp_ptr + row) * inv_temperature
+        target = tl.load(targets_ptr + row)
+        # Overwrite this row with scale * (onehot(target) - softmax), tile by tile.
+        for start in range(0, vocab_size, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            valid = cols < vocab_size
+            z = tl.load(row_ptr + cols, mask=valid, other=0.0).to(tl.float32) * inv_temperature
+            grad = -scale * tl.exp(z - lse)
+            grad = tl.where(cols == target, grad + scale, grad)
+            tl.store(row_ptr + cols, grad, mask=valid)
+
+
+def _block_v(vocab_size: int) -> int:
+    return min(4096, triton.next_power_of_2(vocab_size))
+
+
+def row_stats_triton(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                     with_entropy: bool = False):
+    """Triton twin of `row_stats_torch` for a contiguous fp32 chunk `[n, V]`."""
+    num_rows, vocab_size = logits.shape
+    logp = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else lse  # dummy pointer when unused
+    if num_rows:
+        _row_stats_kernel[(num_rows,)](logits, targets, logp, lse, entropy, logits.stride(0), vocab_size,
+                                       1.0 / temperature, WITH_ENTROPY=with_entropy,
+                                       BLOCK_V=_block_v(vocab_size))
+    return logp, lse, (entropy if with_entropy else None)
+
+
+def softmax_grad_triton_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                         grad_logp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Triton twin of `softmax_grad_torch_`: overwrites the chunk with its gradient."""
+    num_rows, vocab_size = logits.shape
+    if num_rows:
+        _softmax_grad_kernel[(num_rows,)](logits, targets, lse.contiguous(), grad_logp.contiguous(),
+                                          logits.stride(0), vocab_size, 1.0 / temperature,
+                                          BLOCK_V=_block_v(vocab_size))
+    return logits
+
+
+def row_stats(backend: str, logits, targets, temperature: float, with_entropy: bool = False):
+    """Dispatch `row_stats` to the torch or Triton chunk kernel."""
+    if backend == "triton":
+        return row_stats_triton(logits, targets, temperature, with_entropy)
+    return row_stats_torch(logits, targets, temperature, with_entropy)
+
+
+def softmax_grad_(backend: str, logits, targets, lse, grad_logp, temperature: float):
+    """Dispatch `softmax_grad_` to the torch or Triton chunk kernel."""
+    if backend == "triton":
+        return softmax_grad_triton_(logits, targets, lse, grad_logp, temperature)
+    return softmax_grad_torch_(logits, targets, lse, grad_logp, temperature)
+
+
+def accumulate_input_grads(grad_logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                           grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None,
+                           grad_bias: torch.Tensor | None, rows: slice) -> None:
+    """Chain one chunk's logits gradient `[n, V]` into hidden, weight and bias gradients."""
+    if grad_hidden is not None:
+        grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(grad_hidden.dtype)
+    if grad_weight is not None:  # fp32 accumulation, only when the LM head is trained
+        grad_weight.addmm_(grad_logits.t(), hidden[rows].float())
+    if grad_bias is not None:
+        grad_bias.add_(grad_logits.sum(0))
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, backend):
+        num_rows = hidden.shape[0]
+        logp = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
+        for start in range(0, num_rows, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, num_rows))
+            logits = chunk_logits(hidden[rows], weight, bias)
+            logp[rows], lse[rows], _ = row_stats(backend, logits, targets[rows], temperature)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.chunk_rows, ctx.backend = temperature, chunk_rows, backend
+        ctx.mark_non_differentiable(lse)
+        return logp, lse
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_lse):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grad_logp = grad_logp.float().contiguous()
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            rows = slice(start, min(start + ctx.chunk_rows, hidden.shape[0]))
+            logits = chunk_logits(hidden[rows], weight, bias)
+            grad_logits = softmax_grad_(ctx.backend, logits, targets[rows], lse[rows], grad_logp[rows],
+                                        ctx.temperature)
+            accumulate_input_grads(grad_logits, hidden, weight, grad_hidden, grad_weight, grad_bias, rows)
+        return (grad_hidden,
+                grad_weight.to(weight.dtype) if need_w else None,
+                grad_bias.to(bias.dtype) if need_b else None,
+                None, None, None, None)
+
+
+def flatten_inputs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor):
+    """`hidden [B, T, H]` or `[N, H]`, `targets [B, T]` or `[N]` -> contiguous 2-D/1-D views."""
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on the token dims")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden size {hidden.shape[-1]} != weight's {weight.shape[1]}")
+    return hidden.reshape(-1, hidden.shape[-1]).contiguous(), targets.reshape(-1).long().contiguous()
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   temperature: float = 1.0, bias: torch.Tensor | None = None, *,
+                   backend: str = "auto", chunk_rows: int | None = None) -> torch.Tensor:
+    """log_softmax(hidden @ weight.T / temperature)[targets] as float32, shaped like `targets`.
+
+    hidden [B, T, H] or [N, H]; weight [V, H]; targets [B, T] or [N] (int64).
+    Differentiable w.r.t. `hidden`, and `weight`/`bias` when they require grad.
+    backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton"."""
+    flat_hidden, flat_targets = flatten_inputs(hidden, targets, weight)
+    backend = resolve_backend(backend, flat_hidden)
+    rows = chunk_rows or default_chunk_rows(flat_hidden.shape[0], weight.shape[1], weight.shape[0])
+    logp, _ = TokenLogprobsFunction.apply(flat_hidden, weight, bias, flat_targets, float(temperature), rows, backend)
+    return logp.view(targets.shape)

@@ -1,0 +1,67 @@
+"""`lmmr1-lite` command line. Every config field is a flag; errors a user can cause print one line."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .config import ConfigError, TrainConfig, default_config_path, field_types, resolve_config
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("config fields (each overrides the YAML; see lmmr1_lite/config.py)")
+    types = field_types()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "stage":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata['help']} (default: {default!r})"
+        if types[f.name] is bool:  # `--random-init` alone means true; `--random-init false` also works
+            group.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, metavar="BOOL", help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmmr1-lite", description="Two-stage rule-based GRPO (LMM-R1) on one GPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run GRPO for one stage",
+                           description="Run GRPO for one stage. With no --config and no --model, the stage's tiny "
+                                       f"embedded default is used ({default_config_path('fre')} for fre).",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--stage", choices=["fre", "mgt"], default=None,
+                       help="fre: text-only math; mgt: image + text (default: the config's stage, else fre)")
+    train.add_argument("--config", default=None, help="YAML file of config overrides")
+    train.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any config field, value parsed as YAML (repeatable)")
+    _add_config_flags(train)
+    return parser
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if f.name != "stage" and getattr(args, f.name, None) is not None}
+    for item in args.sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip().replace("-", "_")] = value
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from .train import train
+            cfg = resolve_config(args.stage, args.config, overrides_from(args))
+            train(cfg)
+        return 0
+    except ConfigError as err:
+        print(f"lmmr1-lite: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The one config object: every knob of a run, with its default and help text.
+
+Precedence, lowest first: the defaults below (sized for Qwen2.5-VL-3B on one 24 GB card),
+the stage's tiny YAML when neither `--config` nor `--model` is given, the `--config` YAML,
+then command-line flags (`--field-name value` or `--set field=value`). YAML files hold
+overrides only; the resolved config is written to `<output_dir>/config.yaml`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+STAGES = ("fre", "mgt")
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem with the config; the CLI prints it as one line."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- run -----------------------------------------------------------------------------------
+    stage: str = _f("fre", "Training stage: 'fre' (text-only math) or 'mgt' (image + text).")
+    output_dir: str | None = _f(None, "Run directory. Default: runs/<stage>-<timestamp>.")
+    seed: int = _f(0, "Seed for sampling, data order and (with random_init) the model's weights.")
+    max_steps: int = _f(150, "GRPO steps (one rollout batch each). LMM-R1's stages run ~100-175 steps.")
+    save_every: int = _f(50, "Save the adapter every N steps (and always at the end). 0: only at the end.")
+    report_to: str = _f("none", "Also log metrics to 'tensorboard' or 'wandb' (when installed), or 'none'.")
+    eval_size: int = _f(64, "Held-out prompts decoded greedily before and after training (0: skip).")
+    # --- model ---------------------------------------------------------------------------------
+    model: str = _f("Qwen/Qwen2.5-VL-3B-Instruct",
+                    "Model directory or Hub id (Qwen2.5-VL class), loaded with from_pretrained.")
+    random_init: bool = _f(False, "Build the architecture from the model's config.json with random weights.")
+    dtype: str = _f("auto", "Weights dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bfloat16', 'float32'.")
+    gradient_checkpointing: bool = _f(True, "Non-reentrant gradient checkpointing in the training pass only.")
+    lora_r: int = _f(64, "LoRA rank.")
+    lora_alpha: int = _f(128, "LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = _f(0.0, "LoRA dropout. 0 keeps the rollout and training policies identical.")
+    lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                   "Linear layers of the language model that get LoRA adapters.")
+    # --- data and prompt -----------------------------------------------------------------------
+    data: str = _f("tiny_max", "A generated task name (see `lmmr1_lite.data.TASKS`) or a JSONL file.")
+    train_size: int = _f(2000, "Rows generated for a task's train split (ignored for files).")
+    system_prompt: str = _f("", "System prompt prepended to every prompt ('' for none).")
+    max_prompt_tokens: int = _f(4096, "Prompts longer than this are skipped (never truncated).")
+    # --- rollout -------------------------------------------------------------------------------
+    prompts_per_step: int = _f(8, "B: prompts sampled per step.")
+    num_generations: int = _f(8, "G: completions sampled per prompt (the group).")
+    max_new_tokens: int = _f(1024, "Completion length cap (LMM-R1 uses 4,096-8,192; 1,024 fits 24 GB).")
+    temperature: float = _f(1.0, "Sampling temperature for rollouts (also divides logits in the loss).")
+    stop_tokens: list = _f(["</answer>"], "Extra stop strings (besides EOS) that end a completion; used "
+                           "when the tokenizer has them as single tokens, else ignored with a warning.")
+    # --- rewards -------------------------------------------------------------------------------
+    rewards: dict = _f({"format": 0.5, "accuracy": 1.0},
+                       "Reward name -> weight; the total reward is the weighted sum (LMM-R1: 0.5 format + 1 acc).")
+    # --- GRPO ----------------------------------------------------------------------------------
+    learning_rate: float = _f(2e-5, "AdamW learning rate for the LoRA parameters (LMM-R1 full FT: 4e-7 to 1e-6).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.95, "AdamW beta2 (LMM-R1: 0.95).")
+    warmup_ratio: float = _f(0.03, "Fraction of max_steps of linear warm-up before the schedule.")
+    lr_scheduler_type: str = _f("cosine", "Learning-rate schedule after warm-up: 'cosine', 'linear' or 'constant'.")
+    max_grad_norm: float = _f(1.0, "Gradient-norm clip.")
+    beta: float = _f(0.001, "KL coefficient of the k3 term against the adapter-disabled reference (0: no ref pass).")
+    epsilon_low: float = _f(0.2, "Lower clip range of the ratio (1 - eps_low).")
+    epsilon_high: float = _f(0.2, "Upper clip range of the ratio (1 + eps_high); > eps_low is DAPO's clip-higher.")
+    loss_agg: str = _f("token_mean", "Loss aggregation: token_mean (DAPO), seq_mean_token_mean (GRPO), "
+                       "seq_mean_token_sum_norm (Dr. GRPO).")
+    scale_rewards: str = _f("group", "Advantage = (r - group mean) / group std ('group') or r - group mean ('none').")
+    num_iterations: int = _f(1, "Updates per rollout batch; > 1 computes old log-probs for the ratio.")
+    micro_batch_size: int = _f(4, "Sequences per forward/backward in the log-prob and training passes.")
+    logprob_backend: str = _f("auto", "Log-prob kernels: 'auto' (Triton on CUDA, torch on CPU), 'torch', 'triton'.")
+
+    def __post_init__(self):
+        checks = [
+            (self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}"),
+            (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.save_every >= 0, "save_every must be >= 0"),
+            (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
+            (self.num_generations >= 2, "num_generations must be >= 2: group-normalised advantages need a group"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
+            (self.lr_scheduler_type in ("cosine", "linear", "constant"),
+             f"lr_scheduler_type must be cosine, linear or constant, got {self.lr_scheduler_type!r}"),
+            (self.beta >= 0, "beta must be >= 0"),
+            (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0, "epsilon_low must be in [0, 1), epsilon_high >= 0"),
+            (self.loss_agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
+             f"loss_agg must be token_mean, seq_mean_token_mean or seq_mean_token_sum_norm, got {self.loss_agg!r}"),
+            (self.scale_rewards in ("group", "none"), f"scale_rewards must be 'group' or 'none', got {self.scale_rewards!r}"),
+            (self.num_iterations >= 1, "num_iterations must be >= 1"),
+            (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+            (self.logprob_backend in ("auto", "torch", "triton"), "logprob_backend must be auto, torch or triton"),
+            (self.dtype in ("auto", "bfloat16", "float32"), "dtype must be auto, bfloat16 or float32"),
+            (self.report_to in ("none", "tensorboard", "wandb"), "report_to must be none, tensorboard or wandb"),
+            (bool(self.rewards) and all(isinstance(w, (int, float)) for w in self.rewards.values()),
+             "rewards must map reward names to numeric weights"),
+            (self.lora_r >= 1, "lora_r must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    # --- conversions ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def coerce(name: str, value, source: str):
+    """Check/convert one override to the field's type; errors name the source and field."""
+    types = field_types()
+    if name not in types:
+        close = [n for n in types if n.startswith(name[:4])]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"{source}: unknown config field {name!r}{hint}")
+    kind = types[name]
+    base = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
+    target = base[0]
+    if value is None and type(None) in typing.get_args(kind):
+        return None
+    if isinstance(value, str) and target is not str:
+        try:
+            value = float(value) if target is float else yaml.safe_load(value)  # YAML reads '1e-2' as a string
+        except (ValueError, yaml.YAMLError):
+            raise ConfigError(f"{source}: field {name!r} expects {target.__name__}, got {value!r}") from None
+    try:
+        if target is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+        elif target in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (target is int and value != int(value)):
+                raise TypeError
+            value = target(value)
+        elif target is str:
+            value = str(value)
+        elif target in (list, dict) and not isinstance(value, target):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: field {name!r} expects {target.__name__}, got {value!r}") from None
+    return value
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+    return {k: coerce(k, v, str(path)) for k, v in data.items()}
+
+
+def default_config_path(stage: str) -> Path:
+    return CONFIG_DIR / "tiny" / f"{stage}.yaml"
+
+
+def resolve_config(stage: str | None = None, config_path: str | None = None,
+                   overrides: dict | None = None) -> TrainConfig:
+    """Defaults < tiny stage YAML (when neither a config file nor a model is given) < config file < overrides.
+
+    `stage` None takes the config file's stage, else 'fre'."""
+    overrides = {k: coerce(k, v, "command line") for k, v in (overrides or {}).items()}
+    file_values = load_yaml(config_path) if config_path is not None else {}
+    stage = stage or file_values.get("stage") or "fre"
+    if stage not in STAGES:
+        raise ConfigError(f"stage must be one of {STAGES}, got {stage!r}")
+    values: dict = {}
+    if config_path is None and "model" not in overrides:
+        values.update(load_yaml(default_config_path(stage)))
+    values.update(file_values)
+    values.update(overrides)
+    values["stage"] = stage
+    model = values.get("model")
+    if model and not Path(model).exists() and (REPO_ROOT / model).exists():
+        values["model"] = str(REPO_ROOT / model)  # repo-relative paths (the shipped tiny model) work from any cwd
+    return TrainConfig(**values)

@@ -1,0 +1,74 @@
+"""Where a run's numbers go: metrics.jsonl, optional tensorboard/wandb, and the reward-curve PNG."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .models import warn_once
+
+
+class MetricsLog:
+    """Appends one JSON object per step to `metrics.jsonl` (and mirrors it to tensorboard/wandb)."""
+
+    def __init__(self, run_dir: Path, report_to: str = "none", config: dict | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                warn_once("report_to=tensorboard but tensorboard is not installed; metrics go to metrics.jsonl only")
+        elif report_to == "wandb":
+            try:
+                import wandb
+                self.writer = wandb.init(project="lmmr1-lite", dir=str(run_dir), config=config)
+            except ImportError:
+                warn_once("report_to=wandb but wandb is not installed; metrics go to metrics.jsonl only")
+
+    def log(self, row: dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.writer is None:
+            return
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if hasattr(self.writer, "add_scalar"):
+            for key, value in numbers.items():
+                self.writer.add_scalar(key, value, row["step"])
+        else:
+            self.writer.log(numbers, step=row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            (self.writer.close if hasattr(self.writer, "close") else self.writer.finish)()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_rewards(metrics_path: Path, out_path: Path, title: str = "") -> Path:
+    """Reward, accuracy and format rate per step (raw and a moving average) as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, color in (("reward_mean", "C0"), ("accuracy", "C2"), ("format", "C1")):
+        values = [r.get(key, float("nan")) for r in rows]
+        window = max(1, len(values) // 20)
+        smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+                  for i in range(len(values))]
+        ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, smooth, color=color, label=f"{key} (moving avg {window})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean over the step's completions")
+    ax.set_title(title or "GRPO training rewards")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,78 @@
+"""Rollouts: G completions per prompt with HF `generate` and its KV cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .models import warn_once
+
+
+@dataclass
+class Rollout:
+    """A batch of N = B * G sequences; row i belongs to prompt i // G."""
+    prompt_ids: torch.Tensor       # [N, P] left-padded
+    prompt_mask: torch.Tensor      # [N, P]
+    completion_ids: torch.Tensor   # [N, C] right-padded
+    completion_mask: torch.Tensor  # [N, C] 1 up to and including the first stop token
+    texts: list[str]               # decoded completions (masked part, special tokens skipped)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def rows(self, index: slice) -> "Rollout":
+        return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
+                       self.completion_mask[index], self.texts[index])
+
+
+def stop_token_ids(tokenizer, stop_tokens: list[str]) -> list[int]:
+    """EOS plus each configured stop string that is a single token of this tokenizer."""
+    ids = [tokenizer.eos_token_id]
+    for text in stop_tokens:
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        if len(encoded) == 1:
+            ids.append(encoded[0])
+        else:
+            warn_once(f"stop token {text!r} is {len(encoded)} tokens for this tokenizer; ignored, "
+                      "completions stop at EOS")
+    return sorted(set(ids))
+
+
+def completion_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """`[N, C]` mask: 1 up to and including the first stop token of each row, 0 after it."""
+    is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))
+    stops_before = torch.cumsum(is_stop.int(), dim=1) - is_stop.int()  # stops strictly before each position
+    return (stops_before == 0).long()
+
+
+def encode_prompts(tokenizer, messages: list[list[dict]], device: torch.device) -> dict:
+    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+
+
+@torch.no_grad()
+def generate(policy, tokenizer, messages: list[list[dict]], *, num_generations: int, max_new_tokens: int,
+             temperature: float, stop_ids: list[int], greedy: bool = False) -> Rollout:
+    """Sample `num_generations` completions for each prompt (greedy: one, argmax)."""
+    was_training = policy.training
+    policy.eval()  # eval mode: gradient checkpointing off, KV cache on
+    enc = encode_prompts(tokenizer, messages, policy.device)
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    count = 1 if greedy else num_generations
+    out = policy.generate(**enc, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=count,
+                          use_cache=True, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    policy.train(was_training)
+    prompt_len = enc["input_ids"].shape[1]
+    completion_ids = out[:, prompt_len:]
+    if completion_ids.shape[1] == 0:
+        warn_once("generate returned no new tokens")
+    mask = completion_mask(completion_ids, stop_ids)
+    texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask),
+                                   skip_special_tokens=True)
+    return Rollout(enc["input_ids"].repeat_interleave(count, dim=0), enc["attention_mask"].repeat_interleave(count, dim=0),
+                   completion_ids, mask, texts)

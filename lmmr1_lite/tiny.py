@@ -1,0 +1,105 @@
+"""The embedded default: a tiny Qwen2.5-VL-architecture model and its tokenizer.
+
+`python -m lmmr1_lite.tiny configs/models/tiny` rebuilds what the repo ships there:
+- a word/character-level tokenizer built with the `tokenizers` library that keeps Qwen's chat
+  and vision special tokens, makes each reasoning tag (`<think>`, `</think>`, `<answer>`,
+  `</answer>`) one token, and has a small answer alphabet (digits, a few words), so that a
+  random-init policy already samples well-formed pieces and the reward is dense from step one;
+- a Qwen2.5-VL `config.json` with tiny sizes (the weights are random: `random_init: true`);
+- the Qwen2-VL image-processor config, so `AutoProcessor` loads the directory like a real one.
+
+The model directory is then loaded exactly like a downloaded checkpoint (`--model DIR`).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>", "<|unk|>"]
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+WORDS = ["system", "user", "assistant", "max", "min", "sum", "what", "color", "count", "shape", "is", "the",
+         "of", "how", "many", "red", "green", "blue", "yellow", "circle", "square", "triangle", "a", "b", "c",
+         "d", "x", "yes", "no"]
+CHARS = list("0123456789") + [" ", "\n", "(", ")", ",", "=", "+", "-", "*", "/", "?", ".", ":", "$", "{", "}",
+                              "\\", "^", "<", ">"]
+# Pieces the pre-tokenizer cuts: whole lowercase words, single digits, single other characters.
+PRETOKENIZE_PATTERN = r"[a-z]+|[0-9]|\s|[^a-z0-9\s]"
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+TEXT_CONFIG = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.1,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+VISION_CONFIG = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                     patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                     fullatt_block_indexes=[1])
+
+
+def build_tokenizer():
+    """The tiny tokenizer as a `PreTrainedTokenizerFast`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {piece: i for i, piece in enumerate(SPECIAL_TOKENS + TAG_TOKENS + WORDS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # pieces are joined as they are: "<think>7</think>" round-trips
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    # Tags are ordinary (non-special) tokens so `skip_special_tokens=True` keeps them, as with Qwen's BPE.
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|unk|>", model_max_length=TEXT_CONFIG["max_position_embeddings"],
+        chat_template=CHAT_TEMPLATE, padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+
+
+def build_config(tokenizer):
+    """The tiny Qwen2.5-VL config; token ids (bos/eos/pad inside `text_config`) come from `tokenizer`."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(TEXT_CONFIG, vocab_size=len(tokenizer), bos_token_id=ids("<|endoftext|>"),
+                eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
+    return Qwen2_5_VLConfig(text_config=text, vision_config=dict(VISION_CONFIG),
+                            image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+                            tie_word_embeddings=True, architectures=["Qwen2_5_VLForConditionalGeneration"])
+
+
+IMAGE_PROCESSOR_CONFIG = {
+    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+    "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "min_pixels": 56 * 56, "max_pixels": 112 * 112, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+}
+
+
+def write_model_dir(out_dir: str | Path) -> Path:
+    """Write tokenizer files, `config.json` and `preprocessor_config.json` into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(out)
+    build_config(tokenizer).save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR_CONFIG, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    print(write_model_dir(sys.argv[1] if len(sys.argv) > 1 else "configs/models/tiny"))

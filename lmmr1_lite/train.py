@@ -1,0 +1,215 @@
+"""The GRPO loop. Read this file first.
+
+Each step:
+ 1. sample B prompts; generate G completions each with HF `generate` and its KV cache
+    (eval mode: gradient checkpointing is off while generating);
+ 2. score them with the rule-based rewards (weighted sum of named rewards);
+ 3. advantages normalised within each group of G: (r - mean) / (std + 1e-4) (`scale_rewards:
+    group`) or r - mean (`none`); a group whose rewards are all equal has advantage 0;
+ 4. reference log-probs from the same weights with the LoRA adapter disabled (skipped when
+    beta = 0); old log-probs only when num_iterations > 1 (otherwise the ratio is taken against
+    the detached current log-probs, so it is 1 with the gradient of the policy gradient);
+ 5. num_iterations AdamW updates of the LoRA parameters on the clipped-ratio loss with the k3
+    KL term, aggregated over the whole batch by `loss_agg` (token_mean by default) across
+    micro-batches, with gradient-norm clipping and a warm-up + cosine schedule.
+Log-probs always come from `lmmr1_kernels` (chunked over tokens; never `[tokens, vocab]` logits).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import get_scheduler
+
+from lmmr1_kernels import grpo_loss, token_logprobs, token_weights
+
+from . import models, rewards
+from .config import ConfigError, TrainConfig
+from .data import build_messages, load_splits
+from .report import MetricsLog, plot_rewards
+from .rollout import Rollout, generate, stop_token_ids
+
+
+def group_advantages(rewards_: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """`rewards [B*G]` -> advantages `[B*G]`, normalised within each consecutive group of G."""
+    grouped = rewards_.view(-1, group_size).double()
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    return centred.view(-1).float()
+
+
+def completion_hidden(policy, batch: Rollout) -> torch.Tensor:
+    """Hidden states at the positions that predict each completion token: `[n, C, H]`."""
+    prompt_len = batch.prompt_ids.shape[1]
+    hidden = models.hidden_states(policy, batch.input_ids, batch.attention_mask)
+    return hidden[:, prompt_len - 1: -1]
+
+
+@torch.no_grad()
+def rollout_logprobs(policy, batch: Rollout, cfg: TrainConfig) -> torch.Tensor:
+    """Per-token log-probs `[N, C]` of a rollout's completions, micro-batched, no graph kept."""
+    weight = models.lm_head_weight(policy)
+    out = []
+    for start in range(0, batch.completion_ids.shape[0], cfg.micro_batch_size):
+        micro = batch.rows(slice(start, start + cfg.micro_batch_size))
+        out.append(token_logprobs(completion_hidden(policy, micro), weight, micro.completion_ids,
+                                  cfg.temperature, backend=cfg.logprob_backend))
+    return torch.cat(out)
+
+
+def make_run_dir(cfg: TrainConfig) -> Path:
+    run_dir = Path(cfg.output_dir or f"runs/{cfg.stage}-{datetime.now():%Y%m%d-%H%M%S}")
+    if (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"output_dir {run_dir} already holds a run; choose another --output-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output_dir {run_dir}: cannot create ({err.strerror})") from None
+    cfg.output_dir = str(run_dir)
+    return run_dir
+
+
+def evaluate(policy, tokenizer, examples, cfg: TrainConfig, stop_ids: list[int]) -> dict:
+    """Greedy decoding on held-out prompts: accuracy and format rate."""
+    if not examples:
+        return {}
+    acc, fmt, samples = [], [], []
+    for start in range(0, len(examples), 64):
+        chunk = examples[start:start + 64]
+        batch = generate(policy, tokenizer, [build_messages(e, cfg.system_prompt) for e in chunk],
+                         num_generations=1, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
+                         stop_ids=stop_ids, greedy=True)
+        _, parts = rewards.score(batch.texts, [e.answer for e in chunk], {"accuracy": 1.0})
+        acc += parts["accuracy"]
+        fmt += parts["format"]
+        samples += [{"prompt": e.prompt, "answer": e.answer, "completion": t} for e, t in zip(chunk, batch.texts)]
+    return {"accuracy": sum(acc) / len(acc), "format": sum(fmt) / len(fmt), "n": len(acc), "samples": samples[:8]}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: TrainConfig) -> Path:
+    # ---- setup ---------------------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    run_dir = make_run_dir(cfg)
+    cfg.save(run_dir / "config.yaml")
+    device = models.pick_device()
+    train_rows, test_rows = load_splits(cfg.data, cfg.train_size, cfg.eval_size, cfg.seed)
+    tokenizer = models.load_tokenizer(cfg.model)
+    base = models.load_base_model(cfg, device)
+    if cfg.random_init:
+        models.save_base_model(base, tokenizer, run_dir / "base_model")
+    policy = models.add_lora(base, cfg)
+    if cfg.random_init:  # the adapter's base is the saved random model, not the config directory
+        policy.peft_config["default"].base_model_name_or_path = str((run_dir / "base_model").resolve())
+    lora_params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(lora_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    total_updates = cfg.max_steps * cfg.num_iterations
+    scheduler = get_scheduler("constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type,
+                              optimizer, math.ceil(cfg.warmup_ratio * total_updates), total_updates)
+    stop_ids = stop_token_ids(tokenizer, cfg.stop_tokens)
+    weight = models.lm_head_weight(policy)
+    log = MetricsLog(run_dir, cfg.report_to, cfg.to_dict())
+    rng = random.Random(cfg.seed)
+    print(f"lmmr1-lite: stage {cfg.stage}, model {cfg.model}{' (random init)' if cfg.random_init else ''}, "
+          f"{sum(p.numel() for p in lora_params):,} LoRA parameters, device {device}, run dir {run_dir}")
+
+    eval_before = evaluate(policy, tokenizer, test_rows, cfg, stop_ids)
+    if eval_before:
+        print(f"eval before: accuracy {eval_before['accuracy']:.3f}, format {eval_before['format']:.3f}")
+
+    # ---- the loop ------------------------------------------------------------------------------
+    bar = tqdm(range(1, cfg.max_steps + 1), desc=f"GRPO {cfg.stage}", unit="step", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        examples = [rng.choice(train_rows) for _ in range(cfg.prompts_per_step)]
+        # 1. rollouts
+        batch = generate(policy, tokenizer, [build_messages(e, cfg.system_prompt) for e in examples],
+                         num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, stop_ids=stop_ids)
+        t_gen = time.perf_counter() - t0
+        # 2. rewards
+        answers = [e.answer for e in examples for _ in range(cfg.num_generations)]
+        totals, parts = rewards.score(batch.texts, answers, cfg.rewards)
+        reward_t = torch.tensor(totals, dtype=torch.float32)
+        # 3. advantages
+        advantages = group_advantages(reward_t, cfg.num_generations, cfg.scale_rewards).to(device)
+        # 4. reference and old log-probs (no graph)
+        policy.eval()
+        ref_logp = None
+        if cfg.beta > 0:
+            with policy.disable_adapter():
+                ref_logp = rollout_logprobs(policy, batch, cfg)
+        old_logp = rollout_logprobs(policy, batch, cfg) if cfg.num_iterations > 1 else None
+        # 5. updates
+        policy.train()  # train mode: gradient checkpointing on (when configured)
+        mask = batch.completion_mask
+        weights_all = token_weights(mask, cfg.loss_agg)  # aggregation over the whole batch
+        n = mask.shape[0]
+        for _ in range(cfg.num_iterations):
+            optimizer.zero_grad(set_to_none=True)
+            sums = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ratio": 0.0, "entropy": 0.0}
+            for start in range(0, n, cfg.micro_batch_size):
+                rows = slice(start, start + cfg.micro_batch_size)
+                micro = batch.rows(rows)
+                loss, metrics = grpo_loss(
+                    completion_hidden(policy, micro), weight, micro.completion_ids, micro.completion_mask,
+                    advantages[rows], None if old_logp is None else old_logp[rows],
+                    None if ref_logp is None else ref_logp[rows], beta=cfg.beta, epsilon_low=cfg.epsilon_low,
+                    epsilon_high=cfg.epsilon_high, temperature=cfg.temperature, token_weight=weights_all[rows],
+                    backend=cfg.logprob_backend)
+                loss.backward()
+                share = micro.completion_mask.sum().item() / max(1, mask.sum().item())
+                sums["loss"] += loss.item()
+                for key in ("kl", "clip_low", "clip_high", "ratio", "entropy"):
+                    sums[key] += metrics[key].item() * share
+            grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, cfg.max_grad_norm)
+            skipped = not torch.isfinite(grad_norm)
+            if not skipped:
+                optimizer.step()
+            scheduler.step()
+
+        # ---- logging ---------------------------------------------------------------------------
+        seconds = time.perf_counter() - t0
+        lengths = mask.sum(1).float()
+        row = {"step": step, "reward_mean": float(reward_t.mean()), "reward_std": float(reward_t.std()),
+               **{name: sum(v) / len(v) for name, v in parts.items()},
+               "loss": sums["loss"], "kl": sums["kl"], "clip_frac": sums["clip_low"] + sums["clip_high"],
+               "clip_frac_low": sums["clip_low"], "clip_frac_high": sums["clip_high"], "ratio": sums["ratio"],
+               "entropy": sums["entropy"], "grad_norm": float(grad_norm), "skipped": bool(skipped), "lr": scheduler.get_last_lr()[0],
+               "completion_len": float(lengths.mean()), "step_seconds": seconds, "generate_seconds": t_gen,
+               "tokens_per_second": float(lengths.sum() + batch.prompt_mask.sum()) / seconds}
+        log.log(row)
+        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}", len=f"{row['completion_len']:.0f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            policy.save_pretrained(run_dir / f"checkpoint-{step}")
+    bar.close()
+
+    # ---- finish ----------------------------------------------------------------------------------
+    adapter_dir = run_dir / "adapter"
+    policy.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    eval_after = evaluate(policy, tokenizer, test_rows, cfg, stop_ids)
+    (run_dir / "eval.json").write_text(json.dumps({"before": eval_before, "after": eval_after}, indent=2))
+    plot = plot_rewards(run_dir / "metrics.jsonl", run_dir / "reward_curve.png",
+                        title=f"lmmr1-lite {cfg.stage}: {Path(cfg.model).name} on {cfg.data}")
+    log.close()
+    if eval_after:
+        print(f"eval after:  accuracy {eval_after['accuracy']:.3f} (before {eval_before['accuracy']:.3f}), "
+              f"format {eval_after['format']:.3f} (before {eval_before['format']:.3f})")
+    print(f"adapter: {adapter_dir}\nreward curve: {plot}\nmetrics: {run_dir / 'metrics.jsonl'}", file=sys.stdout)
+    return run_dir

@@ -1,0 +1,38 @@
+import os
+
+# The Triton kernels run on CPU through the interpreter in tests; must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lmmr1_lite.config import REPO_ROOT  # noqa: E402
+
+TINY_MODEL = str(REPO_ROOT / "configs" / "models" / "tiny")
+
+
+@pytest.fixture
+def tiny_cfg():
+    """A resolved tiny config (the embedded default) with small, fast settings."""
+    from lmmr1_lite.config import resolve_config
+
+    def make(**overrides):
+        return resolve_config("fre", None, overrides)
+    return make
+
+
+@pytest.fixture
+def tiny_policy(tiny_cfg):
+    from lmmr1_lite import models
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(gradient_checkpointing=False)
+    tokenizer = models.load_tokenizer(cfg.model)
+    policy = models.add_lora(models.load_base_model(cfg, torch.device("cpu")), cfg)
+    # LoRA B starts at zero; give the adapter a non-zero effect so "adapter off" is distinguishable.
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return policy, tokenizer, cfg

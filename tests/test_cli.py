@@ -1,0 +1,91 @@
+"""The command line end to end on the tiny default, and its one-line errors."""
+import json
+
+import pytest
+import yaml
+
+from lmmr1_lite.cli import build_parser, main
+from lmmr1_lite.config import TrainConfig, resolve_config
+import dataclasses
+
+REQUIRED_METRICS = {"step", "reward_mean", "accuracy", "format", "kl", "loss", "clip_frac_low", "clip_frac_high",
+                    "completion_len", "step_seconds", "tokens_per_second"}
+
+
+def test_short_run_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--stage", "fre", "--output-dir", str(out), "--max-steps", "3", "--save-every", "2",
+                 "--eval-size", "4", "--seed", "1", "--set", "beta=0.01", "--set", "num_iterations=2"])
+    assert code == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["max_steps"] == 3 and saved["beta"] == 0.01 and saved["seed"] == 1 and saved["stage"] == "fre"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert REQUIRED_METRICS <= set(row), REQUIRED_METRICS - set(row)
+        assert row["kl"] >= 0 and 0 <= row["format"] <= 1 and row["completion_len"] > 0
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").exists()
+    assert (out / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["before"]["n"] == 4 and 0 <= ev["after"]["accuracy"] <= 1
+    printed = capsys.readouterr().out
+    assert "adapter:" in printed and "reward curve:" in printed
+
+    # the adapter is a PEFT adapter over the saved random-init base
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+    base = AutoModelForImageTextToText.from_pretrained(out / "base_model")
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    assert any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert main(["train", "--output-dir", str(out), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already holds a run" in err
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n', "nothing already written is lost"
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--set", "lerning_rate=0.1"], "unknown config field 'lerning_rate'"),
+    (["--max-steps", "ten"], "field 'max_steps' expects int"),
+    (["--set", "noequals"], "expected KEY=VALUE"),
+    (["--loss-agg", "sum"], "loss_agg must be"),
+    (["--num-generations", "1"], "num_generations must be >= 2"),
+    (["--data", "nope.jsonl"], "neither a task"),
+])
+def test_user_mistakes_give_one_line_errors(tmp_path, capsys, argv, expected):
+    code = main(["train", "--output-dir", str(tmp_path / "r"), "--max-steps", "1", "--eval-size", "0"] + argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and expected in err and err.count("\n") == 0, err
+
+
+def test_bad_yaml_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_steps: 3\nrewards: {format: 0.5\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "line" in err
+
+
+def test_help_documents_every_field():
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "stage":
+            assert "--" + f.name.replace("_", "-") in text
+    for flag in ("--model", "--config", "--output-dir", "--max-steps", "--save-every", "--seed", "--set", "--report-to"):
+        assert flag in text
+
+
+def test_precedence_tiny_default_then_file_then_flags(tmp_path):
+    default = resolve_config("fre")
+    assert default.random_init and default.model.endswith("configs/models/tiny") and default.data == "tiny_max"
+    f = tmp_path / "c.yaml"
+    f.write_text("model: configs/models/tiny\nrandom_init: true\nlearning_rate: 0.01\nmax_steps: 9\n")
+    cfg = resolve_config(None, str(f), {"max_steps": "4"})
+    assert cfg.learning_rate == 0.01 and cfg.max_steps == 4 and cfg.stage == "fre"
+    assert cfg.prompts_per_step == TrainConfig().prompts_per_step, "a config file does not inherit the tiny YAML"
+    assert resolve_config("fre", None, {"model": "some/model"}).random_init is False

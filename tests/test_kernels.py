@@ -1,0 +1,180 @@
+"""lmmr1_kernels against a float64 torch reference (full logits), torch and Triton (interpreted) paths."""
+import pytest
+import torch
+
+from lmmr1_kernels import grpo_loss, token_logprobs
+
+# dtype -> max relative error ||out - ref|| / ||ref|| (style.md's numerics note)
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+BACKENDS = ["torch", "triton"]
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite output"
+    return ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def reference_logprobs(hidden, weight, targets, temperature, bias=None):
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    return torch.log_softmax(logits / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def reference_grpo(hidden, weight, targets, mask, adv, old, ref, beta, eps_low, eps_high, temperature, loss_agg):
+    """Straightforward float64 GRPO loss from full logits, written independently of the kernels."""
+    logits = (hidden.double() @ weight.double().t()) / temperature
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    old = logp.detach() if old is None else old.double()
+    ratio = torch.exp(logp - old)
+    a = adv.double()[:, None]
+    pg = -torch.min(ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
+    if ref is not None and beta != 0:
+        kl = torch.exp(ref.double() - logp) - (ref.double() - logp) - 1
+    else:
+        kl = torch.zeros_like(logp)
+    per_token = pg + beta * kl
+    m = mask.double()
+    if loss_agg == "token_mean":
+        loss = (per_token * m).sum() / m.sum().clamp(min=1)
+    elif loss_agg == "seq_mean_token_mean":
+        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    else:
+        loss = (per_token * m).sum() / (m.shape[0] * m.shape[1])
+    n = m.sum()
+    metrics = {"kl": (kl * m).sum() / n, "ratio": (ratio * m).sum() / n, "entropy": (entropy * m).sum() / n,
+               "clip_low": (((a < 0) & (ratio < 1 - eps_low)).double() * m).sum() / n,
+               "clip_high": (((a > 0) & (ratio > 1 + eps_high)).double() * m).sum() / n}
+    return loss, metrics
+
+
+def make_inputs(B, T, H, V, dtype, seed=0, weight_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(B, T, H, generator=g) * 1.0).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) * 0.5).to(dtype).requires_grad_(weight_grad)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,H,V", [(2, 7, 16, 1000), (3, 5, 32, 257), (1, 3, 8, 151_936)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_matches_float64(backend, dtype, B, T, H, V, temperature):
+    if V > 100_000 and (dtype != torch.float32 or temperature != 1.0):
+        pytest.skip("one large-vocab case is enough on CPU")
+    hidden, weight, targets = make_inputs(B, T, H, V, dtype)
+    logp = token_logprobs(hidden, weight, targets, temperature, backend=backend, chunk_rows=4)
+    ref = reference_logprobs(hidden, weight, targets, temperature)
+    assert logp.dtype == torch.float32 and logp.shape == (B, T)
+    assert rel_err(logp, ref) < TOLERANCE[dtype]
+    upstream = torch.randn(B, T, dtype=torch.float64)
+    logp.backward(upstream.float())
+    ref_hidden, ref_weight = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    reference_logprobs(ref_hidden, ref_weight, targets, temperature).backward(upstream)
+    assert rel_err(hidden.grad, ref_hidden.grad) < TOLERANCE[dtype] * 2
+    assert rel_err(weight.grad, ref_weight.grad) < TOLERANCE[dtype] * 2
+
+
+def test_token_logprobs_with_bias_and_flat_inputs():
+    hidden, weight, targets = make_inputs(1, 9, 16, 300, torch.float32)
+    bias = torch.randn(300, requires_grad=True)
+    logp = token_logprobs(hidden[0], weight, targets[0], bias=bias, backend="torch", chunk_rows=4)
+    ref = reference_logprobs(hidden[0], weight, targets[0], 1.0, bias)
+    assert logp.shape == (9,) and rel_err(logp, ref) < 1e-5
+    logp.sum().backward()
+    bias_ref = bias.detach().double().requires_grad_()
+    reference_logprobs(hidden[0].detach(), weight.detach(), targets[0], 1.0, bias_ref).sum().backward()
+    assert rel_err(bias.grad, bias_ref.grad) < 1e-5
+
+
+def test_no_grad_keeps_no_graph_and_frozen_weight_gets_no_grad():
+    hidden, weight, targets = make_inputs(2, 4, 8, 50, torch.float32, weight_grad=False)
+    with torch.no_grad():
+        logp = token_logprobs(hidden, weight, targets, backend="torch")
+    assert logp.grad_fn is None and not logp.requires_grad
+    token_logprobs(hidden, weight, targets, backend="torch").sum().backward()
+    assert hidden.grad is not None and weight.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("with_old", [False, True])
+def test_grpo_loss_matches_float64(backend, loss_agg, beta, with_old):
+    B, T, H, V = 4, 6, 16, 333
+    hidden, weight, targets = make_inputs(B, T, H, V, torch.float32, seed=1)
+    g = torch.Generator().manual_seed(2)
+    mask = (torch.rand(B, T, generator=g) > 0.3).long()
+    mask[0] = 0  # a fully masked (padded) row
+    mask[1, :3] = 1
+    adv = torch.tensor([0.5, -1.2, 1.0, -0.3])
+    with torch.no_grad():
+        base = reference_logprobs(hidden, weight, targets, 0.9).float()
+    # old log-probs far enough from the current ones that both clip sides are active
+    old = (base + torch.randn(B, T, generator=g) * 0.5) if with_old else None
+    ref = base + torch.randn(B, T, generator=g) * 0.3
+    loss, metrics = grpo_loss(hidden, weight, targets, mask, adv, old, ref, beta=beta, epsilon_low=0.2,
+                              epsilon_high=0.28, temperature=0.9, loss_agg=loss_agg, backend=backend, chunk_rows=5)
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref_loss, ref_metrics = reference_grpo(h64, w64, targets, mask, adv, old, ref, beta, 0.2, 0.28, 0.9, loss_agg)
+    assert rel_err(loss, ref_loss) < 1e-5
+    for key, value in ref_metrics.items():
+        assert abs(metrics[key].item() - value.item()) < 1e-4 * max(1.0, abs(value.item())), key
+    if with_old:
+        assert ref_metrics["clip_low"] > 0 and ref_metrics["clip_high"] > 0, "test must exercise both clip sides"
+    loss.backward()
+    ref_loss.backward()
+    assert rel_err(hidden.grad, h64.grad) < 1e-4
+    assert rel_err(weight.grad, w64.grad) < 1e-4
+    assert hidden.grad[0].abs().sum() == 0, "a fully masked row gets no gradient"
+
+
+def test_grpo_loss_bf16_close_to_float64():
+    hidden, weight, targets = make_inputs(3, 5, 32, 1000, torch.bfloat16, seed=3)
+    mask = torch.ones(3, 5, dtype=torch.long)
+    adv = torch.tensor([1.0, -0.5, 0.25])
+    loss, _ = grpo_loss(hidden, weight, targets, mask, adv, backend="torch")
+    ref_loss, _ = reference_grpo(hidden.detach().double().requires_grad_(), weight.detach().double(), targets, mask,
+                                 adv, None, None, 0.0, 0.2, 0.2, 1.0, "token_mean")
+    assert rel_err(loss, ref_loss) < 1e-2
+    loss.backward()
+    assert torch.isfinite(hidden.grad.float()).all() and hidden.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_output_element_is_written(backend, monkeypatch):
+    """Poison every buffer the kernels allocate (NaN) and check that no element is left unwritten."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    def poisoned_like(t, **kwargs):
+        out = real_empty_like(t, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    hidden, weight, targets = make_inputs(3, 7, 16, 301, torch.float32, seed=4)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    monkeypatch.setattr(torch, "empty_like", poisoned_like)
+    logp = token_logprobs(hidden, weight, targets, 1.3, backend=backend, chunk_rows=4)
+    logp.sum().backward()
+    loss, metrics = grpo_loss(hidden, weight, targets, torch.ones_like(targets), torch.randn(3), beta=0.1,
+                              ref_logprobs=logp.detach(), backend=backend, chunk_rows=4)
+    loss.backward()
+    monkeypatch.undo()
+    assert torch.isfinite(logp).all() and torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
+    assert rel_err(logp, reference_logprobs(hidden, weight, targets, 1.3)) < 1e-5
+
+
+def test_shape_errors_are_clear():
+    hidden, weight, targets = make_inputs(2, 4, 8, 50, torch.float32)
+    with pytest.raises(ValueError, match="disagree"):
+        token_logprobs(hidden, weight, targets[:, :3])
+    with pytest.raises(ValueError, match="advantages"):
+        grpo_loss(hidden, weight, targets, torch.ones_like(targets), torch.ones(3))

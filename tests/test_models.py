@@ -1,0 +1,61 @@
+"""One copy of the weights: the reference is the adapter switched off; only LoRA trains."""
+import torch
+
+from lmmr1_kernels import grpo_loss, token_logprobs
+from lmmr1_lite import models
+from lmmr1_lite.rollout import encode_prompts
+
+
+def _batch(tokenizer):
+    messages = [[{"role": "user", "content": "max(3,7)"}], [{"role": "user", "content": "max(12,4)"}]]
+    enc = encode_prompts(tokenizer, messages, torch.device("cpu"))
+    targets = torch.roll(enc["input_ids"], -1, dims=1)
+    return enc, targets
+
+
+def test_adapter_disabled_logprobs_equal_base_model(tiny_policy, tiny_cfg):
+    policy, tokenizer, cfg = tiny_policy
+    enc, targets = _batch(tokenizer)
+    weight = models.lm_head_weight(policy)
+    with torch.no_grad():
+        with policy.disable_adapter():
+            ref = token_logprobs(models.hidden_states(policy, **enc), weight, targets)
+        adapted = token_logprobs(models.hidden_states(policy, **enc), weight, targets)
+        base = models.load_base_model(cfg, torch.device("cpu"))  # same seed, no LoRA: the true base
+        logits = base(**enc).logits.double()
+        expected = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    keep = enc["attention_mask"].bool()
+    assert torch.allclose(ref[keep].double(), expected[keep], atol=1e-5)
+    assert (adapted[keep] - ref[keep]).abs().max() > 1e-3, "the adapter must change the policy"
+
+
+def test_only_lora_parameters_get_gradients_and_change(tiny_policy):
+    policy, tokenizer, cfg = tiny_policy
+    enc, targets = _batch(tokenizer)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    policy.train()
+    loss, _ = grpo_loss(models.hidden_states(policy, **enc), models.lm_head_weight(policy), targets,
+                        enc["attention_mask"], torch.tensor([1.0, -1.0]))
+    loss.backward()
+    with_grad = [n for n, p in policy.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert all("language_model" in n for n in with_grad), "no LoRA on the vision tower"
+    torch.optim.AdamW(trainable, lr=1e-2).step()
+    for name, p in policy.named_parameters():
+        changed = not torch.equal(p, before[name])
+        assert changed == ("lora_" in name and name in with_grad), name
+
+
+def test_reference_shares_every_weight(tiny_policy, tiny_cfg):
+    """No second copy: the policy holds exactly one base model's parameters plus LoRA, and the
+    adapter-disabled reference reads the very same tensors."""
+    policy, _, cfg = tiny_policy
+    fresh = models.load_base_model(cfg, torch.device("cpu"))
+    base_numel = sum(p.numel() for p in fresh.parameters())
+    held = {p.data_ptr(): p.numel() for n, p in policy.named_parameters() if "lora_" not in n}
+    assert sum(held.values()) == base_numel
+    lora = sum(p.numel() for n, p in policy.named_parameters() if "lora_" in n)
+    assert 0 < lora < base_numel
+    with policy.disable_adapter():
+        assert {p.data_ptr() for n, p in policy.named_parameters() if "lora_" not in n} == set(held)

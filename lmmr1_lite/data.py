@@ -35,7 +35,19 @@ def tiny_max(train_size: int, test_size: int, seed: int) -> tuple[list[Example],
     return train, test
 
 
-TASKS = {"tiny_max": tiny_max}
+def tiny_compare(train_size: int, test_size: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """`a<b?` over digits, answered `yes` or `no`; pairs split 80/20 by `seed` like `tiny_max`."""
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    random.Random(seed).shuffle(pairs)
+    held_out, seen = pairs[:20], pairs[20:]
+    make = lambda a, b: Example(prompt=f"{a}<{b}?", answer="yes" if a < b else "no")  # noqa: E731
+    rng = random.Random(seed + 1)
+    train = [make(*rng.choice(seen)) for _ in range(train_size)]
+    test = [make(*held_out[i % len(held_out)]) for i in range(test_size)]
+    return train, test
+
+
+TASKS = {"tiny_max": tiny_max, "tiny_compare": tiny_compare}
 
 
 def load_jsonl(path: str | Path) -> list[Example]:

@@ -68,9 +68,17 @@ def accuracy_reward(completion: str, answer: str) -> float:
     predicted = extract_answer(completion)
     if not predicted:
         return 0.0
-    if _normalise(predicted) == _normalise(answer):
+    pred, gold = _normalise(predicted), _normalise(answer)
+    if pred == gold:
         return 1.0
+    if _PLAIN.fullmatch(pred) and _PLAIN.fullmatch(gold):  # plain numbers or words: no parser needed
+        if pred[0].isalpha() or gold[0].isalpha():
+            return 1.0 if pred.lower() == gold.lower() else 0.0
+        return 1.0 if float(pred) == float(gold) else 0.0
     return 1.0 if _math_equal(predicted, answer) else 0.0
+
+
+_PLAIN = re.compile(r"[A-Za-z]+|[-+]?\d+(\.\d+)?")
 
 
 def _math_equal(predicted: str, gold: str) -> bool:
@@ -84,15 +92,19 @@ def _math_equal(predicted: str, gold: str) -> bool:
         return False
 
 
+def check_names(names) -> None:
+    unknown = [name for name in names if name not in REWARDS]
+    if unknown:
+        raise ConfigError(f"rewards: unknown reward(s) {unknown}; registered: {sorted(REWARDS)}")
+
+
 def score(completions: list[str], answers: list[str], weights: dict[str, float],
           report: tuple[str, ...] = ("format", "accuracy")) -> tuple[list[float], dict]:
     """Total reward per completion and each component's values: `(totals, {name: [values]})`.
 
     The rewards named in `report` are computed for the metrics even when not weighted."""
     names = list(weights) + [name for name in report if name not in weights]
-    unknown = [name for name in names if name not in REWARDS]
-    if unknown:
-        raise ConfigError(f"rewards: unknown reward(s) {unknown}; registered: {sorted(REWARDS)}")
+    check_names(names)
     components = {name: [REWARDS[name](c, a) for c, a in zip(completions, answers)] for name in names}
     totals = [sum(weights[name] * components[name][i] for name in weights) for i in range(len(completions))]
     return totals, components

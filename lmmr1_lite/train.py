@@ -92,7 +92,10 @@ def evaluate(policy, tokenizer, examples, cfg: TrainConfig, stop_ids: list[int])
         acc += parts["accuracy"]
         fmt += parts["format"]
         samples += [{"prompt": e.prompt, "answer": e.answer, "completion": t} for e, t in zip(chunk, batch.texts)]
-    return {"accuracy": sum(acc) / len(acc), "format": sum(fmt) / len(fmt), "n": len(acc), "samples": samples[:8]}
+    golds = [e.answer for e in examples]
+    majority = max(golds.count(g) for g in set(golds)) / len(golds)  # always answering the commonest gold answer
+    return {"accuracy": sum(acc) / len(acc), "format": sum(fmt) / len(fmt), "n": len(acc),
+            "majority_answer_accuracy": majority, "samples": samples[:8]}
 
 
 def seed_everything(seed: int) -> None:
@@ -104,6 +107,7 @@ def seed_everything(seed: int) -> None:
 def train(cfg: TrainConfig) -> Path:
     # ---- setup ---------------------------------------------------------------------------------
     seed_everything(cfg.seed)
+    rewards.check_names(cfg.rewards)
     run_dir = make_run_dir(cfg)
     cfg.save(run_dir / "config.yaml")
     device = models.pick_device()
@@ -209,7 +213,8 @@ def train(cfg: TrainConfig) -> Path:
                         title=f"lmmr1-lite {cfg.stage}: {Path(cfg.model).name} on {cfg.data}")
     log.close()
     if eval_after:
-        print(f"eval after:  accuracy {eval_after['accuracy']:.3f} (before {eval_before['accuracy']:.3f}), "
+        print(f"eval after:  accuracy {eval_after['accuracy']:.3f} (before {eval_before['accuracy']:.3f}; "
+              f"always giving the commonest answer: {eval_after['majority_answer_accuracy']:.3f}), "
               f"format {eval_after['format']:.3f} (before {eval_before['format']:.3f})")
     print(f"adapter: {adapter_dir}\nreward curve: {plot}\nmetrics: {run_dir / 'metrics.jsonl'}", file=sys.stdout)
     return run_dir

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from .backend import resolve_backend
-from .logprobs import accumulate_input_grads, chunk_logits, default_chunk_rows, flatten_inputs, row_stats, softmax_grad_
+from .logprobs import (accumulate_input_grads, chunk_buffers, chunk_logits, default_chunk_rows, flatten_inputs,
+                       row_stats, softmax_grad_)
 
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
@@ -76,10 +77,12 @@ class GRPOLossFunction(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         sums = torch.zeros(6, dtype=torch.float32, device=hidden.device)  # kl, ratio, entropy, low, high, logp
         active = weights > 0
+        logits_buffer, scratch = chunk_buffers(min(chunk_rows, num_rows), weight.shape[0], hidden, backend)
         for start in range(0, num_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, num_rows))
-            logits = chunk_logits(hidden[rows], weight, bias)  # [n, V] fp32
-            logp, lse, entropy = row_stats(backend, logits, targets[rows], temperature, with_entropy=True)
+            logits = chunk_logits(hidden[rows], weight, bias, out=logits_buffer)  # [n, V] fp32
+            logp, lse, entropy = row_stats(backend, logits, targets[rows], temperature, with_entropy=True,
+                                           scratch=scratch)
             old = logp if old_logp is None else old_logp[rows]
             ref = None if ref_logp is None else ref_logp[rows]
             terms, grad_logp, ratio, kl, low, high = per_token_terms(

@@ -29,31 +29,49 @@ def default_chunk_rows(num_rows: int, hidden_size: int, vocab_size: int) -> int:
     return max(16, min(rows, 4096, num_rows if num_rows > 0 else 1))
 
 
-def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of one chunk in float32: `hidden [n, H] @ weight[V, H].T (+ bias)` -> `[n, V]`.
 
-    The GEMM runs in the input dtype (bf16 tensor cores on GPU, fp32 accumulate) and
-    is widened once, so everything downstream of it is fp32."""
+    The GEMM runs in the input dtype (bf16 tensor cores on GPU, fp32 accumulate) and is widened
+    once, so everything downstream of it is fp32. fp32 inputs write straight into `out` (a buffer
+    reused across chunks), so a call allocates its chunk-sized buffers once, not once per chunk."""
+    if out is not None and hidden.dtype == weight.dtype == torch.float32:
+        out = out[: hidden.shape[0]]
+        if bias is None:
+            return torch.matmul(hidden, weight.t(), out=out)
+        return torch.addmm(bias.float(), hidden, weight.t(), out=out)
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
     return logits.float()
 
 
-def row_stats_torch(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
-                    with_entropy: bool = False):
-    """Row statistics of one logits chunk `[n, V]` (fp32).
+def chunk_buffers(rows: int, vocab: int, hidden: torch.Tensor, backend: str):
+    """The chunk-sized fp32 buffers a call reuses: logits, and scratch for the torch path (else None)."""
+    make = lambda: torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)  # noqa: E731
+    return make(), (make() if backend == "torch" else None)
 
-    Returns `(logp [n], lse [n], entropy [n] or None)` where `lse` is the
-    log-sum-exp of the temperature-scaled row and `entropy` that of its softmax."""
-    scaled = logits / temperature if temperature != 1.0 else logits
-    lse = torch.logsumexp(scaled, dim=-1)  # [n]
-    target_logit = scaled.gather(1, targets[:, None]).squeeze(1)  # [n]
-    logp = target_logit - lse
+
+def row_stats_torch(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                    with_entropy: bool = False, scratch: torch.Tensor | None = None):
+    """Row statistics of one logits chunk `[n, V]` (fp32), `logits` left unchanged.
+
+    Returns `(logp [n], lse [n], entropy [n] or None)` where `lse` is the log-sum-exp of the
+    temperature-scaled row and `entropy` that of its softmax. Works in one scratch buffer."""
+    inv_t = 1.0 / temperature
+    shifted = torch.mul(logits, inv_t, out=scratch[: logits.shape[0]]) if scratch is not None else logits * inv_t
+    row_max = shifted.amax(-1)  # [n]
+    shifted.sub_(row_max[:, None])
+    logp_unnormalised = shifted.gather(1, targets[:, None]).squeeze(1)  # z_target/T - max
+    sum_exp = shifted.exp_().sum(-1)  # [n]
+    log_sum = torch.log(sum_exp)
+    lse = row_max + log_sum
+    logp = logp_unnormalised - log_sum
     entropy = None
-    if with_entropy:
-        probs = torch.exp(scaled - lse[:, None])
-        entropy = lse - (probs * scaled).sum(-1)
+    if with_entropy:  # H = lse - sum_v p_v z_v / T
+        expected = shifted.mul_(logits).sum(-1) * inv_t / sum_exp
+        entropy = lse - expected
     return logp, lse, entropy
 
 
@@ -160,11 +178,11 @@ def softmax_grad_triton_(logits: torch.Tensor, targets: torch.Tensor, lse: torch
     return logits
 
 
-def row_stats(backend: str, logits, targets, temperature: float, with_entropy: bool = False):
-    """Dispatch `row_stats` to the torch or Triton chunk kernel."""
+def row_stats(backend: str, logits, targets, temperature: float, with_entropy: bool = False, scratch=None):
+    """Dispatch `row_stats` to the torch or Triton chunk kernel (Triton needs no scratch)."""
     if backend == "triton":
         return row_stats_triton(logits, targets, temperature, with_entropy)
-    return row_stats_torch(logits, targets, temperature, with_entropy)
+    return row_stats_torch(logits, targets, temperature, with_entropy, scratch)
 
 
 def softmax_grad_(backend: str, logits, targets, lse, grad_logp, temperature: float):
@@ -192,10 +210,11 @@ class TokenLogprobsFunction(torch.autograd.Function):
         num_rows = hidden.shape[0]
         logp = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
+        logits_buffer, scratch = chunk_buffers(min(chunk_rows, num_rows), weight.shape[0], hidden, backend)
         for start in range(0, num_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, num_rows))
-            logits = chunk_logits(hidden[rows], weight, bias)
-            logp[rows], lse[rows], _ = row_stats(backend, logits, targets[rows], temperature)
+            logits = chunk_logits(hidden[rows], weight, bias, out=logits_buffer)
+            logp[rows], lse[rows], _ = row_stats(backend, logits, targets[rows], temperature, scratch=scratch)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.temperature, ctx.chunk_rows, ctx.backend = temperature, chunk_rows, backend
         ctx.mark_non_differentiable(lse)
@@ -209,9 +228,11 @@ class TokenLogprobsFunction(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         grad_logp = grad_logp.float().contiguous()
+        logits_buffer = torch.empty(min(ctx.chunk_rows, hidden.shape[0]), weight.shape[0], dtype=torch.float32,
+                                    device=hidden.device)
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, min(start + ctx.chunk_rows, hidden.shape[0]))
-            logits = chunk_logits(hidden[rows], weight, bias)
+            logits = chunk_logits(hidden[rows], weight, bias, out=logits_buffer)
             grad_logits = softmax_grad_(ctx.backend, logits, targets[rows], lse[rows], grad_logp[rows],
                                         ctx.temperature)
             accumulate_input_grads(grad_logits, hidden, weight, grad_hidden, grad_weight, grad_bias, rows)

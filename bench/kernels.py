@@ -1,0 +1,139 @@
+"""Speed and peak memory of the GRPO loss from hidden states: naive torch, torch.compile, Liger, ours.
+
+For each shape (N tokens, H hidden, V vocab; bf16) and each implementation, measures forward,
+backward and forward+backward time (`triton.testing.do_bench`, median) and the peak CUDA memory of
+forward+backward beyond the inputs, plus the bare LM-head GEMMs (forward: 1 GEMM; backward for
+hidden: 1 more) as the floor. The LM head is frozen (LoRA training), so no grad_weight anywhere.
+Writes bench/out/kernels.json and prints a table.
+
+    python bench/kernels.py                       # CUDA: Qwen2.5-VL-3B (H=2048) and 7B (H=3584), N=2K/8K/16K
+    python bench/kernels.py --smoke               # CPU: tiny shapes, perf_counter timing (checks the script runs)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from lmmr1_kernels import grpo_loss
+
+V_QWEN = 151_936
+
+
+def naive_loss(hidden, weight, targets, advantages, beta=0.0):
+    logp = torch.log_softmax((hidden @ weight.t()).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    ratio = torch.exp(logp - logp.detach())
+    return -(torch.minimum(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)).mean()
+
+
+def make_cases(device: str):
+    cases = {"naive": lambda h, w, t, a, m: naive_loss(h, w, t, a[0])}
+    if device == "cuda":
+        compiled = torch.compile(naive_loss)
+        cases["torch.compile"] = lambda h, w, t, a, m: compiled(h, w, t, a[0])
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        liger = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, compiled=device == "cuda", loss_type="dapo")
+        cases["liger"] = lambda h, w, t, a, m: liger(h[None], w, t[None], m, a)[0]
+    except ImportError:
+        pass
+    backend = "triton" if device == "cuda" else "torch"
+    cases["lmmr1_kernels"] = lambda h, w, t, a, m: grpo_loss(h[None], w, t[None], m, a, backend=backend)[0]
+    return cases
+
+
+def timer(device: str):
+    if device == "cuda":
+        from triton.testing import do_bench
+        return lambda fn: do_bench(fn, warmup=5, rep=30, return_mode="median")
+
+    def cpu_bench(fn, reps: int = 3):
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    return cpu_bench
+
+
+def measure(name, fn, hidden, weight, targets, adv, mask, device, bench):
+    def fwd():
+        with torch.no_grad():
+            return fn(hidden, weight, targets, adv, mask)
+
+    def fwd_bwd():
+        hidden.grad = None
+        fn(hidden, weight, targets, adv, mask).backward()
+
+    row = {"impl": name}
+    try:
+        row["fwd_ms"] = bench(fwd)
+        row["fwd_bwd_ms"] = bench(fwd_bwd)
+        loss = fn(hidden, weight, targets, adv, mask)
+        row["bwd_ms"] = bench(lambda: loss.backward(retain_graph=True))
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fwd_bwd()
+            torch.cuda.synchronize()
+            row["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, to check the script runs")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "kernels.json"))
+    args = parser.parse_args()
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and not args.smoke:
+        raise SystemExit("bench/kernels.py needs CUDA (use --smoke on CPU; bench/kernels_cpu_memory.py measures CPU memory)")
+    shapes = [(64, 32, 1000)] if args.smoke else [(n, h, V_QWEN) for h in (2048, 3584) for n in (2048, 8192, 16384)]
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    bench, cases = timer(device), make_cases(device)
+    rows = []
+    for n, h, v in shapes:
+        torch.manual_seed(0)
+        hidden = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
+        weight = torch.randn(v, h, device=device, dtype=dtype) * 0.02
+        targets = torch.randint(0, v, (n,), device=device)
+        adv, mask = torch.randn(1, device=device), torch.ones(1, n, device=device)
+        floor_fwd = bench(lambda: hidden.detach() @ weight.t())
+        logits = torch.randn(n, v, device=device, dtype=dtype)
+        floor_bwd = bench(lambda: logits @ weight)
+        for name, fn in cases.items():
+            row = {"N": n, "H": h, "V": v, "dtype": str(dtype), "device": device,
+                   **measure(name, fn, hidden, weight, targets, adv, mask, device, bench),
+                   "gemm_floor_fwd_ms": floor_fwd, "gemm_floor_fwd_bwd_ms": floor_fwd + floor_bwd}
+            if "fwd_bwd_ms" in row:
+                row["vs_gemm_floor"] = row["fwd_bwd_ms"] / row["gemm_floor_fwd_bwd_ms"]
+            rows.append(row)
+        del logits
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
+    report = {"benchmark": "kernels", "date": str(date.today()), "device": name, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"device: {name}")
+    print(f"{'N':>6}{'H':>6}  {'impl':<15}{'fwd ms':>9}{'bwd ms':>9}{'f+b ms':>9}{'peak MiB':>10}{'x floor':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['N']:>6}{r['H']:>6}  {r['impl']:<15}{r['error']}")
+            continue
+        print(f"{r['N']:>6}{r['H']:>6}  {r['impl']:<15}{r['fwd_ms']:>9.2f}{r['bwd_ms']:>9.2f}{r['fwd_bwd_ms']:>9.2f}"
+              f"{r.get('peak_extra_mib', float('nan')):>10.1f}{r['vs_gemm_floor']:>9.2f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

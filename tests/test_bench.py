@@ -1,0 +1,25 @@
+"""The benchmark scripts run and write their JSON (tiny shapes on CPU; real numbers come from bench/)."""
+import json
+import subprocess
+import sys
+
+from lmmr1_lite.config import REPO_ROOT
+
+
+def test_kernel_bench_smoke(tmp_path):
+    out = tmp_path / "kernels.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "kernels.py"), "--smoke", "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    impls = {row["impl"] for row in report["rows"]}
+    assert {"naive", "liger", "lmmr1_kernels"} <= impls
+    assert all(row["fwd_bwd_ms"] > 0 and row["vs_gemm_floor"] > 0 for row in report["rows"])
+
+
+def test_cpu_memory_bench_ours_uses_less(tmp_path):
+    out = tmp_path / "mem.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "kernels_cpu_memory.py"), "--n", "512", "--h", "64",
+                    "--v", "50000", "--out", str(out)], check=True, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    # naive keeps ~3 copies of the 512 x 50,000 fp32 logits (~300 MiB); ours one small chunk
+    assert report["ratio_head_grad_False"] < 0.2, report

@@ -178,3 +178,13 @@ def test_shape_errors_are_clear():
         token_logprobs(hidden, weight, targets[:, :3])
     with pytest.raises(ValueError, match="advantages"):
         grpo_loss(hidden, weight, targets, torch.ones_like(targets), torch.ones(3))
+
+
+def test_grpo_loss_backward_scales_by_upstream_gradient():
+    hidden, weight, targets = make_inputs(2, 5, 16, 200, torch.float32, seed=5)
+    mask, adv = torch.ones(2, 5), torch.tensor([1.0, -2.0])
+    grpo_loss(hidden, weight, targets, mask, adv, backend="torch")[0].backward()
+    unit = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    (grpo_loss(hidden, weight, targets, mask, adv, backend="torch")[0] * -3.0).backward()
+    assert torch.allclose(hidden.grad, -3 * unit[0]) and torch.allclose(weight.grad, -3 * unit[1])

@@ -106,7 +106,8 @@ class GRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        unit = bool(grad_loss == 1.0)  # the usual `loss.backward()`: hand the gradients over without a copy
+        scale = lambda g: None if g is None else (g if unit else g * grad_loss.to(g.dtype))  # noqa: E731
         return (scale(grad_hidden), scale(grad_weight), scale(grad_bias),
                 None, None, None, None, None, None, None, None, None, None, None)
 

@@ -64,7 +64,10 @@ class TrainConfig:
                            "when the tokenizer has them as single tokens, else ignored with a warning.")
     # --- rewards -------------------------------------------------------------------------------
     rewards: dict = _f({"format": 0.5, "accuracy": 1.0},
-                       "Reward name -> weight; the total reward is the weighted sum (LMM-R1: 0.5 format + 1 acc).")
+                       "Reward name -> weight; the total reward is the weighted sum (LMM-R1: 0.5 format + 1 acc). "
+                       "Built in: format (LMM-R1 tags), format_boxed, accuracy, tags, sokoban.")
+    reward_timeout: float = _f(0.8, "Seconds one answer check may take before its worker is killed (scores 0); "
+                               "0.8 keeps every reward call under 1 s with process overhead.")
     # --- GRPO ----------------------------------------------------------------------------------
     learning_rate: float = _f(2e-5, "AdamW learning rate for the LoRA parameters (LMM-R1 full FT: 4e-7 to 1e-6).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -109,6 +112,7 @@ class TrainConfig:
             (bool(self.rewards) and all(isinstance(w, (int, float)) for w in self.rewards.values()),
              "rewards must map reward names to numeric weights"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
+            (self.reward_timeout > 0, "reward_timeout must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

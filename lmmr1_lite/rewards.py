@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from . import verifier
 from .config import ConfigError
 
 RewardFn = Callable[[str, str], float]
@@ -28,18 +29,45 @@ def reward(name: str):
 FORMAT_RE = re.compile(r"^\s*<think>((?!</think>).)*</think>\s*<answer>((?!</answer>).)*</answer>\s*$", re.DOTALL)
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+BOXED_FORMAT_RE = re.compile(r"^(?:(?!\\boxed\{).)*\\boxed\{.+\}\s*\.?\s*$", re.DOTALL)
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` with balanced braces, else None (unbalanced: None)."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1: j].strip()
+    return None
 
 
 def extract_answer(completion: str) -> str | None:
-    """The text inside the last <answer>...</answer>, else None. Text in <think> never counts."""
+    """The text inside the last <answer>...</answer> (a `\\boxed{}` inside it wins), else the last
+    `\\boxed{}` outside any tag, else None. Text inside <think> never counts."""
     found = ANSWER_RE.findall(completion)
-    return found[-1].strip() if found else None
+    if found:
+        inner = found[-1].strip()
+        return last_boxed(inner) or inner
+    outside = re.sub(r"<think>.*?(</think>|$)", "", completion, flags=re.DOTALL)
+    return last_boxed(outside)
 
 
 @reward("format")
 def format_reward(completion: str, answer: str = "") -> float:
+    """LMM-R1's template: <think>...</think><answer>...</answer>, one of each, in order, answer non-empty."""
     ok = FORMAT_RE.match(completion) is not None and all(completion.count(t) == 1 for t in TAGS)
     return 1.0 if ok and extract_answer(completion) else 0.0
+
+
+@reward("format_boxed")
+def boxed_format_reward(completion: str, answer: str = "") -> float:
+    """`\\boxed{}` style: free reasoning ending in exactly one non-empty `\\boxed{...}`."""
+    ok = BOXED_FORMAT_RE.match(completion) is not None and completion.count("\\boxed{") == 1
+    return 1.0 if ok and last_boxed(completion) else 0.0
 
 
 @reward("tags")
@@ -58,38 +86,52 @@ def tag_reward(completion: str, answer: str = "") -> float:
 
 def _normalise(text: str) -> str:
     text = text.strip().strip("$").strip()
-    boxed = re.fullmatch(r"\\boxed\{(.*)\}", text)
-    return (boxed.group(1) if boxed else text).replace(" ", "")
-
-
-@reward("accuracy")
-def accuracy_reward(completion: str, answer: str) -> float:
-    """1.0 when the answer inside <answer> equals the gold answer, as text or (math-verify) as math."""
-    predicted = extract_answer(completion)
-    if not predicted:
-        return 0.0
-    pred, gold = _normalise(predicted), _normalise(answer)
-    if pred == gold:
-        return 1.0
-    if _PLAIN.fullmatch(pred) and _PLAIN.fullmatch(gold):  # plain numbers or words: no parser needed
-        if pred[0].isalpha() or gold[0].isalpha():
-            return 1.0 if pred.lower() == gold.lower() else 0.0
-        return 1.0 if float(pred) == float(gold) else 0.0
-    return 1.0 if _math_equal(predicted, answer) else 0.0
+    return text.replace(" ", "")
 
 
 _PLAIN = re.compile(r"[A-Za-z]+|[-+]?\d+(\.\d+)?")
 
 
-def _math_equal(predicted: str, gold: str) -> bool:
-    from math_verify import parse, verify
+def _quick_verdict(predicted: str, gold: str) -> bool | None:
+    """Equal / not equal for plain numbers and words without a parser; None when math is needed."""
+    pred, ref = _normalise(predicted), _normalise(gold)
+    if pred == ref:
+        return True
+    if _PLAIN.fullmatch(pred) and _PLAIN.fullmatch(ref):
+        if pred[0].isalpha() or ref[0].isalpha():
+            return pred.lower() == ref.lower()
+        return float(pred) == float(ref)
+    return None
 
-    try:
-        gold_parsed = parse(gold if "$" in gold else f"${gold}$", parsing_timeout=1)
-        pred_parsed = parse(predicted if "$" in predicted else f"${predicted}$", parsing_timeout=1)
-        return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=1))
-    except Exception:  # hostile or malformed text: a failed check pays nothing
-        return False
+
+def accuracy_batch(completions: list[str], answers: list[str]) -> list[float]:
+    """Accuracy of many completions: quick verdicts inline, the rest through the verifier pool in parallel."""
+    scores = [0.0] * len(completions)
+    todo = []
+    for i, (completion, gold) in enumerate(zip(completions, answers)):
+        predicted = extract_answer(completion)
+        if not predicted:
+            continue
+        verdict = _quick_verdict(predicted, gold)
+        if verdict is None:
+            todo.append(i)
+        else:
+            scores[i] = float(verdict)
+    if todo:
+        checked = verifier.pool().check([(extract_answer(completions[i]), answers[i]) for i in todo])
+        for i, (equal, _status) in zip(todo, checked):
+            scores[i] = float(equal)
+    return scores
+
+
+@reward("accuracy")
+def accuracy_reward(completion: str, answer: str) -> float:
+    """1.0 when the answer inside <answer> (else the last `\\boxed{}`) equals the gold answer, as text
+    or, through math-verify in a time-limited worker, as math; else 0.0 (also on timeout or error)."""
+    return accuracy_batch([completion], [answer])[0]
+
+
+accuracy_reward.batch = accuracy_batch  # score() checks a whole batch in parallel
 
 
 def check_names(names) -> None:
@@ -99,12 +141,21 @@ def check_names(names) -> None:
 
 
 def score(completions: list[str], answers: list[str], weights: dict[str, float],
-          report: tuple[str, ...] = ("format", "accuracy")) -> tuple[list[float], dict]:
-    """Total reward per completion and each component's values: `(totals, {name: [values]})`.
+          report: tuple[str, ...] = ("format", "accuracy")) -> tuple[list[float], dict, dict]:
+    """Total reward per completion, each component's values, and this call's verifier counts:
+    `(totals, {name: [values]}, {"reward_timeouts": n, "reward_errors": n, "reward_rejected": n})`.
 
     The rewards named in `report` are computed for the metrics even when not weighted."""
     names = list(weights) + [name for name in report if name not in weights]
     check_names(names)
-    components = {name: [REWARDS[name](c, a) for c, a in zip(completions, answers)] for name in names}
+    stats = verifier.pool().stats if any(hasattr(REWARDS[n], "batch") for n in names) else None
+    before = (stats.timeouts, stats.errors, stats.rejected) if stats else (0, 0, 0)
+    components = {}
+    for name in names:
+        fn = REWARDS[name]
+        batch = getattr(fn, "batch", None)
+        components[name] = batch(completions, answers) if batch else [fn(c, a) for c, a in zip(completions, answers)]
     totals = [sum(weights[name] * components[name][i] for name in weights) for i in range(len(completions))]
-    return totals, components
+    after = (stats.timeouts, stats.errors, stats.rejected) if stats else (0, 0, 0)
+    counts = {key: a - b for key, a, b in zip(("reward_timeouts", "reward_errors", "reward_rejected"), after, before)}
+    return totals, components, counts

@@ -31,7 +31,7 @@ from transformers import get_scheduler
 
 from lmmr1_kernels import grpo_loss, token_logprobs, token_weights
 
-from . import models, rewards
+from . import models, rewards, verifier
 from .config import ConfigError, TrainConfig
 from .data import build_messages, load_splits
 from .report import MetricsLog, plot_rewards
@@ -88,7 +88,7 @@ def evaluate(policy, tokenizer, examples, cfg: TrainConfig, stop_ids: list[int])
         batch = generate(policy, tokenizer, [build_messages(e, cfg.system_prompt) for e in chunk],
                          num_generations=1, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                          stop_ids=stop_ids, greedy=True)
-        _, parts = rewards.score(batch.texts, [e.answer for e in chunk], {"accuracy": 1.0})
+        _, parts, _ = rewards.score(batch.texts, [e.answer for e in chunk], {"accuracy": 1.0})
         acc += parts["accuracy"]
         fmt += parts["format"]
         samples += [{"prompt": e.prompt, "answer": e.answer, "completion": t} for e, t in zip(chunk, batch.texts)]
@@ -108,6 +108,7 @@ def train(cfg: TrainConfig) -> Path:
     # ---- setup ---------------------------------------------------------------------------------
     seed_everything(cfg.seed)
     rewards.check_names(cfg.rewards)
+    verifier.pool(cfg.reward_timeout)  # start the answer-checking workers now, not inside step 1
     run_dir = make_run_dir(cfg)
     cfg.save(run_dir / "config.yaml")
     device = models.pick_device()
@@ -148,7 +149,7 @@ def train(cfg: TrainConfig) -> Path:
         t_gen = time.perf_counter() - t0
         # 2. rewards
         answers = [e.answer for e in examples for _ in range(cfg.num_generations)]
-        totals, parts = rewards.score(batch.texts, answers, cfg.rewards)
+        totals, parts, reward_counts = rewards.score(batch.texts, answers, cfg.rewards)
         reward_t = torch.tensor(totals, dtype=torch.float32)
         # 3. advantages
         advantages = group_advantages(reward_t, cfg.num_generations, cfg.scale_rewards).to(device)
@@ -191,7 +192,7 @@ def train(cfg: TrainConfig) -> Path:
         seconds = time.perf_counter() - t0
         lengths = mask.sum(1).float()
         row = {"step": step, "reward_mean": float(reward_t.mean()), "reward_std": float(reward_t.std()),
-               **{name: sum(v) / len(v) for name, v in parts.items()},
+               **{name: sum(v) / len(v) for name, v in parts.items()}, **reward_counts,
                "loss": sums["loss"], "kl": sums["kl"], "clip_frac": sums["clip_low"] + sums["clip_high"],
                "clip_frac_low": sums["clip_low"], "clip_frac_high": sums["clip_high"], "ratio": sums["ratio"],
                "entropy": sums["entropy"], "grad_norm": float(grad_norm), "skipped": bool(skipped), "lr": scheduler.get_last_lr()[0],

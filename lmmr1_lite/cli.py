@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config field, value parsed as YAML (repeatable)")
     _add_config_flags(train)
+    from .datacli import add_parsers
+    add_parsers(sub)
     return parser
 
 
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             from .train import train
             cfg = resolve_config(args.stage, args.config, overrides_from(args))
             train(cfg)
+        elif args.command == "data":
+            from .datacli import run
+            return run(args)
         return 0
     except ConfigError as err:
         print(f"lmmr1-lite: error: {err}", file=sys.stderr)

@@ -54,7 +54,12 @@ class TrainConfig:
     data: str = _f("tiny_max", "A generated task name (see `lmmr1_lite.data.TASKS`) or a JSONL file.")
     train_size: int = _f(2000, "Rows generated for a task's train split (ignored for files).")
     system_prompt: str = _f("", "System prompt prepended to every prompt ('' for none).")
-    max_prompt_tokens: int = _f(4096, "Prompts longer than this are skipped (never truncated).")
+    max_prompt_tokens: int = _f(4096, "Prompts longer than this (image tokens included) are skipped and counted, "
+                                "never truncated.")
+    on_bad_row: str = _f("error", "A bad data row: 'error' stops with its file, row and field; 'skip' counts it.")
+    min_pixels: int = _f(4 * 28 * 28, "Images smaller than this (width x height) are upscaled (LMM-R1: 4*28^2).")
+    max_pixels: int = _f(1280 * 28 * 28, "Images larger than this are downscaled (LMM-R1 allows 16,384*28^2; "
+                         "1,280*28^2 keeps a step within 24 GB).")
     # --- rollout -------------------------------------------------------------------------------
     prompts_per_step: int = _f(8, "B: prompts sampled per step.")
     num_generations: int = _f(8, "G: completions sampled per prompt (the group).")
@@ -113,6 +118,8 @@ class TrainConfig:
              "rewards must map reward names to numeric weights"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
             (self.reward_timeout > 0, "reward_timeout must be > 0"),
+            (self.on_bad_row in ("error", "skip"), "on_bad_row must be 'error' or 'skip'"),
+            (0 < self.min_pixels <= self.max_pixels, "need 0 < min_pixels <= max_pixels"),
         ]
         for ok, message in checks:
             if not ok:

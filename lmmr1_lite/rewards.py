@@ -124,6 +124,18 @@ def accuracy_batch(completions: list[str], answers: list[str]) -> list[float]:
     return scores
 
 
+def gold_parseable(answers: list[str]) -> list[bool]:
+    """Whether each gold answer can be checked at all: plain, a Sokoban level, or parsed by math-verify."""
+    from .sokoban import PREFIX
+
+    ok = [bool(_PLAIN.fullmatch(_normalise(a))) or a.startswith(PREFIX) for a in answers]
+    todo = [i for i, good in enumerate(ok) if not good]
+    if todo:
+        for i, (equal, _status) in zip(todo, verifier.pool().check([(answers[i], answers[i]) for i in todo])):
+            ok[i] = equal
+    return ok
+
+
 @reward("accuracy")
 def accuracy_reward(completion: str, answer: str) -> float:
     """1.0 when the answer inside <answer> (else the last `\\boxed{}`) equals the gold answer, as text
@@ -159,3 +171,8 @@ def score(completions: list[str], answers: list[str], weights: dict[str, float],
     after = (stats.timeouts, stats.errors, stats.rejected) if stats else (0, 0, 0)
     counts = {key: a - b for key, a, b in zip(("reward_timeouts", "reward_errors", "reward_rejected"), after, before)}
     return totals, components, counts
+
+
+from .sokoban import sokoban_reward  # noqa: E402  (a simulator reward, registered like the others)
+
+reward("sokoban")(sokoban_reward)

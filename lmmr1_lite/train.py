@@ -33,7 +33,7 @@ from lmmr1_kernels import grpo_loss, token_logprobs, token_weights
 
 from . import models, rewards, verifier
 from .config import ConfigError, TrainConfig
-from .data import build_messages, load_splits
+from .data import build_messages, load_splits, prepare
 from .report import MetricsLog, plot_rewards
 from .rollout import Rollout, generate, stop_token_ids
 
@@ -112,8 +112,12 @@ def train(cfg: TrainConfig) -> Path:
     run_dir = make_run_dir(cfg)
     cfg.save(run_dir / "config.yaml")
     device = models.pick_device()
-    train_rows, test_rows = load_splits(cfg.data, cfg.train_size, cfg.eval_size, cfg.seed)
+    train_rows, test_rows, data_report = load_splits(cfg.data, cfg.train_size, cfg.eval_size, cfg.seed, cfg.on_bad_row)
     tokenizer = models.load_tokenizer(cfg.model)
+    train_rows, test_rows = (prepare(rows, tokenizer, cfg.system_prompt, cfg.max_prompt_tokens, cfg.min_pixels,
+                                     cfg.max_pixels, data_report) for rows in (train_rows, test_rows))
+    if not train_rows:
+        raise ConfigError(f"data {cfg.data}: no usable training rows ({data_report.line()})")
     base = models.load_base_model(cfg, device)
     if cfg.random_init:
         models.save_base_model(base, tokenizer, run_dir / "base_model")
@@ -132,6 +136,7 @@ def train(cfg: TrainConfig) -> Path:
     rng = random.Random(cfg.seed)
     print(f"lmmr1-lite: stage {cfg.stage}, model {cfg.model}{' (random init)' if cfg.random_init else ''}, "
           f"{sum(p.numel() for p in lora_params):,} LoRA parameters, device {device}, run dir {run_dir}")
+    print(f"data {cfg.data}: {data_report.line()}; {len(train_rows)} train / {len(test_rows)} held-out prompts")
 
     eval_before = evaluate(policy, tokenizer, test_rows, cfg, stop_ids)
     if eval_before:

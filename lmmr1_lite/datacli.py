@@ -1,0 +1,86 @@
+"""`lmmr1-lite data validate FILE` and `lmmr1-lite data generate --task NAME ...`."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from .config import REPO_ROOT, ConfigError
+from .data import answer_kind, load_rows, prompt_tokens
+
+TINY_MODEL = str(REPO_ROOT / "configs" / "models" / "tiny")
+
+
+def add_parsers(sub) -> None:
+    from .tasks import TASKS
+
+    data = sub.add_parser("data", help="validate or generate training data")
+    verbs = data.add_subparsers(dest="data_command", required=True)
+    validate = verbs.add_parser("validate", help="check a JSONL file or datasets directory and summarise it")
+    validate.add_argument("file")
+    validate.add_argument("--on-bad-row", choices=["error", "skip"], default="skip",
+                          help="stop at the first bad row, or skip and count (default: skip, to see them all)")
+    validate.add_argument("--tokenizer", default=TINY_MODEL,
+                          help="model dir or Hub id whose tokenizer counts prompt tokens (default: the tiny one)")
+    validate.add_argument("--system-prompt", default="", help="system prompt included in the token count")
+    generate = verbs.add_parser("generate", help="write a generated task as train/test JSONL (+ images/)")
+    generate.add_argument("--task", required=True, choices=sorted(TASKS))
+    generate.add_argument("--n", type=int, required=True, help="train rows")
+    generate.add_argument("--test-n", type=int, default=None, help="test rows (default: n // 10, at least 1)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--level", type=int, default=1, choices=[1, 2, 3], help="difficulty")
+    generate.add_argument("--out", required=True, help="output directory (must not hold train.jsonl already)")
+
+
+def run(args) -> int:
+    if args.data_command == "validate":
+        return validate(args.file, args.on_bad_row, args.tokenizer, args.system_prompt)
+    return generate(args.task, args.n, args.test_n, args.seed, args.level, Path(args.out))
+
+
+def percentiles(values: list[int]) -> str:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return f"p50 {pick(0.5)}, p90 {pick(0.9)}, p99 {pick(0.99)}, max {ordered[-1]}"
+
+
+def validate(path: str, on_bad_row: str, tokenizer_name: str, system_prompt: str) -> int:
+    from .models import load_tokenizer
+
+    rows, report = load_rows(path, on_bad_row)
+    tokenizer = load_tokenizer(tokenizer_name)
+    lengths = [prompt_tokens(e, tokenizer, system_prompt) for e in rows]
+    kinds = Counter(answer_kind(e.answer) for e in rows)
+    print(f"{path}: {report.line()}")
+    for reason, count in report.skipped.most_common():
+        print(f"  skipped {count:>6}  {reason}")
+    print(f"  images: {sum(len(e.images) for e in rows)} in {sum(bool(e.images) for e in rows)} rows")
+    print("  answer types: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
+    print(f"  prompt tokens ({Path(tokenizer_name).name} tokenizer, images included): {percentiles(lengths)}")
+    return 0
+
+
+def generate(task: str, n: int, test_n: int | None, seed: int, level: int, out: Path) -> int:
+    from .tasks import generate as draw
+
+    if (out / "train.jsonl").exists():
+        raise ConfigError(f"{out}: already holds train.jsonl; choose another --out")
+    if n < 1:
+        raise ConfigError("--n must be >= 1")
+    train, test = draw(task, n, max(1, n // 10) if test_n is None else test_n, seed, level)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", train), ("test", test)):
+        lines = []
+        for i, example in enumerate(rows):
+            row = {"prompt": example.prompt, "answer": example.answer, **example.meta}
+            if example.images:
+                (out / "images").mkdir(exist_ok=True)
+                row["images"] = []
+                for k, image in enumerate(example.images):
+                    name = f"images/{split}-{i:06d}-{k}.png"
+                    image.save(out / name)
+                    row["images"].append(name)
+            lines.append(json.dumps(row))
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    print(f"{task}: {len(train)} train and {len(test)} test rows (seed {seed}, level {level}) in {out}")
+    return 0

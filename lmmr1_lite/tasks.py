@@ -52,7 +52,11 @@ def arithmetic(rng: random.Random, level: int) -> Example:
 def fractions(rng: random.Random, level: int) -> Example:
     """Sums and products of fractions; the answer in lowest terms."""
     count = level + 1
-    parts = [sympy.Rational(rng.randint(1, 4 * level + 4), rng.randint(2, 6 * level + 3)) for _ in range(count)]
+    parts = []
+    while len(parts) < count:
+        part = sympy.Rational(rng.randint(1, 4 * level + 4), rng.randint(2, 6 * level + 3))
+        if part.q != 1:  # a real fraction, not an integer in disguise
+            parts.append(part)
     ops = [rng.choice(["+", "-", "\\cdot"]) for _ in range(count - 1)]
     python_ops = {"+": "+", "-": "-", "\\cdot": "*"}
     expr = sympy.latex(parts[0]) + "".join(f" {op} {sympy.latex(p)}" for op, p in zip(ops, parts[1:]))
@@ -103,6 +107,12 @@ def word_problem(rng: random.Random, level: int) -> Example:
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 
 
+def _font(size: int = 18):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
 def _canvas(size: int = 224):
     from PIL import Image, ImageDraw
 
@@ -118,15 +128,15 @@ def geometry(rng: random.Random, level: int) -> Example:
         b = rng.randint(25, 150 - a)
         pts = [(30, 190), (194, 190), (rng.randint(60, 160), 40)]
         draw.polygon(pts, outline="black", width=3)
-        draw.text((38, 170), f"{a}°", fill="black")
-        draw.text((160, 170), f"{b}°", fill="black")
-        draw.text((pts[2][0] - 4, 52), "x", fill="black")
+        draw.text((36, 164), f"{a}°", fill="black", font=_font())
+        draw.text((150, 164), f"{b}°", fill="black", font=_font())
+        draw.text((pts[2][0] - 5, 62), "x", fill="black", font=_font())
         return Example(prompt="The triangle's two marked angles are given. Find the angle $x$ in degrees.",
                        answer=str(180 - a - b), images=[image])
     w, h = rng.randint(2, 6 * level + 3), rng.randint(2, 6 * level + 3)
     draw.rectangle([40, 60, 184, 164], outline="black", width=3)
-    draw.text((104, 170), f"{w} cm", fill="black")
-    draw.text((8, 106), f"{h} cm", fill="black")
+    draw.text((104, 170), f"{w} cm", fill="black", font=_font())
+    draw.text((8, 106), f"{h} cm", fill="black", font=_font())
     return Example(prompt="What is the area of the rectangle in square centimetres?", answer=str(w * h), images=[image])
 
 
@@ -138,10 +148,10 @@ def chart(rng: random.Random, level: int) -> Example:
     top = max(values)
     width = 180 // len(labels)
     for i, (label, value) in enumerate(zip(labels, values)):
-        x0, height = 22 + i * width, int(150 * value / top)
+        x0, height = 22 + i * width, int(140 * value / top)
         draw.rectangle([x0, 190 - height, x0 + width - 12, 190], fill=(70, 110, 200))
-        draw.text((x0 + 6, 194), label, fill="black")
-        draw.text((x0 + 6, 176 - height), str(value), fill="black")
+        draw.text((x0 + 6, 194), label, fill="black", font=_font())
+        draw.text((x0 + 6, 168 - height), str(value), fill="black", font=_font())
     question = rng.randrange(3)
     if question == 0:
         if values.count(top) == 1:

@@ -19,6 +19,13 @@ CONFIG_DIR = REPO_ROOT / "configs"
 STAGES = ("fre", "mgt")
 
 
+LMM_R1_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Solve the problem step by step. Put your reasoning inside <think> </think> "
+    "and your final answer, in LaTeX between $ signs, inside <answer> </answer>: the response must start with "
+    "<think> and end with </answer>. Example: <think> Since $1+1=2$, so the answer is $2$. </think>"
+    "<answer> $2$ </answer>")
+
+
 class ConfigError(ValueError):
     """A user-fixable problem with the config; the CLI prints it as one line."""
 
@@ -53,7 +60,9 @@ class TrainConfig:
     # --- data and prompt -----------------------------------------------------------------------
     data: str = _f("tiny_max", "A generated task name (see `lmmr1_lite.data.TASKS`) or a JSONL file.")
     train_size: int = _f(2000, "Rows generated for a task's train split (ignored for files).")
-    system_prompt: str = _f("", "System prompt prepended to every prompt ('' for none).")
+    system_prompt: str = _f(LMM_R1_SYSTEM_PROMPT, "System prompt of every prompt ('' for none); a row's own "
+                            "system turn (LMM-R1 JSONL) wins. Default: LMM-R1's instructions (paraphrased).")
+    prompt_template: str = _f("{prompt}", "How the user turn wraps a row's prompt text; must contain {prompt}.")
     max_prompt_tokens: int = _f(4096, "Prompts longer than this (image tokens included) are skipped and counted, "
                                 "never truncated.")
     on_bad_row: str = _f("error", "A bad data row: 'error' stops with its file, row and field; 'skip' counts it.")
@@ -118,6 +127,7 @@ class TrainConfig:
              "rewards must map reward names to numeric weights"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
             (self.reward_timeout > 0, "reward_timeout must be > 0"),
+            ("{prompt}" in self.prompt_template, "prompt_template must contain {prompt}"),
             (self.on_bad_row in ("error", "skip"), "on_bad_row must be 'error' or 'skip'"),
             (0 < self.min_pixels <= self.max_pixels, "need 0 < min_pixels <= max_pixels"),
         ]

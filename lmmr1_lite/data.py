@@ -219,17 +219,18 @@ def load_splits(data: str, train_size: int, test_size: int, seed: int,
     return [rows[i] for i in order[n_test:]], [rows[i] for i in order[:n_test]], report
 
 
-def build_messages(example: Example, system_prompt: str = "") -> list[dict]:
+def build_messages(example: Example, system_prompt: str = "", prompt_template: str = "{prompt}") -> list[dict]:
     """OpenAI-style chat messages: optional system turn (the row's own wins), then the user turn
-    (images first, then text)."""
+    (images first, then the prompt text wrapped by `prompt_template`)."""
     system = example.system if example.system is not None else system_prompt
+    text = prompt_template.replace("{prompt}", example.prompt)
     messages = [{"role": "system", "content": system}] if system else []
     if example.images:
         content = [{"type": "image", "image": image} for image in example.images]
-        content.append({"type": "text", "text": example.prompt})
+        content.append({"type": "text", "text": text})
         messages.append({"role": "user", "content": content})
     else:
-        messages.append({"role": "user", "content": example.prompt})
+        messages.append({"role": "user", "content": text})
     return messages
 
 
@@ -253,23 +254,24 @@ def answer_kind(answer: str) -> str:
 IMAGE_TOKEN_PIXELS = 28 * 28  # Qwen2.5-VL: one LLM token per 28x28 patch group (14-px patches merged 2x2)
 
 
-def prompt_tokens(example: Example, tokenizer, system_prompt: str = "") -> int:
+def prompt_tokens(example: Example, tokenizer, system_prompt: str = "", prompt_template: str = "{prompt}") -> int:
     """Prompt length in tokens as the model sees it: chat template text plus the image tokens."""
-    text = tokenizer.apply_chat_template(build_messages(example, system_prompt), add_generation_prompt=True,
+    text = tokenizer.apply_chat_template(build_messages(example, system_prompt, prompt_template), add_generation_prompt=True,
                                          tokenize=False)
     image_tokens = sum(max(1, round(im.size[0] * im.size[1] / IMAGE_TOKEN_PIXELS)) for im in example.images)
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + image_tokens
 
 
 def prepare(examples: list[Example], tokenizer, system_prompt: str, max_prompt_tokens: int,
-            min_pixels: int, max_pixels: int, report: LoadReport | None = None) -> list[Example]:
+            min_pixels: int, max_pixels: int, report: LoadReport | None = None,
+            prompt_template: str = "{prompt}") -> list[Example]:
     """Resize images into [min_pixels, max_pixels] and drop (and count) prompts over max_prompt_tokens:
     a prompt is never truncated, so image tokens can never be cut."""
     kept = []
     for example in examples:
         if example.images:
             example.images = [fit_pixels(image, min_pixels, max_pixels) for image in example.images]
-        if prompt_tokens(example, tokenizer, system_prompt) > max_prompt_tokens:
+        if prompt_tokens(example, tokenizer, system_prompt, prompt_template) > max_prompt_tokens:
             if report is not None:
                 report.skipped["prompt longer than max_prompt_tokens"] += 1
             continue

@@ -85,7 +85,7 @@ def evaluate(policy, tokenizer, examples, cfg: TrainConfig, stop_ids: list[int])
     acc, fmt, samples = [], [], []
     for start in range(0, len(examples), 64):
         chunk = examples[start:start + 64]
-        batch = generate(policy, tokenizer, [build_messages(e, cfg.system_prompt) for e in chunk],
+        batch = generate(policy, tokenizer, [build_messages(e, cfg.system_prompt, cfg.prompt_template) for e in chunk],
                          num_generations=1, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                          stop_ids=stop_ids, greedy=True)
         _, parts, _ = rewards.score(batch.texts, [e.answer for e in chunk], {"accuracy": 1.0})
@@ -115,7 +115,7 @@ def train(cfg: TrainConfig) -> Path:
     train_rows, test_rows, data_report = load_splits(cfg.data, cfg.train_size, cfg.eval_size, cfg.seed, cfg.on_bad_row)
     tokenizer = models.load_tokenizer(cfg.model)
     train_rows, test_rows = (prepare(rows, tokenizer, cfg.system_prompt, cfg.max_prompt_tokens, cfg.min_pixels,
-                                     cfg.max_pixels, data_report) for rows in (train_rows, test_rows))
+                                     cfg.max_pixels, data_report, cfg.prompt_template) for rows in (train_rows, test_rows))
     if not train_rows:
         raise ConfigError(f"data {cfg.data}: no usable training rows ({data_report.line()})")
     base = models.load_base_model(cfg, device)
@@ -148,7 +148,7 @@ def train(cfg: TrainConfig) -> Path:
         t0 = time.perf_counter()
         examples = [rng.choice(train_rows) for _ in range(cfg.prompts_per_step)]
         # 1. rollouts
-        batch = generate(policy, tokenizer, [build_messages(e, cfg.system_prompt) for e in examples],
+        batch = generate(policy, tokenizer, [build_messages(e, cfg.system_prompt, cfg.prompt_template) for e in examples],
                          num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, stop_ids=stop_ids)
         t_gen = time.perf_counter() - t0

@@ -154,3 +154,14 @@ def test_data_cli_generate_then_validate(tmp_path, capsys):
     bad.write_text('{"prompt": "x"}\n')
     assert main(["data", "validate", str(bad), "--on-bad-row", "error"]) == 2
     assert "bad.jsonl:1: field 'answer'" in capsys.readouterr().err
+
+
+def test_lmmr1_prompt_is_the_default_and_configurable():
+    from lmmr1_lite.config import TrainConfig
+    cfg = TrainConfig()
+    assert "<think>" in cfg.system_prompt and "</answer>" in cfg.system_prompt
+    messages = build_messages(Example("1+1", "2"), cfg.system_prompt, "Question: {prompt}")
+    assert messages[0] == {"role": "system", "content": cfg.system_prompt}
+    assert messages[1] == {"role": "user", "content": "Question: 1+1"}
+    with pytest.raises(ConfigError, match="prompt_template"):
+        TrainConfig(prompt_template="no placeholder")

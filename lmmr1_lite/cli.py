@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import sys
 
-from .config import ConfigError, TrainConfig, default_config_path, field_types, resolve_config
+from .config import ConfigError, TrainConfig, coerce, default_config_path, field_types, resolve_config
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage", choices=["fre", "mgt"], default=None,
                        help="fre: text-only math; mgt: image + text (default: the config's stage, else fre)")
     train.add_argument("--config", default=None, help="YAML file of config overrides")
+    train.add_argument("--resume", default=None, metavar="RUN_DIR",
+                       help="continue RUN_DIR from its newest complete checkpoint with its saved config "
+                            "(--max-steps may raise the total to extend the run)")
     train.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config field, value parsed as YAML (repeatable)")
     _add_config_flags(train)
@@ -52,13 +55,35 @@ def overrides_from(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def resume_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's saved config; only --max-steps may change (to extend the run)."""
+    from pathlib import Path
+
+    from .config import load_yaml
+
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a run directory)")
+    overrides = overrides_from(args)
+    extra = sorted(set(overrides) - {"max_steps"}) + (["--config"] if args.config else [])
+    if extra:
+        raise ConfigError(f"--resume uses the run's saved config; only --max-steps may change (got {', '.join(extra)})")
+    values = load_yaml(run_dir / "config.yaml")
+    values.update({key: coerce(key, value, "command line") for key, value in overrides.items()})
+    values["output_dir"] = str(run_dir)
+    return TrainConfig(**values)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
             from .train import train
-            cfg = resolve_config(args.stage, args.config, overrides_from(args))
-            train(cfg)
+            if args.resume:
+                cfg = resume_config(args)
+            else:
+                cfg = resolve_config(args.stage, args.config, overrides_from(args))
+            train(cfg, resume=bool(args.resume))
         elif args.command == "data":
             from .datacli import run
             return run(args)
@@ -66,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"lmmr1-lite: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lmmr1-lite: stopped at once; the newest complete checkpoint is intact", file=sys.stderr)
+        return 130
+    except Exception as err:
+        from .train import TrainingAborted
+        if not isinstance(err, TrainingAborted):
+            raise
+        print(f"lmmr1-lite: aborted: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

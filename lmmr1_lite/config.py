@@ -44,12 +44,16 @@ class TrainConfig:
     seed: int = _f(0, "Seed for sampling, data order and (with random_init) the model's weights.")
     max_steps: int = _f(150, "GRPO steps (one rollout batch each). LMM-R1's stages run ~100-175 steps.")
     save_every: int = _f(50, "Save the adapter every N steps (and always at the end). 0: only at the end.")
+    keep_last: int = _f(2, "Complete checkpoints kept (older ones are deleted after each save); 0 keeps all.")
+    overwrite: bool = _f(False, "Replace a run already in output_dir (otherwise refused, nothing touched).")
+    max_consecutive_skips: int = _f(5, "Abort after this many consecutive steps with a non-finite loss or gradient.")
     report_to: str = _f("none", "Also log metrics to 'tensorboard' or 'wandb' (when installed), or 'none'.")
     eval_size: int = _f(64, "Held-out prompts decoded greedily before and after training (0: skip).")
     # --- model ---------------------------------------------------------------------------------
     model: str = _f("Qwen/Qwen2.5-VL-3B-Instruct",
                     "Model directory or Hub id (Qwen2.5-VL class), loaded with from_pretrained.")
     random_init: bool = _f(False, "Build the architecture from the model's config.json with random weights.")
+    trust_remote_code: bool = _f(False, "Allow a model repository's own Python code to run (off: never by default).")
     dtype: str = _f("auto", "Weights dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bfloat16', 'float32'.")
     gradient_checkpointing: bool = _f(True, "Non-reentrant gradient checkpointing in the training pass only.")
     lora_r: int = _f(64, "LoRA rank.")
@@ -97,7 +101,9 @@ class TrainConfig:
                        "seq_mean_token_sum_norm (Dr. GRPO).")
     scale_rewards: str = _f("group", "Advantage = (r - group mean) / group std ('group') or r - group mean ('none').")
     num_iterations: int = _f(1, "Updates per rollout batch; > 1 computes old log-probs for the ratio.")
-    micro_batch_size: int = _f(4, "Sequences per forward/backward in the log-prob and training passes.")
+    micro_batch_size: int = _f(4, "Sequences per forward/backward in the log-prob and training passes "
+                               "(halved automatically on CUDA out-of-memory).")
+    generation_batch_size: int = _f(0, "Prompts per generate call (0: all of a step's prompts; halved on OOM).")
     logprob_backend: str = _f("auto", "Log-prob kernels: 'auto' (Triton on CUDA, torch on CPU), 'torch', 'triton'.")
 
     def __post_init__(self):
@@ -120,6 +126,9 @@ class TrainConfig:
             (self.scale_rewards in ("group", "none"), f"scale_rewards must be 'group' or 'none', got {self.scale_rewards!r}"),
             (self.num_iterations >= 1, "num_iterations must be >= 1"),
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+            (self.generation_batch_size >= 0, "generation_batch_size must be >= 0"),
+            (self.keep_last >= 0, "keep_last must be >= 0"),
+            (self.max_consecutive_skips >= 1, "max_consecutive_skips must be >= 1"),
             (self.logprob_backend in ("auto", "torch", "triton"), "logprob_backend must be auto, torch or triton"),
             (self.dtype in ("auto", "bfloat16", "float32"), "dtype must be auto, bfloat16 or float32"),
             (self.report_to in ("none", "tensorboard", "wandb"), "report_to must be none, tensorboard or wandb"),

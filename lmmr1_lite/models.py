@@ -43,11 +43,11 @@ def language_model_lora_pattern(target_modules: list[str]) -> str:
     return rf".*language_model.*\.({'|'.join(target_modules)})$"
 
 
-def load_tokenizer(model: str):
+def load_tokenizer(model: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model {model!r}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
     tokenizer.padding_side = "left"  # generation appends to the right of every prompt
@@ -63,12 +63,13 @@ def load_base_model(cfg: TrainConfig, device: torch.device):
     dtype = pick_dtype(cfg.dtype, device)
     try:
         if cfg.random_init:
-            config = AutoConfig.from_pretrained(cfg.model)
+            config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
                 model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
         else:
-            model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
+            model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype, use_safetensors=True,
+                                                                trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model {cfg.model!r}: cannot load ({str(err).splitlines()[0]})") from None
     return model.to(device)

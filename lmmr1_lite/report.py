@@ -12,6 +12,8 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, report_to: str = "none", config: dict | None = None):
         self.path = run_dir / "metrics.jsonl"
+        # on resume the file is appended to, never rewritten: steps it already holds are not logged again
+        self.last_step = max((row["step"] for row in read_metrics(self.path)), default=0) if self.path.exists() else 0
         self.writer = None
         if report_to == "tensorboard":
             try:
@@ -27,6 +29,9 @@ class MetricsLog:
                 warn_once("report_to=wandb but wandb is not installed; metrics go to metrics.jsonl only")
 
     def log(self, row: dict) -> None:
+        if row["step"] <= self.last_step:
+            return
+        self.last_step = row["step"]
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         if self.writer is None:

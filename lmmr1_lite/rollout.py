@@ -25,6 +25,21 @@ class Rollout:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
+    @staticmethod
+    def concat(parts: list["Rollout"], pad_id: int) -> "Rollout":
+        """Stack rollouts of different lengths: prompts left-padded, completions right-padded."""
+        if len(parts) == 1:
+            return parts[0]
+        prompt_len = max(p.prompt_ids.shape[1] for p in parts)
+        completion_len = max(p.completion_ids.shape[1] for p in parts)
+        pad = torch.nn.functional.pad
+        return Rollout(
+            torch.cat([pad(p.prompt_ids, (prompt_len - p.prompt_ids.shape[1], 0), value=pad_id) for p in parts]),
+            torch.cat([pad(p.prompt_mask, (prompt_len - p.prompt_mask.shape[1], 0)) for p in parts]),
+            torch.cat([pad(p.completion_ids, (0, completion_len - p.completion_ids.shape[1]), value=pad_id) for p in parts]),
+            torch.cat([pad(p.completion_mask, (0, completion_len - p.completion_mask.shape[1])) for p in parts]),
+            [t for p in parts for t in p.texts])
+
     def rows(self, index: slice) -> "Rollout":
         return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
                        self.completion_mask[index], self.texts[index])

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
+import signal
 import sys
 import time
 from datetime import datetime
@@ -32,6 +34,7 @@ from transformers import get_scheduler
 from lmmr1_kernels import grpo_loss, token_logprobs, token_weights
 
 from . import models, rewards, verifier
+from .checkpoint import check_output_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import build_messages, load_splits, prepare
 from .report import MetricsLog, plot_rewards
@@ -66,14 +69,15 @@ def rollout_logprobs(policy, batch: Rollout, cfg: TrainConfig) -> torch.Tensor:
     return torch.cat(out)
 
 
-def make_run_dir(cfg: TrainConfig) -> Path:
+def make_run_dir(cfg: TrainConfig, resume: bool) -> Path:
+    """The run directory: new (refusing one that holds a run, unless overwrite) or, on resume, the old one."""
     run_dir = Path(cfg.output_dir or f"runs/{cfg.stage}-{datetime.now():%Y%m%d-%H%M%S}")
-    if (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"output_dir {run_dir} already holds a run; choose another --output-dir")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"output_dir {run_dir}: cannot create ({err.strerror})") from None
+    holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "config.yaml").exists()
+    if holds_run and not resume:
+        if not cfg.overwrite:
+            raise ConfigError(f"output_dir {run_dir} already holds a run; resume it with --resume {run_dir}, "
+                              "pass --overwrite to replace it, or choose another --output-dir")
+        shutil.rmtree(run_dir)
     cfg.output_dir = str(run_dir)
     return run_dir
 
@@ -104,109 +108,206 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: TrainConfig) -> Path:
+class TrainingAborted(RuntimeError):
+    """The run cannot go on (repeated non-finite steps, out of memory at micro-batch 1); checkpoints are kept."""
+
+
+class StopFlag:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, exit 0. Second: stop at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              "(press Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def halve_on_oom(run, size: int, what: str) -> tuple[object, int]:
+    """`run(size)`, halving `size` on CUDA out-of-memory down to 1; returns (result, size that worked)."""
+    while True:
+        try:
+            return run(size), size
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise TrainingAborted(f"out of GPU memory in {what} even at batch size 1: lower max_new_tokens, "
+                                      "num_generations or max_pixels, or turn gradient_checkpointing on") from None
+            size //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            print(f"out of GPU memory in {what}: retrying this step with batch size {size}", file=sys.stderr)
+
+
+def update_policy(policy, batch: Rollout, advantages, old_logp, ref_logp, cfg: TrainConfig, optimizer, scheduler,
+                  micro_batch_size: int) -> dict:
+    """num_iterations optimizer updates on the GRPO loss of `batch`; returns the step's loss metrics."""
+    lora_params = [p for p in policy.parameters() if p.requires_grad]
+    weight = models.lm_head_weight(policy)
+    mask = batch.completion_mask
+    weights_all = token_weights(mask, cfg.loss_agg)  # aggregation over the whole batch, not per micro-batch
+    n = mask.shape[0]
+    policy.train()  # train mode: gradient checkpointing on (when configured)
+    for _ in range(cfg.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ratio": 0.0, "entropy": 0.0}
+        for start in range(0, n, micro_batch_size):
+            rows = slice(start, start + micro_batch_size)
+            micro = batch.rows(rows)
+            loss, metrics = grpo_loss(
+                completion_hidden(policy, micro), weight, micro.completion_ids, micro.completion_mask,
+                advantages[rows], None if old_logp is None else old_logp[rows],
+                None if ref_logp is None else ref_logp[rows], beta=cfg.beta, epsilon_low=cfg.epsilon_low,
+                epsilon_high=cfg.epsilon_high, temperature=cfg.temperature, token_weight=weights_all[rows],
+                backend=cfg.logprob_backend)
+            loss.backward()
+            share = micro.completion_mask.sum().item() / max(1, mask.sum().item())
+            sums["loss"] += loss.item()
+            for key in ("kl", "clip_low", "clip_high", "ratio", "entropy"):
+                sums[key] += metrics[key].item() * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, cfg.max_grad_norm)
+        sums["skipped"] = not (torch.isfinite(grad_norm) and math.isfinite(sums["loss"]))
+        if sums["skipped"]:
+            optimizer.zero_grad(set_to_none=True)  # a non-finite step changes nothing
+        else:
+            optimizer.step()
+        scheduler.step()
+    sums["grad_norm"] = float(grad_norm)
+    return sums
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run (or, with resume, continue) GRPO for one stage; returns the run directory."""
     # ---- setup ---------------------------------------------------------------------------------
     seed_everything(cfg.seed)
     rewards.check_names(cfg.rewards)
-    verifier.pool(cfg.reward_timeout)  # start the answer-checking workers now, not inside step 1
-    run_dir = make_run_dir(cfg)
-    cfg.save(run_dir / "config.yaml")
+    run_dir = make_run_dir(cfg, resume)
+    check_output_dir(run_dir, needed_bytes=0)  # writable at all: fail now, not after loading a model
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise ConfigError(f"{run_dir}: no complete checkpoint to resume from")
     device = models.pick_device()
     train_rows, test_rows, data_report = load_splits(cfg.data, cfg.train_size, cfg.eval_size, cfg.seed, cfg.on_bad_row)
-    tokenizer = models.load_tokenizer(cfg.model)
+    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     train_rows, test_rows = (prepare(rows, tokenizer, cfg.system_prompt, cfg.max_prompt_tokens, cfg.min_pixels,
                                      cfg.max_pixels, data_report, cfg.prompt_template) for rows in (train_rows, test_rows))
     if not train_rows:
         raise ConfigError(f"data {cfg.data}: no usable training rows ({data_report.line()})")
     base = models.load_base_model(cfg, device)
-    if cfg.random_init:
-        models.save_base_model(base, tokenizer, run_dir / "base_model")
     policy = models.add_lora(base, cfg)
+    lora_params = [p for p in policy.parameters() if p.requires_grad]
+    lora_bytes = sum(p.numel() * p.element_size() for p in lora_params)
+    check_output_dir(run_dir, needed_bytes=(cfg.keep_last + 2) * 4 * lora_bytes + 64 * 2**20)
+    cfg.save(run_dir / "config.yaml")
+    if cfg.random_init and not (run_dir / "base_model").exists():
+        models.save_base_model(base, tokenizer, run_dir / "base_model")
     if cfg.random_init:  # the adapter's base is the saved random model, not the config directory
         policy.peft_config["default"].base_model_name_or_path = str((run_dir / "base_model").resolve())
-    lora_params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     total_updates = cfg.max_steps * cfg.num_iterations
     scheduler = get_scheduler("constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type,
                               optimizer, math.ceil(cfg.warmup_ratio * total_updates), total_updates)
     stop_ids = stop_token_ids(tokenizer, cfg.stop_tokens)
-    weight = models.lm_head_weight(policy)
+    verifier.pool(cfg.reward_timeout)  # start the answer-checking workers now, not inside step 1
     log = MetricsLog(run_dir, cfg.report_to, cfg.to_dict())
-    rng = random.Random(cfg.seed)
+    sampler = random.Random(cfg.seed)  # which prompts each step sees
     print(f"lmmr1-lite: stage {cfg.stage}, model {cfg.model}{' (random init)' if cfg.random_init else ''}, "
           f"{sum(p.numel() for p in lora_params):,} LoRA parameters, device {device}, run dir {run_dir}")
     print(f"data {cfg.data}: {data_report.line()}; {len(train_rows)} train / {len(test_rows)} held-out prompts")
 
-    eval_before = evaluate(policy, tokenizer, test_rows, cfg, stop_ids)
-    if eval_before:
-        print(f"eval before: accuracy {eval_before['accuracy']:.3f}, format {eval_before['format']:.3f}")
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, policy, optimizer, scheduler, sampler)
+        first_step, eval_before, skipped_steps = state["step"] + 1, state["eval_before"], state["skipped_steps"]
+        print(f"resuming from {checkpoint} at step {first_step} of {cfg.max_steps}")
+    else:
+        first_step, skipped_steps = 1, 0
+        eval_before = evaluate(policy, tokenizer, test_rows, cfg, stop_ids)
+        if eval_before:
+            print(f"eval before: accuracy {eval_before['accuracy']:.3f}, format {eval_before['format']:.3f}")
+    micro_batch_size = cfg.micro_batch_size
+    generation_batch_size = cfg.generation_batch_size or cfg.prompts_per_step
+    consecutive_skips = 0
+
+    def save(step: int) -> Path:
+        return save_checkpoint(run_dir, step, policy, optimizer, scheduler, sampler,
+                               {"eval_before": eval_before, "skipped_steps": skipped_steps}, cfg.keep_last)
 
     # ---- the loop ------------------------------------------------------------------------------
-    bar = tqdm(range(1, cfg.max_steps + 1), desc=f"GRPO {cfg.stage}", unit="step", dynamic_ncols=True)
-    for step in bar:
-        t0 = time.perf_counter()
-        examples = [rng.choice(train_rows) for _ in range(cfg.prompts_per_step)]
-        # 1. rollouts
-        batch = generate(policy, tokenizer, [build_messages(e, cfg.system_prompt, cfg.prompt_template) for e in examples],
-                         num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, stop_ids=stop_ids)
-        t_gen = time.perf_counter() - t0
-        # 2. rewards
-        answers = [e.answer for e in examples for _ in range(cfg.num_generations)]
-        totals, parts, reward_counts = rewards.score(batch.texts, answers, cfg.rewards)
-        reward_t = torch.tensor(totals, dtype=torch.float32)
-        # 3. advantages
-        advantages = group_advantages(reward_t, cfg.num_generations, cfg.scale_rewards).to(device)
-        # 4. reference and old log-probs (no graph)
-        policy.eval()
-        ref_logp = None
-        if cfg.beta > 0:
-            with policy.disable_adapter():
-                ref_logp = rollout_logprobs(policy, batch, cfg)
-        old_logp = rollout_logprobs(policy, batch, cfg) if cfg.num_iterations > 1 else None
-        # 5. updates
-        policy.train()  # train mode: gradient checkpointing on (when configured)
-        mask = batch.completion_mask
-        weights_all = token_weights(mask, cfg.loss_agg)  # aggregation over the whole batch
-        n = mask.shape[0]
-        for _ in range(cfg.num_iterations):
-            optimizer.zero_grad(set_to_none=True)
-            sums = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ratio": 0.0, "entropy": 0.0}
-            for start in range(0, n, cfg.micro_batch_size):
-                rows = slice(start, start + cfg.micro_batch_size)
-                micro = batch.rows(rows)
-                loss, metrics = grpo_loss(
-                    completion_hidden(policy, micro), weight, micro.completion_ids, micro.completion_mask,
-                    advantages[rows], None if old_logp is None else old_logp[rows],
-                    None if ref_logp is None else ref_logp[rows], beta=cfg.beta, epsilon_low=cfg.epsilon_low,
-                    epsilon_high=cfg.epsilon_high, temperature=cfg.temperature, token_weight=weights_all[rows],
-                    backend=cfg.logprob_backend)
-                loss.backward()
-                share = micro.completion_mask.sum().item() / max(1, mask.sum().item())
-                sums["loss"] += loss.item()
-                for key in ("kl", "clip_low", "clip_high", "ratio", "entropy"):
-                    sums[key] += metrics[key].item() * share
-            grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, cfg.max_grad_norm)
-            skipped = not torch.isfinite(grad_norm)
-            if not skipped:
-                optimizer.step()
-            scheduler.step()
+    bar = tqdm(range(first_step, cfg.max_steps + 1), desc=f"GRPO {cfg.stage}", unit="step", dynamic_ncols=True,
+               initial=first_step - 1, total=cfg.max_steps)
+    with StopFlag() as stop:
+        for step in bar:
+            t0 = time.perf_counter()
+            examples = [sampler.choice(train_rows) for _ in range(cfg.prompts_per_step)]
+            messages = [build_messages(e, cfg.system_prompt, cfg.prompt_template) for e in examples]
+            # 1. rollouts, in chunks of prompts
+            batch, generation_batch_size = halve_on_oom(lambda size: Rollout.concat([
+                generate(policy, tokenizer, messages[i:i + size], num_generations=cfg.num_generations,
+                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stop_ids)
+                for i in range(0, len(messages), size)], tokenizer.pad_token_id), generation_batch_size, "generation")
+            t_gen = time.perf_counter() - t0
+            # 2. rewards
+            answers = [e.answer for e in examples for _ in range(cfg.num_generations)]
+            totals, parts, reward_counts = rewards.score(batch.texts, answers, cfg.rewards)
+            reward_t = torch.tensor(totals, dtype=torch.float32)
+            # 3. advantages
+            advantages = group_advantages(reward_t, cfg.num_generations, cfg.scale_rewards).to(device)
+            # 4. reference and old log-probs (no graph)
+            policy.eval()
+            ref_logp = None
+            if cfg.beta > 0:
+                with policy.disable_adapter():
+                    ref_logp = rollout_logprobs(policy, batch, cfg)
+            old_logp = rollout_logprobs(policy, batch, cfg) if cfg.num_iterations > 1 else None
+            # 5. updates
+            sums, micro_batch_size = halve_on_oom(
+                lambda size: update_policy(policy, batch, advantages, old_logp, ref_logp, cfg, optimizer, scheduler,
+                                           size), micro_batch_size, "the training pass")
+            skipped_steps += sums["skipped"]
+            consecutive_skips = consecutive_skips + 1 if sums["skipped"] else 0
 
-        # ---- logging ---------------------------------------------------------------------------
-        seconds = time.perf_counter() - t0
-        lengths = mask.sum(1).float()
-        row = {"step": step, "reward_mean": float(reward_t.mean()), "reward_std": float(reward_t.std()),
-               **{name: sum(v) / len(v) for name, v in parts.items()}, **reward_counts,
-               "loss": sums["loss"], "kl": sums["kl"], "clip_frac": sums["clip_low"] + sums["clip_high"],
-               "clip_frac_low": sums["clip_low"], "clip_frac_high": sums["clip_high"], "ratio": sums["ratio"],
-               "entropy": sums["entropy"], "grad_norm": float(grad_norm), "skipped": bool(skipped), "lr": scheduler.get_last_lr()[0],
-               "completion_len": float(lengths.mean()), "step_seconds": seconds, "generate_seconds": t_gen,
-               "tokens_per_second": float(lengths.sum() + batch.prompt_mask.sum()) / seconds}
-        log.log(row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}", len=f"{row['completion_len']:.0f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            policy.save_pretrained(run_dir / f"checkpoint-{step}")
+            # ---- logging -----------------------------------------------------------------------
+            seconds = time.perf_counter() - t0
+            lengths = batch.completion_mask.sum(1).float()
+            row = {"step": step, "reward_mean": float(reward_t.mean()), "reward_std": float(reward_t.std()),
+                   **{name: sum(v) / len(v) for name, v in parts.items()}, **reward_counts,
+                   "loss": sums["loss"], "kl": sums["kl"], "clip_frac": sums["clip_low"] + sums["clip_high"],
+                   "clip_frac_low": sums["clip_low"], "clip_frac_high": sums["clip_high"], "ratio": sums["ratio"],
+                   "entropy": sums["entropy"], "grad_norm": sums["grad_norm"], "skipped": sums["skipped"],
+                   "skipped_steps": skipped_steps, "lr": scheduler.get_last_lr()[0],
+                   "micro_batch_size": micro_batch_size, "completion_len": float(lengths.mean()),
+                   "step_seconds": seconds, "generate_seconds": t_gen,
+                   "tokens_per_second": float(lengths.sum() + batch.prompt_mask.sum()) / seconds}
+            log.log(row)
+            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}",
+                            len=f"{row['completion_len']:.0f}")
+            if consecutive_skips >= cfg.max_consecutive_skips:
+                last = latest_checkpoint(run_dir)
+                raise TrainingAborted(f"{consecutive_skips} consecutive steps with a non-finite loss or gradient "
+                                      f"(to step {step}); last good checkpoint: {last or 'none'}. Lower learning_rate "
+                                      "or max_grad_norm, or check the data")
+            if stop.requested:
+                path = save(step)
+                bar.close()
+                log.close()
+                print(f"stopped after step {step}; checkpoint {path}\nresume with: lmmr1-lite train --resume {run_dir}")
+                return run_dir
+            due = cfg.save_every and step % cfg.save_every == 0 or step == cfg.max_steps
+            if due and not sums["skipped"]:  # no checkpoint inside a non-finite streak: the last one stays "good"
+                save(step)
     bar.close()
 
     # ---- finish ----------------------------------------------------------------------------------

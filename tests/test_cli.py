@@ -45,7 +45,7 @@ def test_refuses_to_overwrite_a_run(tmp_path, capsys):
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     assert main(["train", "--output-dir", str(out), "--max-steps", "1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "already holds a run" in err
+    assert err.count("\n") == 0 and "already holds a run" in err and "--resume" in err
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n', "nothing already written is lost"
 
 

@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     from .datacli import add_parsers
     add_parsers(sub)
+    plan = sub.add_parser("plan", help="estimate a config's peak GPU memory by component")
+    plan.add_argument("--config", default=None, help="YAML config (default: the stage's tiny one)")
+    plan.add_argument("--stage", choices=["fre", "mgt"], default=None)
+    plan.add_argument("--gpu-gb", type=float, default=24.0, help="card size to check against (default: 24)")
+    plan.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                      help="override any config field (repeatable)")
     return parser
 
 
@@ -84,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cfg = resolve_config(args.stage, args.config, overrides_from(args))
             train(cfg, resume=bool(args.resume))
+        elif args.command == "plan":
+            from .plan import plan
+            cfg = resolve_config(args.stage, args.config, overrides_from(args))
+            print(plan(cfg, args.gpu_gb))
         elif args.command == "data":
             from .datacli import run
             return run(args)

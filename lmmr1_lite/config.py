@@ -54,7 +54,12 @@ class TrainConfig:
                     "Model directory or Hub id (Qwen2.5-VL class), loaded with from_pretrained.")
     random_init: bool = _f(False, "Build the architecture from the model's config.json with random weights.")
     trust_remote_code: bool = _f(False, "Allow a model repository's own Python code to run (off: never by default).")
+    tokenizer: str | None = _f(None, "Tokenizer directory or Hub id. Default: the model's own; an architecture-only "
+                               "directory (random_init, no tokenizer files) falls back to the tiny tokenizer.")
     dtype: str = _f("auto", "Weights dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bfloat16', 'float32'.")
+    quantization: str = _f("nf4", "The language model's linear layers: 'nf4' (4-bit, double quantisation), 'int8' "
+                           "or 'none'. The vision tower, embeddings and LM head stay in `dtype`.")
+    optim: str = _f("adamw_torch", "Optimizer of the LoRA parameters: 'adamw_torch' or 'paged_adamw_8bit' (bitsandbytes).")
     gradient_checkpointing: bool = _f(True, "Non-reentrant gradient checkpointing in the training pass only.")
     lora_r: int = _f(64, "LoRA rank.")
     lora_alpha: int = _f(128, "LoRA alpha (scaling = alpha / r).")
@@ -103,6 +108,8 @@ class TrainConfig:
     num_iterations: int = _f(1, "Updates per rollout batch; > 1 computes old log-probs for the ratio.")
     micro_batch_size: int = _f(4, "Sequences per forward/backward in the log-prob and training passes "
                                "(halved automatically on CUDA out-of-memory).")
+    max_tokens_per_micro_batch: int = _f(16384, "Token budget of one micro-batch (sequences x padded length) in the "
+                                         "log-prob and training passes; caps micro_batch_size. 0: no budget.")
     generation_batch_size: int = _f(0, "Prompts per generate call (0: all of a step's prompts; halved on OOM).")
     logprob_backend: str = _f("auto", "Log-prob kernels: 'auto' (Triton on CUDA, torch on CPU), 'torch', 'triton'.")
 
@@ -131,6 +138,9 @@ class TrainConfig:
             (self.max_consecutive_skips >= 1, "max_consecutive_skips must be >= 1"),
             (self.logprob_backend in ("auto", "torch", "triton"), "logprob_backend must be auto, torch or triton"),
             (self.dtype in ("auto", "bfloat16", "float32"), "dtype must be auto, bfloat16 or float32"),
+            (self.quantization in ("nf4", "int8", "none"), f"quantization must be nf4, int8 or none, got {self.quantization!r}"),
+            (self.optim in ("adamw_torch", "paged_adamw_8bit"), f"optim must be adamw_torch or paged_adamw_8bit, got {self.optim!r}"),
+            (self.max_tokens_per_micro_batch >= 0, "max_tokens_per_micro_batch must be >= 0"),
             (self.report_to in ("none", "tensorboard", "wandb"), "report_to must be none, tensorboard or wandb"),
             (bool(self.rewards) and all(isinstance(w, (int, float)) for w in self.rewards.values()),
              "rewards must map reward names to numeric weights"),

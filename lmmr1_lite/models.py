@@ -43,36 +43,114 @@ def language_model_lora_pattern(target_modules: list[str]) -> str:
     return rf".*language_model.*\.({'|'.join(target_modules)})$"
 
 
-def load_tokenizer(model: str, trust_remote_code: bool = False):
+def load_tokenizer(model: str, trust_remote_code: bool = False, tokenizer: str | None = None):
+    """The tokenizer of `tokenizer` (or of `model`); an architecture-only model directory with no
+    tokenizer files (the shipped 3B/7B configs) gets the tiny tokenizer, with a warning."""
     from transformers import AutoTokenizer
 
+    from .config import REPO_ROOT
+
+    source = tokenizer or model
+    if tokenizer is None and Path(model).is_dir() and not any(Path(model).glob("tokenizer*")):
+        source = str(REPO_ROOT / "configs" / "models" / "tiny")
+        warn_once(f"{model} has no tokenizer files: using the tiny tokenizer ({source}); set `tokenizer` to change")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        loaded = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model {model!r}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
-    tokenizer.padding_side = "left"  # generation appends to the right of every prompt
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+        raise ConfigError(f"tokenizer {source!r}: cannot load ({str(err).splitlines()[0]})") from None
+    loaded.padding_side = "left"  # generation appends to the right of every prompt
+    if loaded.pad_token_id is None:
+        loaded.pad_token = loaded.eos_token
+    return loaded
+
+
+def quantization_config(cfg: TrainConfig, model_config, compute_dtype: torch.dtype):
+    """bitsandbytes settings for the language model's linear layers only: every module outside the
+    language model (the vision tower, the LM head) is listed as skipped, so it stays in `dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    skip = ["lm_head", "model.visual", "visual"]
+    if cfg.quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def attention_implementation(device: torch.device) -> str:
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            return "sdpa"
+    return "sdpa"
+
+
+def patch_with_liger(device: torch.device) -> None:
+    """Liger's Triton RMSNorm, SwiGLU and RoPE for Qwen2.5-VL (CUDA only; its losses are not used)."""
+    if device.type != "cuda":
+        return
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2_5_vl
+    except ImportError:
+        warn_once("liger-kernel is not installed: Qwen2.5-VL runs without its fused RMSNorm/SwiGLU/RoPE")
+        return
+    apply_liger_kernel_to_qwen2_5_vl(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                     fused_linear_cross_entropy=False)
 
 
 def load_base_model(cfg: TrainConfig, device: torch.device):
-    """The base model, from pretrained weights or (random_init) from its config alone."""
+    """The base model, from pretrained weights or (random_init) from its config alone, with the
+    language model quantised as configured. Where 4/8-bit cannot run here it says so once and loads
+    in `dtype` instead."""
+    import tempfile
+
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     dtype = pick_dtype(cfg.dtype, device)
+    patch_with_liger(device)
+    kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=attention_implementation(device))
     try:
-        if cfg.random_init:
-            config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
-        else:
-            model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype, use_safetensors=True,
-                                                                trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        with tempfile.TemporaryDirectory() as scratch:
+            source = cfg.model
+            if cfg.random_init:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(cfg.seed)
+                    model = AutoModelForImageTextToText.from_config(config, **kwargs)
+                if cfg.quantization == "none":
+                    return model.to(device)
+                model.save_pretrained(scratch)  # quantisation happens on load: reload the random weights
+                source = scratch
+                del model
+            if cfg.quantization != "none":
+                try:
+                    model = AutoModelForImageTextToText.from_pretrained(
+                        source, quantization_config=quantization_config(cfg, config, dtype), device_map={"": device},
+                        use_safetensors=True, **kwargs)
+                    for module in model.modules():
+                        # bitsandbytes repacks 4-bit weights for CPU inference in eval mode; the packed
+                        # path cannot train, and a GRPO step alternates generation and training.
+                        if hasattr(module, "support_avx512bf16_for_cpu"):
+                            module.support_avx512bf16_for_cpu = False
+                    return model
+                except (ImportError, RuntimeError, NotImplementedError) as err:
+                    warn_once(f"quantization={cfg.quantization} cannot run on {device.type} here "
+                              f"({str(err).splitlines()[0][:120]}); loading the weights in {dtype} instead")
+            return AutoModelForImageTextToText.from_pretrained(source, use_safetensors=True, **kwargs).to(device)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model {cfg.model!r}: cannot load ({str(err).splitlines()[0]})") from None
-    return model.to(device)
+
+
+def make_optimizer(params, cfg: TrainConfig):
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    if cfg.optim == "paged_adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+            return bnb.optim.PagedAdamW8bit(params, **kwargs)
+        except (ImportError, RuntimeError) as err:
+            warn_once(f"optim=paged_adamw_8bit is unavailable here ({str(err).splitlines()[0][:100]}); using AdamW")
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def add_lora(model, cfg: TrainConfig):

@@ -57,13 +57,21 @@ def completion_hidden(policy, batch: Rollout) -> torch.Tensor:
     return hidden[:, prompt_len - 1: -1]
 
 
+def micro_rows(cfg: TrainConfig, batch: Rollout, size: int) -> int:
+    """Sequences per micro-batch: `size`, capped by the token budget over the padded sequence length."""
+    if cfg.max_tokens_per_micro_batch:
+        size = min(size, max(1, cfg.max_tokens_per_micro_batch // batch.input_ids.shape[1]))
+    return size
+
+
 @torch.no_grad()
 def rollout_logprobs(policy, batch: Rollout, cfg: TrainConfig) -> torch.Tensor:
     """Per-token log-probs `[N, C]` of a rollout's completions, micro-batched, no graph kept."""
     weight = models.lm_head_weight(policy)
     out = []
-    for start in range(0, batch.completion_ids.shape[0], cfg.micro_batch_size):
-        micro = batch.rows(slice(start, start + cfg.micro_batch_size))
+    rows = micro_rows(cfg, batch, cfg.micro_batch_size)
+    for start in range(0, batch.completion_ids.shape[0], rows):
+        micro = batch.rows(slice(start, start + rows))
         out.append(token_logprobs(completion_hidden(policy, micro), weight, micro.completion_ids,
                                   cfg.temperature, backend=cfg.logprob_backend))
     return torch.cat(out)
@@ -159,6 +167,7 @@ def update_policy(policy, batch: Rollout, advantages, old_logp, ref_logp, cfg: T
     mask = batch.completion_mask
     weights_all = token_weights(mask, cfg.loss_agg)  # aggregation over the whole batch, not per micro-batch
     n = mask.shape[0]
+    micro_batch_size = micro_rows(cfg, batch, micro_batch_size)
     policy.train()  # train mode: gradient checkpointing on (when configured)
     for _ in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
@@ -191,6 +200,8 @@ def update_policy(policy, batch: Rollout, advantages, old_logp, ref_logp, cfg: T
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or, with resume, continue) GRPO for one stage; returns the run directory."""
     # ---- setup ---------------------------------------------------------------------------------
+    if cfg.stage == "mgt":
+        raise ConfigError("stage mgt (image + text GRPO) is not built yet; `lmmr1-lite plan` reads MGT configs")
     seed_everything(cfg.seed)
     rewards.check_names(cfg.rewards)
     run_dir = make_run_dir(cfg, resume)
@@ -200,7 +211,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         raise ConfigError(f"{run_dir}: no complete checkpoint to resume from")
     device = models.pick_device()
     train_rows, test_rows, data_report = load_splits(cfg.data, cfg.train_size, cfg.eval_size, cfg.seed, cfg.on_bad_row)
-    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
     train_rows, test_rows = (prepare(rows, tokenizer, cfg.system_prompt, cfg.max_prompt_tokens, cfg.min_pixels,
                                      cfg.max_pixels, data_report, cfg.prompt_template) for rows in (train_rows, test_rows))
     if not train_rows:
@@ -215,8 +226,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         models.save_base_model(base, tokenizer, run_dir / "base_model")
     if cfg.random_init:  # the adapter's base is the saved random model, not the config directory
         policy.peft_config["default"].base_model_name_or_path = str((run_dir / "base_model").resolve())
-    optimizer = torch.optim.AdamW(lora_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+    optimizer = models.make_optimizer(lora_params, cfg)
     total_updates = cfg.max_steps * cfg.num_iterations
     scheduler = get_scheduler("constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type,
                               optimizer, math.ceil(cfg.warmup_ratio * total_updates), total_updates)

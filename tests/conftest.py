@@ -3,6 +3,7 @@ import os
 # The Triton kernels run on CPU through the interpreter in tests; must be set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,150 @@
+"""`lmmr1-lite plan`: estimated peak GPU memory of a config, by component, from the architecture alone.
+
+Parameter counts are computed from the model's `config.json` (no weights are loaded). The step's two
+peaks are the generation phase (weights + LoRA state + KV cache) and the training phase (weights +
+LoRA state + checkpointed activations + one layer recomputed + the log-prob chunk); the larger wins.
+These are estimates; `bench/e2e_step.py` measures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import TrainConfig
+
+GIB = 2**30
+NF4_BITS = 4 + 32 / 64 / 256 * 8 + 32 / 256  # 4-bit codes + double-quantised absmax (8-bit per 64, fp32 per 256 blocks)
+CUDA_CONTEXT = 0.6 * GIB  # CUDA context + cuBLAS/cuDNN workspaces, typical on recent drivers
+FRAGMENTATION = 1.10      # allocator slack on top of live tensors
+
+
+@dataclass
+class ParameterCounts:
+    language_linear: int   # q, k, v, o, gate, up, down of every layer (weights + biases)
+    language_other: int    # norms
+    embeddings: int        # input embeddings
+    lm_head: int           # 0 when tied to the embeddings
+    vision: int            # the whole vision tower, merger included
+    lora: int              # LoRA A and B matrices on the targeted language-model linears
+
+    @property
+    def total(self) -> int:
+        return self.language_linear + self.language_other + self.embeddings + self.lm_head + self.vision
+
+
+def count_parameters(config, lora_r: int = 0, lora_targets: tuple = ()) -> ParameterCounts:
+    """Exact parameter counts of a Qwen2.5-VL config (checked against built models in the tests)."""
+    text, vision = config.text_config, config.vision_config
+    h, inter, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    head_dim = getattr(text, "head_dim", None) or h // text.num_attention_heads
+    q_out, kv_out = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
+    shapes = {"q_proj": (h, q_out, True), "k_proj": (h, kv_out, True), "v_proj": (h, kv_out, True),
+              "o_proj": (q_out, h, False), "gate_proj": (h, inter, False), "up_proj": (h, inter, False),
+              "down_proj": (inter, h, False)}
+    linear = layers * sum(i * o + (o if bias else 0) for i, o, bias in shapes.values())
+    lora = layers * sum(lora_r * (i + o) for name, (i, o, _) in shapes.items() if name in lora_targets)
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
+    vh, vi, patch = vision.hidden_size, vision.intermediate_size, vision.patch_size
+    merged = vh * vision.spatial_merge_size ** 2
+    vision_params = (vision.in_channels * vision.temporal_patch_size * patch * patch * vh  # patch embedding
+                     + vision.depth * (2 * vh + vh * 3 * vh + 3 * vh + vh * vh + vh + 3 * vh * vi + 2 * vi + vh)
+                     + vh + merged * merged + merged + merged * vision.out_hidden_size + vision.out_hidden_size)
+    return ParameterCounts(language_linear=linear, language_other=layers * 2 * h + h,
+                           embeddings=text.vocab_size * h, lm_head=0 if tied else text.vocab_size * h,
+                           vision=vision_params, lora=lora)
+
+
+def image_tokens(max_pixels: int) -> int:
+    """LLM tokens of one image at max_pixels (one per 28x28 patch group)."""
+    return max_pixels // (28 * 28)
+
+
+def estimate(cfg: TrainConfig, config, has_images: bool) -> dict:
+    """Bytes per component and the two phase peaks."""
+    counts = count_parameters(config, cfg.lora_r, tuple(cfg.lora_target_modules))
+    text = config.text_config
+    h, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
+    head_dim = getattr(text, "head_dim", None) or h // text.num_attention_heads
+    weight_bits = {"nf4": NF4_BITS, "int8": 8, "none": 16}[cfg.quantization]
+    prompt = min(cfg.max_prompt_tokens, 256 + (image_tokens(cfg.max_pixels) if has_images else 0))
+    seq = prompt + cfg.max_new_tokens
+    sequences = cfg.prompts_per_step * cfg.num_generations
+    micro = cfg.micro_batch_size
+    if cfg.max_tokens_per_micro_batch:
+        micro = min(micro, max(1, cfg.max_tokens_per_micro_batch // seq))
+    micro_tokens = micro * seq
+    optimizer_bytes = 2 if cfg.optim == "paged_adamw_8bit" else 8
+    vision_act = 0
+    if has_images:  # one image per prompt through the vision tower, no grad (frozen), its blocks' working set
+        patches = cfg.max_pixels // (14 * 14)
+        vision_act = cfg.prompts_per_step * patches * config.vision_config.hidden_size * 2 * 6
+    parts = {
+        "quantised language-model linears": counts.language_linear * weight_bits / 8,
+        "bf16 parts (embeddings, LM head, norms, vision tower)":
+            2 * (counts.embeddings + counts.lm_head + counts.language_other + counts.vision),
+        "LoRA parameters + gradients + optimizer states (fp32)": counts.lora * (4 + 4 + optimizer_bytes),
+        "KV cache during generation (bf16)":
+            2 * layers * text.num_key_value_heads * head_dim * 2 * sequences * seq,
+        # with checkpointing one hidden state per layer is kept and one layer's working set is rebuilt in
+        # backward; without it every layer keeps its whole working set
+        "activations kept for backward (bf16)": micro_tokens * 2 * layers * (
+            h if cfg.gradient_checkpointing else 12 * h + 4 * text.intermediate_size),
+        "one layer recomputed in backward (bf16)":
+            micro_tokens * 2 * (12 * h + 4 * text.intermediate_size) if cfg.gradient_checkpointing else 0,
+        "log-prob chunk (logits block + gradient of hidden)": max(16, micro_tokens * h // vocab) * vocab * 4 + micro_tokens * h * 4,
+        "vision encoder working set": vision_act,
+        "CUDA context and workspaces": CUDA_CONTEXT,
+    }
+    static = sum(parts[k] for k in list(parts)[:3]) + parts["CUDA context and workspaces"]
+    generation = static + parts["KV cache during generation (bf16)"] + parts["vision encoder working set"]
+    training = static + sum(parts[k] for k in list(parts)[4:7])
+    return {"parts": parts, "generation_peak": generation * FRAGMENTATION, "training_peak": training * FRAGMENTATION,
+            "peak": max(generation, training) * FRAGMENTATION, "counts": counts, "sequence_tokens": seq,
+            "micro_batch": micro, "sequences": sequences}
+
+
+def advice(cfg: TrainConfig, result: dict) -> str:
+    """The setting to change first when the plan does not fit."""
+    parts = result["parts"]
+    if result["generation_peak"] >= result["training_peak"]:
+        return (f"generation holds {parts['KV cache during generation (bf16)'] / GIB:.1f} GiB of KV cache: lower "
+                "generation_batch_size (prompts per generate call), num_generations or max_new_tokens")
+    if not cfg.gradient_checkpointing:
+        return "turn gradient_checkpointing on"
+    if cfg.quantization == "none":
+        return "set quantization: nf4"
+    return "lower max_tokens_per_micro_batch (or micro_batch_size)"
+
+
+def render(cfg: TrainConfig, model_name: str, result: dict, gpu_gb: float) -> str:
+    counts = result["counts"]
+    lines = [f"memory plan for {model_name}: {counts.total / 1e9:.2f} B parameters "
+             f"({counts.lora / 1e6:.1f} M LoRA), {result['sequences']} sequences of up to "
+             f"{result['sequence_tokens']} tokens, micro-batch {result['micro_batch']}, quantization {cfg.quantization}",
+             f"{'component':<58}{'GiB':>8}"]
+    lines += [f"{name:<58}{value / GIB:>8.2f}" for name, value in result["parts"].items()]
+    lines.append(f"{'peak while generating (x' + str(FRAGMENTATION) + ' allocator slack)':<58}"
+                 f"{result['generation_peak'] / GIB:>8.2f}")
+    lines.append(f"{'peak while training (x' + str(FRAGMENTATION) + ' allocator slack)':<58}"
+                 f"{result['training_peak'] / GIB:>8.2f}")
+    fits = result["peak"] <= gpu_gb * GIB
+    lines.append(f"estimated peak {result['peak'] / GIB:.1f} GiB: {'fits' if fits else 'does NOT fit'} a "
+                 f"{gpu_gb:g} GB card" + ("" if fits else f"; change first: {advice(cfg, result)}"))
+    return "\n".join(lines)
+
+
+def plan(cfg: TrainConfig, gpu_gb: float) -> str:
+    from transformers import AutoConfig
+
+    from .config import ConfigError
+
+    from .config import REPO_ROOT
+
+    shipped = {"Qwen/Qwen2.5-VL-3B-Instruct": "qwen2_5_vl_3b", "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl_7b"}
+    try:
+        config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        if cfg.model not in shipped:  # offline: the shipped architecture description of a known model will do
+            raise ConfigError(f"model {cfg.model!r}: cannot read its config ({str(err).splitlines()[0]})") from None
+        config = AutoConfig.from_pretrained(REPO_ROOT / "configs" / "models" / shipped[cfg.model])
+    has_images = cfg.stage == "mgt"
+    return render(cfg, cfg.model, estimate(cfg, config, has_images), gpu_gb)

@@ -1,0 +1,149 @@
+"""4-bit base + LoRA on the tiny model, gradient checkpointing, token-budget micro-batches, the planner."""
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from lmmr1_kernels import grpo_loss
+from lmmr1_lite import models
+from lmmr1_lite.cli import main
+from lmmr1_lite.config import REPO_ROOT, resolve_config
+from lmmr1_lite.plan import GIB, count_parameters, estimate
+from lmmr1_lite.rollout import Rollout, encode_prompts
+from lmmr1_lite.train import micro_rows
+
+PROMPTS = [[{"role": "user", "content": "max(3,7)"}], [{"role": "user", "content": "max(12,4)"}]]
+
+
+def loss_and_grads(policy, tokenizer):
+    enc = encode_prompts(tokenizer, PROMPTS, torch.device("cpu"))
+    targets = torch.roll(enc["input_ids"], -1, dims=1)
+    policy.zero_grad(set_to_none=True)
+    policy.train()
+    loss, _ = grpo_loss(models.hidden_states(policy, **enc), models.lm_head_weight(policy), targets,
+                        enc["attention_mask"], torch.tensor([1.0, -1.0]))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+
+def nf4_policy(tiny_cfg):
+    cfg = tiny_cfg(quantization="nf4", gradient_checkpointing=False)
+    policy = models.add_lora(models.load_base_model(cfg, torch.device("cpu")), cfg)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return policy, models.load_tokenizer(cfg.model), cfg
+
+
+def test_nf4_quantises_only_the_language_model_linears(tiny_cfg):
+    import bitsandbytes as bnb
+    policy, _, _ = nf4_policy(tiny_cfg)
+    quantised = {n for n, m in policy.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantised and all("language_model" in n for n in quantised), "vision tower and LM head stay unquantised"
+    assert any("visual" in n and isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear4bit)
+               for n, m in policy.named_modules())
+    assert not isinstance(policy.get_base_model().lm_head, bnb.nn.Linear4bit)
+
+
+def test_nf4_lora_only_gradients_and_base_bit_identical(tiny_cfg):
+    policy, tokenizer, _ = nf4_policy(tiny_cfg)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    _, grads = loss_and_grads(policy, tokenizer)
+    assert grads and all("lora_" in n for n in grads)
+    torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2).step()
+    for name, p in policy.named_parameters():
+        assert torch.equal(p, before[name]) != ("lora_" in name and name in grads), name
+
+
+def test_nf4_reference_is_the_same_weights_adapter_off(tiny_cfg):
+    policy, tokenizer, _ = nf4_policy(tiny_cfg)
+    enc = encode_prompts(tokenizer, PROMPTS, torch.device("cpu"))
+    held = {p.data_ptr() for n, p in policy.named_parameters() if "lora_" not in n}
+    with torch.no_grad(), policy.disable_adapter():
+        ref = models.hidden_states(policy, **enc)
+        assert {p.data_ptr() for n, p in policy.named_parameters() if "lora_" not in n} == held
+    with torch.no_grad():
+        adapted = models.hidden_states(policy, **enc)
+    assert (ref - adapted).abs().max() > 1e-4
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_cfg):
+    grads = {}
+    for checkpointing in (False, True):
+        cfg = tiny_cfg(gradient_checkpointing=checkpointing, quantization="none")
+        torch.manual_seed(0)
+        policy = models.add_lora(models.load_base_model(cfg, torch.device("cpu")), cfg)
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.linspace(-0.05, 0.05, p.numel()).view_as(p))
+        assert policy.get_base_model().is_gradient_checkpointing == checkpointing
+        _, grads[checkpointing] = loss_and_grads(policy, models.load_tokenizer(cfg.model))
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for name in grads[True]:
+        assert torch.allclose(grads[True][name], grads[False][name], atol=1e-6), name
+
+
+def test_saved_checkpoint_loads_with_model_flag_and_quantisation(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(quantization="none")
+    saved = tmp_path / "tiny-saved"
+    models.save_base_model(models.load_base_model(cfg, torch.device("cpu")), models.load_tokenizer(cfg.model), saved)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(saved), "--quantization", "nf4", "--output-dir", str(out), "--max-steps", "2",
+                 "--data", "tiny_compare", "--system-prompt", "", "--max-new-tokens", "8", "--prompts-per-step", "2",
+                 "--num-generations", "2", "--eval-size", "2", "--max-tokens-per-micro-batch", "0"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["grad_norm"] >= 0 for r in rows)
+
+
+def test_token_budget_caps_the_micro_batch(tiny_cfg):
+    cfg = tiny_cfg(max_tokens_per_micro_batch=100, micro_batch_size=16)
+    batch = Rollout(torch.ones(8, 20, dtype=torch.long), torch.ones(8, 20, dtype=torch.long),
+                    torch.ones(8, 12, dtype=torch.long), torch.ones(8, 12, dtype=torch.long), [""] * 8)
+    assert micro_rows(cfg, batch, 16) == 3  # 100 tokens // 32 per sequence
+    assert micro_rows(cfg, batch, 2) == 2
+    assert micro_rows(tiny_cfg(max_tokens_per_micro_batch=10), batch, 16) == 1
+    assert micro_rows(tiny_cfg(max_tokens_per_micro_batch=0), batch, 16) == 16
+
+
+@pytest.mark.parametrize("name", ["tiny", "qwen2_5_vl_3b", "qwen2_5_vl_7b"])
+def test_planner_parameter_counts_match_built_models(name):
+    config = AutoConfig.from_pretrained(REPO_ROOT / "configs" / "models" / name)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    counts = count_parameters(config)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert counts.vision == sum(p.numel() for p in model.model.visual.parameters())
+    linear = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+                 for n, m in model.model.language_model.named_modules() if isinstance(m, torch.nn.Linear))
+    assert counts.language_linear == linear
+
+
+def test_planner_lora_count_matches_peft(tiny_policy, tiny_cfg):
+    policy, _, cfg = tiny_policy
+    counts = count_parameters(policy.get_base_model().config, cfg.lora_r, tuple(cfg.lora_target_modules))
+    assert counts.lora == sum(p.numel() for n, p in policy.named_parameters() if "lora_" in n)
+
+
+def test_planner_arithmetic_and_advice():
+    cfg = resolve_config(None, str(REPO_ROOT / "configs" / "qwen2_5_vl_3b" / "fre.yaml"))
+    config = AutoConfig.from_pretrained(REPO_ROOT / "configs" / "models" / "qwen2_5_vl_3b")
+    result = estimate(cfg, config, has_images=False)
+    parts, counts = result["parts"], result["counts"]
+    text = config.text_config
+    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 2
+    assert parts["KV cache during generation (bf16)"] == kv * 64 * result["sequence_tokens"]
+    assert parts["LoRA parameters + gradients + optimizer states (fp32)"] == counts.lora * 16
+    assert 0.5 * counts.language_linear < parts["quantised language-model linears"] < 0.53 * counts.language_linear
+    assert result["peak"] < 20 * GIB, "the shipped FRE config is planned to fit a 24 GB card with room"
+    full = resolve_config(None, str(REPO_ROOT / "configs" / "qwen2_5_vl_3b" / "fre.yaml"),
+                          {"quantization": "none", "gradient_checkpointing": "false"})
+    assert estimate(full, config, False)["peak"] > result["peak"] + 10 * GIB
+
+
+def test_plan_command_prints_the_table(capsys):
+    assert main(["plan", "--config", str(REPO_ROOT / "configs" / "qwen2_5_vl_3b" / "fre.yaml"), "--gpu-gb", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "KV cache during generation" in out and "does NOT fit a 8 GB card; change first:" in out

@@ -8,7 +8,7 @@ from lmmr1_lite.config import REPO_ROOT
 
 def test_kernel_bench_smoke(tmp_path):
     out = tmp_path / "kernels.json"
-    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "kernels.py"), "--smoke", "--out", str(out)],
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "loss_kernels.py"), "--smoke", "--out", str(out)],
                    check=True, capture_output=True, text=True)
     report = json.loads(out.read_text())
     impls = {row["impl"] for row in report["rows"]}
@@ -23,3 +23,14 @@ def test_cpu_memory_bench_ours_uses_less(tmp_path):
     report = json.loads(out.read_text())
     # naive keeps ~3 copies of the 512 x 50,000 fp32 logits (~300 MiB); ours one small chunk
     assert report["ratio_head_grad_False"] < 0.2, report
+
+
+def test_e2e_step_bench_on_the_tiny_model(tmp_path):
+    out = tmp_path / "e2e.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "e2e_step.py"), "--out", str(out),
+                    "--set", "prompts_per_step=4", "--set", "beta=0.01"], check=True, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    for phase in ("generate_s", "score_s", "reference_pass_s", "old_pass_s", "train_s"):
+        assert report[phase] > 0
+    assert report["memory_peak"]["peak_rss_gib"] >= report["memory_after_load"]["peak_rss_gib"] > 0
+    assert report["completion_tokens_mean"] > 0 and report["planner_peak_gib"] > 0

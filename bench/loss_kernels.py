@@ -4,10 +4,11 @@ For each shape (N tokens, H hidden, V vocab; bf16) and each implementation, meas
 backward and forward+backward time (`triton.testing.do_bench`, median) and the peak CUDA memory of
 forward+backward beyond the inputs, plus the bare LM-head GEMMs (forward: 1 GEMM; backward for
 hidden: 1 more) as the floor. The LM head is frozen (LoRA training), so no grad_weight anywhere.
-Writes bench/out/kernels.json and prints a table.
+Writes bench/out/loss_kernels.json and prints a table. (Not named kernels.py: a module `kernels` on
+sys.path is taken by transformers and bitsandbytes for the Hugging Face `kernels` package.)
 
-    python bench/kernels.py                       # CUDA: Qwen2.5-VL-3B (H=2048) and 7B (H=3584), N=2K/8K/16K
-    python bench/kernels.py --smoke               # CPU: tiny shapes, perf_counter timing (checks the script runs)
+    python bench/loss_kernels.py                       # CUDA: Qwen2.5-VL-3B (H=2048) and 7B (H=3584), N=2K/8K/16K
+    python bench/loss_kernels.py --smoke               # CPU: tiny shapes, perf_counter timing (checks the script runs)
 """
 from __future__ import annotations
 
@@ -94,11 +95,11 @@ def measure(name, fn, hidden, weight, targets, adv, mask, device, bench):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, to check the script runs")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "kernels.json"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "loss_kernels.json"))
     args = parser.parse_args()
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.smoke:
-        raise SystemExit("bench/kernels.py needs CUDA (use --smoke on CPU; bench/kernels_cpu_memory.py measures CPU memory)")
+        raise SystemExit("bench/loss_kernels.py needs CUDA (use --smoke on CPU; bench/kernels_cpu_memory.py measures CPU memory)")
     shapes = [(64, 32, 1000)] if args.smoke else [(n, h, V_QWEN) for h in (2048, 3584) for n in (2048, 8192, 16384)]
     dtype = torch.float32 if args.smoke else torch.bfloat16
     bench, cases = timer(device), make_cases(device)

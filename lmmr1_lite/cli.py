@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     from .datacli import add_parsers
     add_parsers(sub)
+    from .evaluate import add_parsers as add_eval_parsers
+    add_eval_parsers(sub)
     plan = sub.add_parser("plan", help="estimate a config's peak GPU memory by component")
     plan.add_argument("--config", default=None, help="YAML config (default: the stage's tiny one)")
     plan.add_argument("--stage", choices=["fre", "mgt"], default=None)
@@ -94,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             from .plan import plan
             cfg = resolve_config(args.stage, args.config, overrides_from(args))
             print(plan(cfg, args.gpu_gb))
+        elif args.command in ("eval", "export"):
+            from .evaluate import run
+            return run(args)
         elif args.command == "data":
             from .datacli import run
             return run(args)

@@ -182,7 +182,12 @@ def hidden_states(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return out.last_hidden_state
 
 
-def save_base_model(model, tokenizer, out_dir: Path) -> None:
-    """A random-init base is saved beside the adapter, so `PeftModel.from_pretrained` can find it."""
+def save_base_model(model, tokenizer, out_dir: Path, source: str | None = None) -> None:
+    """A random-init base is saved beside the adapter, so `PeftModel.from_pretrained` can find it
+    (with the source directory's image-processor config, so it loads like a real checkpoint)."""
+    import shutil
+
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if source and (Path(source) / "preprocessor_config.json").is_file():
+        shutil.copy(Path(source) / "preprocessor_config.json", Path(out_dir) / "preprocessor_config.json")

@@ -217,13 +217,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if not train_rows:
         raise ConfigError(f"data {cfg.data}: no usable training rows ({data_report.line()})")
     base = models.load_base_model(cfg, device)
+    if cfg.random_init and not (run_dir / "base_model").exists():  # before add_lora, which edits `base` in place
+        models.save_base_model(base, tokenizer, run_dir / "base_model", cfg.model)
     policy = models.add_lora(base, cfg)
     lora_params = [p for p in policy.parameters() if p.requires_grad]
     lora_bytes = sum(p.numel() * p.element_size() for p in lora_params)
     check_output_dir(run_dir, needed_bytes=(cfg.keep_last + 2) * 4 * lora_bytes + 64 * 2**20)
     cfg.save(run_dir / "config.yaml")
-    if cfg.random_init and not (run_dir / "base_model").exists():
-        models.save_base_model(base, tokenizer, run_dir / "base_model")
     if cfg.random_init:  # the adapter's base is the saved random model, not the config directory
         policy.peft_config["default"].base_model_name_or_path = str((run_dir / "base_model").resolve())
     optimizer = models.make_optimizer(lora_params, cfg)

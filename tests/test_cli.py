@@ -34,7 +34,8 @@ def test_short_run_writes_every_output(tmp_path, capsys):
     # the adapter is a PEFT adapter over the saved random-init base
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
-    base = AutoModelForImageTextToText.from_pretrained(out / "base_model")
+    base, info = AutoModelForImageTextToText.from_pretrained(out / "base_model", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
     model = PeftModel.from_pretrained(base, out / "adapter")
     assert any("lora_" in n for n, _ in model.named_parameters())
 

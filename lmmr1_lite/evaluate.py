@@ -1,0 +1,166 @@
+"""`lmmr1-lite eval` (base vs adapters, one comparison table) and `lmmr1-lite export` (merged HF model).
+
+An adapter written by `train` knows its run: the run's `config.yaml` supplies the prompt template,
+lengths and stop tokens, and `adapter_config.json` names the base model (for a random-init run, the
+run's saved `base_model/`). So `lmmr1-lite eval --adapter runs/fre-X/adapter` needs nothing else.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from . import models, rewards
+from .config import ConfigError, TrainConfig, coerce, load_yaml
+from .data import build_messages, load_rows, prepare
+from .tasks import TASKS
+from .tasks import generate as generate_task
+from .rollout import generate, stop_token_ids
+
+
+def adapter_base(adapter: Path) -> str:
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{adapter}: no adapter_config.json (not a PEFT adapter directory)")
+    return json.loads(config_file.read_text())["base_model_name_or_path"]
+
+
+def run_config(adapter: Path | None, model: str | None, sets: dict) -> TrainConfig:
+    """The adapter's run config when there is one (else the defaults), with the base model resolved."""
+    run_file = adapter.parent / "config.yaml" if adapter is not None else None
+    values = load_yaml(run_file) if run_file is not None and run_file.is_file() else {}
+    values.update({k: coerce(k, v, "command line") for k, v in sets.items()})
+    values["model"] = model or (adapter_base(adapter) if adapter is not None else values.get("model"))
+    if not values.get("model"):
+        raise ConfigError("eval/export need --model or an --adapter that names its base")
+    values.update(random_init=False, quantization="none", output_dir=None)
+    return TrainConfig(**values)
+
+
+def load_policy(cfg: TrainConfig, adapter: Path | None):
+    """The base model in `dtype` (never quantised: eval and export see exact weights), adapter applied."""
+    base = models.load_base_model(cfg, models.pick_device())
+    if adapter is None:
+        return base
+    from peft import PeftModel
+    return PeftModel.from_pretrained(base, adapter)
+
+
+def evaluate_model(policy, tokenizer, examples, cfg: TrainConfig, pass_k: int = 0) -> dict:
+    """Greedy accuracy and format rate (and pass@k over k samples at the training temperature)."""
+    stops = stop_token_ids(tokenizer, cfg.stop_tokens)
+    messages = [build_messages(e, cfg.system_prompt, cfg.prompt_template) for e in examples]
+    answers = [e.answer for e in examples]
+    scored = {"accuracy": [], "format": [], "samples": []}
+    for start in range(0, len(examples), 64):
+        batch = generate(policy, tokenizer, messages[start:start + 64], num_generations=1,
+                         max_new_tokens=cfg.max_new_tokens, temperature=1.0, stop_ids=stops, greedy=True)
+        _, parts, _ = rewards.score(batch.texts, answers[start:start + 64], {"accuracy": 1.0})
+        scored["accuracy"] += parts["accuracy"]
+        scored["format"] += parts["format"]
+        scored["samples"] += batch.texts
+    result = {"n": len(examples), "accuracy": sum(scored["accuracy"]) / len(examples),
+              "format": sum(scored["format"]) / len(examples),
+              "samples": [{"prompt": e.prompt, "answer": e.answer, "completion": c}
+                          for e, c in zip(examples[:8], scored["samples"][:8])]}
+    if pass_k:
+        solved = []
+        for start in range(0, len(examples), 16):
+            batch = generate(policy, tokenizer, messages[start:start + 16], num_generations=pass_k,
+                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stops)
+            golds = [a for a in answers[start:start + 16] for _ in range(pass_k)]
+            _, parts, _ = rewards.score(batch.texts, golds, {"accuracy": 1.0})
+            acc = parts["accuracy"]
+            solved += [max(acc[i:i + pass_k]) for i in range(0, len(acc), pass_k)]
+        result[f"pass@{pass_k}"] = sum(solved) / len(solved)
+    return result
+
+
+def markdown_table(rows: list[tuple[str, dict]], data: str, pass_k: int) -> str:
+    head = f"| model | {data} accuracy | format |" + (f" pass@{pass_k} |" if pass_k else "") + " n |"
+    lines = [head, "|---|---:|---:|" + ("---:|" if pass_k else "") + "---:|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['accuracy']:.3f} | {r['format']:.3f} |"
+                     + (f" {r[f'pass@{pass_k}']:.3f} |" if pass_k else "") + f" {r['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_eval(model: str | None, adapters: list[str], data: str, n: int, pass_k: int, out: str | None,
+             sets: dict) -> Path:
+    adapter_paths = [Path(a) for a in adapters]
+    cfg = run_config(adapter_paths[0] if adapter_paths else None, model, sets)
+    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
+    if data in TASKS:  # the task's held-out split for this seed: the same prompts the run held out
+        test = generate_task(data, 0, n, cfg.seed)[1]
+    elif Path(data).exists():
+        test = load_rows(data, cfg.on_bad_row)[0][:n]
+    else:
+        raise ConfigError(f"data: {data!r} is neither a task ({', '.join(TASKS)}) nor an existing file or directory")
+    test = prepare(test, tokenizer, cfg.system_prompt, cfg.max_prompt_tokens, cfg.min_pixels, cfg.max_pixels,
+                   None, cfg.prompt_template)
+    if not test:
+        raise ConfigError(f"data {data}: no usable evaluation rows")
+    rows = [(f"base ({Path(cfg.model).name})", evaluate_model(load_policy(cfg, None), tokenizer, test, cfg, pass_k))]
+    for adapter in adapter_paths:
+        adapter_cfg = run_config(adapter, model, sets)
+        label = adapter.parent.name + "/" + adapter.name if (adapter.parent / "config.yaml").exists() else str(adapter)
+        rows.append((label, evaluate_model(load_policy(adapter_cfg, adapter), tokenizer, test, adapter_cfg, pass_k)))
+    out_dir = Path(out or f"evals/{datetime.now():%Y%m%d-%H%M%S}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps({"data": data, "results": dict(rows)}, indent=2))
+    table = markdown_table(rows, Path(data).name, pass_k)
+    (out_dir / "eval.md").write_text(table)
+    print(table + f"wrote {out_dir / 'eval.json'} and {out_dir / 'eval.md'}")
+    return out_dir
+
+
+def run_export(adapter: str, out: str, merge: bool, model: str | None, dtype: str) -> Path:
+    adapter_path, out_dir = Path(adapter), Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"--out {out_dir} is not empty; choose another directory")
+    cfg = replace(run_config(adapter_path, model, {}), dtype=dtype)
+    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
+    policy = load_policy(cfg, adapter_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if merge:
+        merged = policy.merge_and_unload()
+        merged.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        policy.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    source = Path(cfg.model)
+    for name in ("preprocessor_config.json", "chat_template.json", "chat_template.jinja"):
+        if (source / name).is_file() and not (out_dir / name).exists():
+            shutil.copy(source / name, out_dir / name)
+    print(f"{'merged model' if merge else 'adapter'} ({dtype}) with tokenizer and processor config: {out_dir}")
+    return out_dir
+
+
+def add_parsers(sub) -> None:
+    ev = sub.add_parser("eval", help="greedy accuracy of a base model and adapters, as one table")
+    ev.add_argument("--model", default=None, help="base model (default: the one the first adapter names)")
+    ev.add_argument("--adapter", action="append", default=[], help="adapter directory (repeatable)")
+    ev.add_argument("--data", required=True, help="a generated task or a data file")
+    ev.add_argument("--n", type=int, default=100, help="evaluation rows (default 100)")
+    ev.add_argument("--pass-k", type=int, default=0, help="also sample k completions per prompt for pass@k")
+    ev.add_argument("--out", default=None, help="output directory (default evals/<timestamp>)")
+    ev.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ex = sub.add_parser("export", help="save an adapter merged into its base (Hugging Face format)")
+    ex.add_argument("--adapter", required=True)
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--merge", action="store_true", help="merge the LoRA weights into the base model")
+    ex.add_argument("--model", default=None, help="base model (default: the one the adapter names)")
+    ex.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+
+
+def run(args) -> int:
+    if args.command == "eval":
+        sets = dict(item.split("=", 1) for item in args.sets if "=" in item)
+        run_eval(args.model, args.adapter, args.data, args.n, args.pass_k, args.out, sets)
+    else:
+        run_export(args.adapter, args.out, args.merge, args.model, args.dtype)
+    return 0

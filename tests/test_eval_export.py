@@ -1,0 +1,58 @@
+"""`eval` (base vs adapters, one table) and `export --merge` round trip, on tiny runs."""
+import json
+
+import pytest
+import torch
+
+from lmmr1_lite.cli import main
+
+SMALL = ["--eval-size", "8", "--prompts-per-step", "4", "--num-generations", "4"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for name, steps in (("a", 3), ("b", 5)):
+        assert main(["train", "--output-dir", str(root / name), "--max-steps", str(steps), "--set",
+                     "learning_rate=0.01"] + SMALL) == 0
+    return root
+
+
+def test_eval_table_for_base_and_two_adapters(two_runs, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", "--adapter", str(two_runs / "a" / "adapter"), "--adapter", str(two_runs / "b" / "adapter"),
+                 "--data", "tiny_compare", "--n", "8", "--pass-k", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "eval.json").read_text())["results"]
+    assert len(results) == 3 and all(r["n"] == 8 and "pass@2" in r for r in results.values())
+    table = (out / "eval.md").read_text()
+    assert table.count("\n") == 5 and "a/adapter" in table and "b/adapter" in table and "base" in table
+    # same held-out prompts, same template, same verifier: the numbers the training run printed
+    trained = json.loads((two_runs / "b" / "eval.json").read_text())["after"]
+    mine = results["b/adapter"]
+    assert (mine["accuracy"], mine["format"]) == (trained["accuracy"], trained["format"])
+    assert [s["completion"] for s in mine["samples"]] == [s["completion"] for s in trained["samples"]]
+    assert "| model |" in capsys.readouterr().out
+
+
+def test_export_merged_matches_adapter_greedy(two_runs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from lmmr1_lite import models
+    from lmmr1_lite.rollout import generate, stop_token_ids
+
+    out = tmp_path / "merged"
+    assert main(["export", "--adapter", str(two_runs / "b" / "adapter"), "--out", str(out), "--merge",
+                 "--dtype", "float32"]) == 0
+    merged = AutoModelForImageTextToText.from_pretrained(out)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert (out / "preprocessor_config.json").exists() and (out / "tokenizer.json").exists()
+    base = AutoModelForImageTextToText.from_pretrained(two_runs / "b" / "base_model")
+    adapted = PeftModel.from_pretrained(base, two_runs / "b" / "adapter")
+    tokenizer = models.load_tokenizer(str(out))
+    prompts = [[{"role": "user", "content": f"{a}<{b}?"}] for a, b in [(1, 2), (7, 3), (5, 5), (0, 9)]]
+    stops = stop_token_ids(tokenizer, ["</answer>"])
+    outs = [generate(m, tokenizer, prompts, num_generations=1, max_new_tokens=10, temperature=1.0, stop_ids=stops,
+                     greedy=True).completion_ids for m in (merged, adapted)]
+    assert torch.equal(outs[0], outs[1])
+    assert main(["export", "--adapter", str(two_runs / "b" / "adapter"), "--out", str(out)]) == 2, "never overwrites"

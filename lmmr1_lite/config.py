@@ -52,6 +52,8 @@ class TrainConfig:
     # --- model ---------------------------------------------------------------------------------
     model: str = _f("Qwen/Qwen2.5-VL-3B-Instruct",
                     "Model directory or Hub id (Qwen2.5-VL class), loaded with from_pretrained.")
+    init: str | None = _f(None, "An FRE run directory or adapter whose LoRA weights this run continues. Default for "
+                          "stage mgt: the newest runs/fre-*; 'none': start from the base model.")
     random_init: bool = _f(False, "Build the architecture from the model's config.json with random weights.")
     trust_remote_code: bool = _f(False, "Allow a model repository's own Python code to run (off: never by default).")
     tokenizer: str | None = _f(None, "Tokenizer directory or Hub id. Default: the model's own; an architecture-only "

@@ -50,32 +50,37 @@ def load_policy(cfg: TrainConfig, adapter: Path | None):
     return PeftModel.from_pretrained(base, adapter)
 
 
-def evaluate_model(policy, tokenizer, examples, cfg: TrainConfig, pass_k: int = 0) -> dict:
-    """Greedy accuracy and format rate (and pass@k over k samples at the training temperature)."""
+def evaluate_model(policy, tokenizer, examples, cfg: TrainConfig, pass_k: int = 0, image_processor=None) -> dict:
+    """Greedy accuracy and format rate on `examples` (and pass@k over k samples at the training
+    temperature); also the accuracy of always giving the commonest gold answer, the bar a constant
+    guess clears. Empty dict for no examples."""
+    if not examples:
+        return {}
     stops = stop_token_ids(tokenizer, cfg.stop_tokens)
     messages = [build_messages(e, cfg.system_prompt, cfg.prompt_template) for e in examples]
     answers = [e.answer for e in examples]
-    scored = {"accuracy": [], "format": [], "samples": []}
+    accuracy, formats, texts = [], [], []
     for start in range(0, len(examples), 64):
         batch = generate(policy, tokenizer, messages[start:start + 64], num_generations=1,
-                         max_new_tokens=cfg.max_new_tokens, temperature=1.0, stop_ids=stops, greedy=True)
+                         max_new_tokens=cfg.max_new_tokens, temperature=1.0, stop_ids=stops, greedy=True,
+                         image_processor=image_processor)
         _, parts, _ = rewards.score(batch.texts, answers[start:start + 64], {"accuracy": 1.0})
-        scored["accuracy"] += parts["accuracy"]
-        scored["format"] += parts["format"]
-        scored["samples"] += batch.texts
-    result = {"n": len(examples), "accuracy": sum(scored["accuracy"]) / len(examples),
-              "format": sum(scored["format"]) / len(examples),
+        accuracy += parts["accuracy"]
+        formats += parts["format"]
+        texts += batch.texts
+    result = {"n": len(examples), "accuracy": sum(accuracy) / len(examples), "format": sum(formats) / len(examples),
+              "majority_answer_accuracy": max(answers.count(a) for a in set(answers)) / len(answers),
               "samples": [{"prompt": e.prompt, "answer": e.answer, "completion": c}
-                          for e, c in zip(examples[:8], scored["samples"][:8])]}
+                          for e, c in zip(examples[:8], texts[:8])]}
     if pass_k:
         solved = []
         for start in range(0, len(examples), 16):
             batch = generate(policy, tokenizer, messages[start:start + 16], num_generations=pass_k,
-                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stops)
+                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stops,
+                             image_processor=image_processor)
             golds = [a for a in answers[start:start + 16] for _ in range(pass_k)]
             _, parts, _ = rewards.score(batch.texts, golds, {"accuracy": 1.0})
-            acc = parts["accuracy"]
-            solved += [max(acc[i:i + pass_k]) for i in range(0, len(acc), pass_k)]
+            solved += [max(parts["accuracy"][i:i + pass_k]) for i in range(0, len(golds), pass_k)]
         result[f"pass@{pass_k}"] = sum(solved) / len(solved)
     return result
 
@@ -104,11 +109,14 @@ def run_eval(model: str | None, adapters: list[str], data: str, n: int, pass_k: 
                    None, cfg.prompt_template)
     if not test:
         raise ConfigError(f"data {data}: no usable evaluation rows")
-    rows = [(f"base ({Path(cfg.model).name})", evaluate_model(load_policy(cfg, None), tokenizer, test, cfg, pass_k))]
+    images = models.load_image_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
+    rows = [(f"base ({Path(cfg.model).name})",
+             evaluate_model(load_policy(cfg, None), tokenizer, test, cfg, pass_k, images))]
     for adapter in adapter_paths:
         adapter_cfg = run_config(adapter, model, sets)
         label = adapter.parent.name + "/" + adapter.name if (adapter.parent / "config.yaml").exists() else str(adapter)
-        rows.append((label, evaluate_model(load_policy(adapter_cfg, adapter), tokenizer, test, adapter_cfg, pass_k)))
+        rows.append((label, evaluate_model(load_policy(adapter_cfg, adapter), tokenizer, test, adapter_cfg, pass_k,
+                                           images)))
     out_dir = Path(out or f"evals/{datetime.now():%Y%m%d-%H%M%S}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps({"data": data, "results": dict(rows)}, indent=2))

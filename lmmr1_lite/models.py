@@ -64,6 +64,20 @@ def load_tokenizer(model: str, trust_remote_code: bool = False, tokenizer: str |
     return loaded
 
 
+def load_image_processor(model: str, min_pixels: int, max_pixels: int):
+    """The Qwen2-VL image processor (PIL backend: no torchvision needed) of `model`, or None when the
+    model directory has no `preprocessor_config.json` (text-only use)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    try:
+        processor = Qwen2VLImageProcessorPil.from_pretrained(model)
+    except (OSError, ValueError):
+        return None
+    processor.min_pixels, processor.max_pixels = min_pixels, max_pixels
+    processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    return processor
+
+
 def quantization_config(cfg: TrainConfig, model_config, compute_dtype: torch.dtype):
     """bitsandbytes settings for the language model's linear layers only: every module outside the
     language model (the vision tower, the LM head) is listed as skipped, so it stays in `dtype`."""
@@ -165,6 +179,22 @@ def add_lora(model, cfg: TrainConfig):
         # Transformers applies it only in train mode, so generation (eval mode) keeps its KV cache.
         policy.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return policy
+
+
+def load_adapter_weights(policy, adapter_dir: Path) -> None:
+    """Copy a saved adapter's LoRA weights into `policy` (same rank and targets required)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(Path(adapter_dir) / "adapter_model.safetensors", device=str(policy.device))
+    try:
+        result = set_peft_model_state_dict(policy, weights)
+    except RuntimeError as err:
+        raise ConfigError(f"init {adapter_dir}: its LoRA shapes do not match this config's lora_r/targets "
+                          f"({str(err).splitlines()[0][:100]})") from None
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing:
+        raise ConfigError(f"init {adapter_dir}: {len(missing)} LoRA weights missing (different lora_target_modules?)")
 
 
 def backbone(policy):

@@ -31,6 +31,17 @@ def tiny_compare(rng: random.Random, level: int) -> Example:
     return Example(prompt=f"{a}<{b}?", answer="yes" if a < b else "no")
 
 
+def tiny_color(rng: random.Random, level: int) -> Example:
+    """One large shape in one of four colours on white: `what color` -> a colour word (tiny vocabulary).
+    Every image token carries the colour, so a tiny random vision tower's features separate them."""
+    image, draw = _canvas(112)
+    size = rng.randint(60, 100)
+    x, y = rng.randint(0, 112 - size), rng.randint(0, 112 - size)
+    color = rng.choice(list(COLORS))
+    (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x, y, x + size, y + size], fill=COLORS[color])
+    return Example(prompt="what color", answer=color, images=[image])
+
+
 # ---------------------------------------------------------------------------------------------
 # FRE: text-only math. `level` 1..3 scales operand sizes and step counts.
 # ---------------------------------------------------------------------------------------------
@@ -191,11 +202,11 @@ def sokoban(rng: random.Random, level: int) -> Example:
 
 
 TASKS: dict[str, Callable[[random.Random, int], Example]] = {
-    "tiny_max": tiny_max, "tiny_compare": tiny_compare,
+    "tiny_max": tiny_max, "tiny_compare": tiny_compare, "tiny_color": tiny_color,
     "arithmetic": arithmetic, "fractions": fractions, "linear_equation": linear_equation, "word_problem": word_problem,
     "geometry": geometry, "chart": chart, "count_shapes": count_shapes, "sokoban": sokoban,
 }
-IMAGE_TASKS = {"geometry", "chart", "count_shapes", "sokoban"}
+IMAGE_TASKS = {"tiny_color", "geometry", "chart", "count_shapes", "sokoban"}
 
 
 def generate(task: str, n_train: int, n_test: int, seed: int, level: int = 1) -> tuple[list[Example], list[Example]]:
@@ -230,5 +241,5 @@ def _key(example: Example) -> tuple:
 
 
 def _distinct_limit(task: str) -> int:
-    """The tiny tasks have only 100 distinct problems: hold out at most 20 of them."""
-    return 20 if task.startswith("tiny_") else 10**9
+    """The tiny text tasks have only 100 distinct problems: hold out at most 20 of them."""
+    return 20 if task in ("tiny_max", "tiny_compare") else 10**9

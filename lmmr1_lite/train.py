@@ -37,6 +37,7 @@ from . import models, rewards, verifier
 from .checkpoint import check_output_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import build_messages, load_splits, prepare
+from .evaluate import evaluate_model
 from .report import MetricsLog, plot_rewards
 from .rollout import Rollout, generate, stop_token_ids
 
@@ -53,7 +54,7 @@ def group_advantages(rewards_: torch.Tensor, group_size: int, scale: str = "grou
 def completion_hidden(policy, batch: Rollout) -> torch.Tensor:
     """Hidden states at the positions that predict each completion token: `[n, C, H]`."""
     prompt_len = batch.prompt_ids.shape[1]
-    hidden = models.hidden_states(policy, batch.input_ids, batch.attention_mask)
+    hidden = models.hidden_states(policy, batch.input_ids, batch.attention_mask, **batch.vision_kwargs())
     return hidden[:, prompt_len - 1: -1]
 
 
@@ -77,6 +78,35 @@ def rollout_logprobs(policy, batch: Rollout, cfg: TrainConfig) -> torch.Tensor:
     return torch.cat(out)
 
 
+def resolve_init(cfg: TrainConfig) -> Path | None:
+    """The adapter directory a run continues from (MGT continues the FRE adapter), or None.
+
+    Continuing the FRE adapter rather than merging it and starting a new one is the LoRA analogue of
+    LMM-R1 continuing from the FRE checkpoint: one adapter, one reference (the base), and the KL term
+    still measures the distance from the base model. The adapter's own base is used (for a random-init
+    FRE run, its saved base_model/), so the weights match."""
+    if cfg.init == "none" or (cfg.init is None and cfg.stage != "mgt"):
+        return None
+    if cfg.init is None:
+        found = sorted(Path("runs").glob("fre-*/adapter/adapter_config.json"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            models.warn_once("stage mgt: no FRE run in runs/ to start from; starting from the base model "
+                             "(run `lmmr1-lite train --stage fre` first, or pass --init RUN_DIR)")
+            return None
+        adapter = found[-1].parent
+    else:
+        path = Path(cfg.init)
+        adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+        if not (adapter / "adapter_config.json").is_file():
+            raise ConfigError(f"init {cfg.init}: neither a run directory with adapter/ nor an adapter directory")
+    cfg.init = str(adapter)
+    if (adapter.parent / "base_model").is_dir():  # a random-init FRE run: continue on its exact base
+        cfg.model, cfg.random_init = str(adapter.parent / "base_model"), False
+    else:
+        cfg.model = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] or cfg.model
+    return adapter
+
+
 def make_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     """The run directory: new (refusing one that holds a run, unless overwrite) or, on resume, the old one."""
     run_dir = Path(cfg.output_dir or f"runs/{cfg.stage}-{datetime.now():%Y%m%d-%H%M%S}")
@@ -88,26 +118,6 @@ def make_run_dir(cfg: TrainConfig, resume: bool) -> Path:
         shutil.rmtree(run_dir)
     cfg.output_dir = str(run_dir)
     return run_dir
-
-
-def evaluate(policy, tokenizer, examples, cfg: TrainConfig, stop_ids: list[int]) -> dict:
-    """Greedy decoding on held-out prompts: accuracy and format rate."""
-    if not examples:
-        return {}
-    acc, fmt, samples = [], [], []
-    for start in range(0, len(examples), 64):
-        chunk = examples[start:start + 64]
-        batch = generate(policy, tokenizer, [build_messages(e, cfg.system_prompt, cfg.prompt_template) for e in chunk],
-                         num_generations=1, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
-                         stop_ids=stop_ids, greedy=True)
-        _, parts, _ = rewards.score(batch.texts, [e.answer for e in chunk], {"accuracy": 1.0})
-        acc += parts["accuracy"]
-        fmt += parts["format"]
-        samples += [{"prompt": e.prompt, "answer": e.answer, "completion": t} for e, t in zip(chunk, batch.texts)]
-    golds = [e.answer for e in examples]
-    majority = max(golds.count(g) for g in set(golds)) / len(golds)  # always answering the commonest gold answer
-    return {"accuracy": sum(acc) / len(acc), "format": sum(fmt) / len(fmt), "n": len(acc),
-            "majority_answer_accuracy": majority, "samples": samples[:8]}
 
 
 def seed_everything(seed: int) -> None:
@@ -200,10 +210,9 @@ def update_policy(policy, batch: Rollout, advantages, old_logp, ref_logp, cfg: T
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or, with resume, continue) GRPO for one stage; returns the run directory."""
     # ---- setup ---------------------------------------------------------------------------------
-    if cfg.stage == "mgt":
-        raise ConfigError("stage mgt (image + text GRPO) is not built yet; `lmmr1-lite plan` reads MGT configs")
     seed_everything(cfg.seed)
     rewards.check_names(cfg.rewards)
+    init_adapter = None if resume else resolve_init(cfg)
     run_dir = make_run_dir(cfg, resume)
     check_output_dir(run_dir, needed_bytes=0)  # writable at all: fail now, not after loading a model
     checkpoint = latest_checkpoint(run_dir) if resume else None
@@ -220,6 +229,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if cfg.random_init and not (run_dir / "base_model").exists():  # before add_lora, which edits `base` in place
         models.save_base_model(base, tokenizer, run_dir / "base_model", cfg.model)
     policy = models.add_lora(base, cfg)
+    if init_adapter is not None:
+        models.load_adapter_weights(policy, init_adapter)
+        print(f"continuing the adapter {init_adapter}")
     lora_params = [p for p in policy.parameters() if p.requires_grad]
     lora_bytes = sum(p.numel() * p.element_size() for p in lora_params)
     check_output_dir(run_dir, needed_bytes=(cfg.keep_last + 2) * 4 * lora_bytes + 64 * 2**20)
@@ -231,6 +243,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     scheduler = get_scheduler("constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type,
                               optimizer, math.ceil(cfg.warmup_ratio * total_updates), total_updates)
     stop_ids = stop_token_ids(tokenizer, cfg.stop_tokens)
+    image_processor = models.load_image_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
     verifier.pool(cfg.reward_timeout)  # start the answer-checking workers now, not inside step 1
     log = MetricsLog(run_dir, cfg.report_to, cfg.to_dict())
     sampler = random.Random(cfg.seed)  # which prompts each step sees
@@ -244,7 +257,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         print(f"resuming from {checkpoint} at step {first_step} of {cfg.max_steps}")
     else:
         first_step, skipped_steps = 1, 0
-        eval_before = evaluate(policy, tokenizer, test_rows, cfg, stop_ids)
+        eval_before = evaluate_model(policy, tokenizer, test_rows, cfg, image_processor=image_processor)
         if eval_before:
             print(f"eval before: accuracy {eval_before['accuracy']:.3f}, format {eval_before['format']:.3f}")
     micro_batch_size = cfg.micro_batch_size
@@ -266,7 +279,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             # 1. rollouts, in chunks of prompts
             batch, generation_batch_size = halve_on_oom(lambda size: Rollout.concat([
                 generate(policy, tokenizer, messages[i:i + size], num_generations=cfg.num_generations,
-                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stop_ids)
+                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stop_ids,
+                         image_processor=image_processor)
                 for i in range(0, len(messages), size)], tokenizer.pad_token_id), generation_batch_size, "generation")
             t_gen = time.perf_counter() - t0
             # 2. rewards
@@ -324,7 +338,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     adapter_dir = run_dir / "adapter"
     policy.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
-    eval_after = evaluate(policy, tokenizer, test_rows, cfg, stop_ids)
+    eval_after = evaluate_model(policy, tokenizer, test_rows, cfg, image_processor=image_processor)
     (run_dir / "eval.json").write_text(json.dumps({"before": eval_before, "after": eval_after}, indent=2))
     plot = plot_rewards(run_dir / "metrics.jsonl", run_dir / "reward_curve.png",
                         title=f"lmmr1-lite {cfg.stage}: {Path(cfg.model).name} on {cfg.data}")

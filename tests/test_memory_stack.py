@@ -17,7 +17,7 @@ PROMPTS = [[{"role": "user", "content": "max(3,7)"}], [{"role": "user", "content
 
 
 def loss_and_grads(policy, tokenizer):
-    enc = encode_prompts(tokenizer, PROMPTS, torch.device("cpu"))
+    enc, _ = encode_prompts(tokenizer, PROMPTS, torch.device("cpu"))
     targets = torch.roll(enc["input_ids"], -1, dims=1)
     policy.zero_grad(set_to_none=True)
     policy.train()
@@ -59,7 +59,7 @@ def test_nf4_lora_only_gradients_and_base_bit_identical(tiny_cfg):
 
 def test_nf4_reference_is_the_same_weights_adapter_off(tiny_cfg):
     policy, tokenizer, _ = nf4_policy(tiny_cfg)
-    enc = encode_prompts(tokenizer, PROMPTS, torch.device("cpu"))
+    enc, _ = encode_prompts(tokenizer, PROMPTS, torch.device("cpu"))
     held = {p.data_ptr() for n, p in policy.named_parameters() if "lora_" not in n}
     with torch.no_grad(), policy.disable_adapter():
         ref = models.hidden_states(policy, **enc)

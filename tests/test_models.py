@@ -8,7 +8,7 @@ from lmmr1_lite.rollout import encode_prompts
 
 def _batch(tokenizer):
     messages = [[{"role": "user", "content": "max(3,7)"}], [{"role": "user", "content": "max(12,4)"}]]
-    enc = encode_prompts(tokenizer, messages, torch.device("cpu"))
+    enc, _ = encode_prompts(tokenizer, messages, torch.device("cpu"))
     targets = torch.roll(enc["input_ids"], -1, dims=1)
     return enc, targets
 

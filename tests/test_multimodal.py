@@ -1,0 +1,62 @@
+"""Image prompts through every pass (token counts consistent), and MGT continuing an FRE adapter."""
+import json
+
+import torch
+import yaml
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from lmmr1_lite import models
+from lmmr1_lite.cli import main
+from lmmr1_lite.config import TrainConfig
+from lmmr1_lite.data import build_messages
+from lmmr1_lite.rollout import IMAGE_PAD, generate, placeholder_ids, stop_token_ids
+from lmmr1_lite.tasks import generate as draw
+from lmmr1_lite.train import completion_hidden
+
+
+def test_image_tokens_match_features_in_generation_and_training(tiny_policy):
+    policy, tokenizer, cfg = tiny_policy
+    processor = models.load_image_processor(cfg.model, 56 * 56, 112 * 112)
+    images, _ = draw("tiny_color", 2, 0, seed=0)
+    text_only, _ = draw("tiny_compare", 1, 0, seed=0)
+    examples = [images[0], text_only[0], images[1]]  # LMM-R1 mixes text-only and image prompts
+    examples[2].images[0] = examples[2].images[0].resize((84, 56))  # a different size: a different grid
+    torch.manual_seed(0)
+    batch = generate(policy, tokenizer, [build_messages(e) for e in examples], num_generations=3, max_new_tokens=20,
+                     temperature=1.0, stop_ids=stop_token_ids(tokenizer, ["</answer>"]), image_processor=processor)
+    pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    assert batch.prompt_ids.shape[0] == 9 and len(batch.vision) == 9
+    for row in range(9):
+        vision = batch.vision[row]
+        in_prompt = int((batch.prompt_ids[row] == pad_id).sum())
+        expected = 0 if vision is None else int(vision["image_grid_thw"].prod()) // 4
+        assert in_prompt == expected, (row, in_prompt, expected)
+        assert not torch.isin(batch.completion_ids[row], torch.tensor(placeholder_ids(tokenizer))).any()
+    assert batch.vision[0] is batch.vision[2], "the G completions of a prompt share its pixels (no copies)"
+    assert batch.vision[3] is None and batch.vision[6]["image_grid_thw"].tolist() != batch.vision[0]["image_grid_thw"].tolist()
+    for rows in (slice(0, 9), slice(2, 5), slice(6, 9)):  # any micro-batch split keeps ids and features aligned
+        micro = batch.rows(rows)
+        hidden = completion_hidden(policy, micro)
+        assert hidden.shape[:2] == micro.completion_ids.shape
+
+
+def test_mgt_continues_the_fre_adapter(tmp_path, capsys):
+    fre, mgt = tmp_path / "fre", tmp_path / "mgt"
+    small = ["--eval-size", "4", "--prompts-per-step", "2", "--num-generations", "2"]
+    assert main(["train", "--stage", "fre", "--output-dir", str(fre), "--max-steps", "2",
+                 "--set", "learning_rate=0.05"] + small) == 0
+    assert main(["train", "--stage", "mgt", "--output-dir", str(mgt), "--max-steps", "1", "--init", str(fre)] + small) == 0
+    assert f"continuing the adapter {fre / 'adapter'}" in capsys.readouterr().out
+    saved = yaml.safe_load((mgt / "config.yaml").read_text())
+    assert saved["init"] == str(fre / "adapter") and saved["model"] == str(fre / "base_model")
+    assert saved["random_init"] is False, "MGT continues on the FRE run's exact saved base"
+    rows = [json.loads(line) for line in (mgt / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["completion_len"] > 0
+
+    cfg = TrainConfig(**{**saved, "output_dir": None})
+    fresh = models.add_lora(models.load_base_model(cfg, torch.device("cpu")), cfg)
+    models.load_adapter_weights(fresh, fre / "adapter")
+    loaded = get_peft_model_state_dict(fresh)
+    expected = load_file(fre / "adapter" / "adapter_model.safetensors")
+    assert expected and all(torch.equal(loaded[k], v) for k, v in expected.items())

@@ -161,7 +161,8 @@ def halve_on_oom(run, size: int, what: str) -> tuple[object, int]:
             return run(size), size
         except torch.OutOfMemoryError:
             if size == 1:
-                raise TrainingAborted(f"out of GPU memory in {what} even at batch size 1: lower max_new_tokens, "
+                raise TrainingAborted(f"out of GPU memory in {what} even at batch size 1: `lmmr1-lite plan --config "
+                                      "<run>/config.yaml` shows where the memory goes; lower max_new_tokens, "
                                       "num_generations or max_pixels, or turn gradient_checkpointing on") from None
             size //= 2
             if torch.cuda.is_available():

@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     from .datacli import add_parsers
     add_parsers(sub)
+    pipeline = sub.add_parser("pipeline", help="stage FRE, then stage MGT from its adapter, in one run directory")
+    pipeline.add_argument("--config-fre", default=None, help="FRE YAML (default: configs/tiny/fre.yaml)")
+    pipeline.add_argument("--config-mgt", default=None, help="MGT YAML (default: configs/tiny/mgt.yaml)")
+    pipeline.add_argument("--output-dir", default=None, help="run directory holding fre/ and mgt/ "
+                                                               "(default: runs/pipeline-<timestamp>)")
+    pipeline.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config field in both stages (repeatable)")
     from .evaluate import add_parsers as add_eval_parsers
     add_eval_parsers(sub)
     plan = sub.add_parser("plan", help="estimate a config's peak GPU memory by component")
@@ -82,6 +89,26 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def run_pipeline(args: argparse.Namespace) -> None:
+    """FRE into <dir>/fre, then MGT into <dir>/mgt continuing the FRE adapter."""
+    from datetime import datetime
+    from pathlib import Path
+
+    from .train import train
+
+    root = Path(args.output_dir or f"runs/pipeline-{datetime.now():%Y%m%d-%H%M%S}")
+    overrides = overrides_from(args)
+    stages = [("fre", args.config_fre, {**overrides, "output_dir": str(root / "fre")}),
+              ("mgt", args.config_mgt, {**overrides, "output_dir": str(root / "mgt"), "init": str(root / "fre")})]
+    for stage, config, stage_overrides in stages:  # both configs checked before hours go into the first stage
+        resolve_config(stage, config, stage_overrides)
+    for stage, config, stage_overrides in stages:
+        print(f"== pipeline stage {stage} -> {root / stage}")
+        train(resolve_config(stage, config, stage_overrides))
+    print(f"pipeline done: {root / 'fre'} then {root / 'mgt'}\n"
+          f"compare: lmmr1-lite eval --adapter {root / 'fre' / 'adapter'} --adapter {root / 'mgt' / 'adapter'} --data ...")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -92,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cfg = resolve_config(args.stage, args.config, overrides_from(args))
             train(cfg, resume=bool(args.resume))
+        elif args.command == "pipeline":
+            run_pipeline(args)
         elif args.command == "plan":
             from .plan import plan
             cfg = resolve_config(args.stage, args.config, overrides_from(args))

@@ -60,3 +60,16 @@ def test_mgt_continues_the_fre_adapter(tmp_path, capsys):
     loaded = get_peft_model_state_dict(fresh)
     expected = load_file(fre / "adapter" / "adapter_model.safetensors")
     assert expected and all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+
+def test_pipeline_runs_fre_then_mgt_in_one_directory(tmp_path, capsys):
+    out = tmp_path / "pipe"
+    assert main(["pipeline", "--output-dir", str(out), "--set", "max_steps=1", "--set", "eval_size=2",
+                 "--set", "prompts_per_step=2", "--set", "num_generations=2"]) == 0
+    for stage in ("fre", "mgt"):
+        assert (out / stage / "adapter" / "adapter_model.safetensors").exists()
+        assert yaml.safe_load((out / stage / "config.yaml").read_text())["stage"] == stage
+    assert yaml.safe_load((out / "mgt" / "config.yaml").read_text())["init"] == str(out / "fre" / "adapter")
+    assert "pipeline done" in capsys.readouterr().out
+    assert main(["pipeline", "--output-dir", str(tmp_path / "bad"), "--set", "loss_agg=nope"]) == 2
+    assert not (tmp_path / "bad" / "fre").exists(), "a bad config stops the pipeline before the first stage"

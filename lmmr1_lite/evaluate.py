@@ -12,7 +12,6 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-import torch
 
 from . import models, rewards
 from .config import ConfigError, TrainConfig, coerce, load_yaml

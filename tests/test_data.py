@@ -9,7 +9,7 @@ from PIL import Image
 from lmmr1_lite import rewards, sokoban
 from lmmr1_lite.cli import main
 from lmmr1_lite.config import ConfigError
-from lmmr1_lite.data import Example, build_messages, fit_pixels, load_rows, load_splits, prepare
+from lmmr1_lite.data import Example, build_messages, fit_pixels, load_rows, prepare
 from lmmr1_lite.tasks import IMAGE_TASKS, TASKS, generate
 
 

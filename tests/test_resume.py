@@ -151,6 +151,7 @@ def test_nan_steps_are_skipped_then_abort_after_k(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert code == 1 and "3 consecutive steps with a non-finite loss" in err and "checkpoint-2" in err
     assert len(metrics(run)) == 5 and latest_checkpoint(run).name == "checkpoint-2"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"], "keep_last=2"
 
 
 def test_oom_halves_the_micro_batch_and_gives_up_at_one(tmp_path, monkeypatch, capsys):
@@ -212,3 +213,19 @@ def test_unwritable_or_full_output_dir_fails_before_training(tmp_path, monkeypat
     assert main(["train", "--output-dir", str(tmp_path / "full"), "--max-steps", "1"] + SMALL) == 2
     err = capsys.readouterr().err
     assert "MiB free" in err and not (tmp_path / "full" / "metrics.jsonl").exists()
+
+
+def test_second_interrupt_stops_at_once():
+    from lmmr1_lite.train import StopFlag
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.requested, "the first Ctrl-C only asks the loop to stop after its step"
+        raised = False
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        except KeyboardInterrupt:
+            raised = True
+        assert raised, "the second Ctrl-C stops at once"
+    assert signal.getsignal(signal.SIGINT) != stop._handle, "handlers restored after the run"

@@ -9,10 +9,14 @@ Each step:
  4. reference log-probs from the same weights with the LoRA adapter disabled (skipped when
     beta = 0); old log-probs only when num_iterations > 1 (otherwise the ratio is taken against
     the detached current log-probs, so it is 1 with the gradient of the policy gradient);
- 5. num_iterations AdamW updates of the LoRA parameters on the clipped-ratio loss with the k3
-    KL term, aggregated over the whole batch by `loss_agg` (token_mean by default) across
-    micro-batches, with gradient-norm clipping and a warm-up + cosine schedule.
+ 5. num_iterations optimizer updates (AdamW, or paged 8-bit AdamW) of the LoRA parameters on the
+    clipped-ratio loss with the k3 KL term, aggregated over the whole batch by `loss_agg`
+    (token_mean by default) across micro-batches (capped by a token budget), with gradient-norm
+    clipping and a warm-up + cosine (or linear/constant) schedule; a non-finite loss or gradient
+    skips the update.
 Log-probs always come from `lmmr1_kernels` (chunked over tokens; never `[tokens, vocab]` logits).
+Checkpoints, resume, signals and out-of-memory back-off are the loop's only other concerns
+(see checkpoint.py and the README's "Runs that survive").
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ an answer check that raises or runs out of time scores 0 (and is counted), never
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from typing import Callable
 
 from . import verifier
@@ -97,10 +98,12 @@ def _quick_verdict(predicted: str, gold: str) -> bool | None:
     pred, ref = _normalise(predicted), _normalise(gold)
     if pred == ref:
         return True
+    if max(len(pred), len(ref)) > verifier.MAX_ANSWER_CHARS:
+        return None  # the verifier rejects it unparsed, and counts it
     if _PLAIN.fullmatch(pred) and _PLAIN.fullmatch(ref):
         if pred[0].isalpha() or ref[0].isalpha():
             return pred.lower() == ref.lower()
-        return float(pred) == float(ref)
+        return Fraction(pred) == Fraction(ref)  # exact: two different 400-digit numbers are not both "inf"
     return None
 
 
@@ -162,14 +165,25 @@ def score(completions: list[str], answers: list[str], weights: dict[str, float],
     check_names(names)
     stats = verifier.pool().stats if any(hasattr(REWARDS[n], "batch") for n in names) else None
     before = (stats.timeouts, stats.errors, stats.rejected) if stats else (0, 0, 0)
-    components = {}
+    components, raised = {}, 0
     for name in names:
         fn = REWARDS[name]
         batch = getattr(fn, "batch", None)
-        components[name] = batch(completions, answers) if batch else [fn(c, a) for c, a in zip(completions, answers)]
+        if batch:
+            components[name] = batch(completions, answers)
+            continue
+        values = []
+        for completion, answer in zip(completions, answers):
+            try:
+                values.append(float(fn(completion, answer)))
+            except Exception:  # noqa: BLE001 - a reward that raises (a user's, on odd output) pays 0, counted
+                values.append(0.0)
+                raised += 1
+        components[name] = values
     totals = [sum(weights[name] * components[name][i] for name in weights) for i in range(len(completions))]
     after = (stats.timeouts, stats.errors, stats.rejected) if stats else (0, 0, 0)
     counts = {key: a - b for key, a, b in zip(("reward_timeouts", "reward_errors", "reward_rejected"), after, before)}
+    counts["reward_errors"] += raised
     return totals, components, counts
 
 

@@ -15,8 +15,8 @@ def wrap(answer: str, think: str = "let me think") -> str:
 
 # (predicted answer inside <answer>, gold answer, expected accuracy)
 EQUIVALENCE = [
-    # plain numbers and words
-    ("7", "7", 1.0), ("7.0", "7", 1.0), ("-3", "-3", 1.0), ("8", "7", 0.0), ("07", "7", 1.0),
+    # plain numbers and words (compared exactly: huge numbers do not collapse to "inf")
+    ("1" + "0" * 400, "2" + "0" * 400, 0.0), ("7", "7", 1.0), ("7.0", "7", 1.0), ("-3", "-3", 1.0), ("8", "7", 0.0), ("07", "7", 1.0),
     ("yes", "yes", 1.0), ("Yes", "yes", 1.0), ("no", "yes", 0.0),
     # fractions vs decimals
     ("0.5", "\\frac{1}{2}", 1.0), ("\\frac{1}{2}", "0.5", 1.0), ("1/2", "\\frac{1}{2}", 1.0),
@@ -132,6 +132,17 @@ def test_score_weights_components_and_reports_format_accuracy():
     assert totals == [1.5, 0.5, 0.0], "LMM-R1's default: 0.5 x format + accuracy"
     with pytest.raises(ConfigError, match="unknown reward"):
         rewards.score(["x"], ["y"], {"nope": 1.0})
+
+
+def test_a_reward_that_raises_pays_zero_and_is_counted():
+    @rewards.reward("fragile_test")
+    def fragile(completion, answer):
+        return 1.0 / len(completion)
+    try:
+        totals, _, counts = rewards.score(["ab", ""], ["", ""], {"fragile_test": 1.0})
+        assert totals == [0.5, 0.0] and counts["reward_errors"] == 1
+    finally:
+        rewards.REWARDS.pop("fragile_test")
 
 
 def test_registry_decorator_adds_a_reward():

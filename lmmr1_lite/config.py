@@ -16,6 +16,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
+TINY_MODEL_DIR = CONFIG_DIR / "models" / "tiny"  # the embedded tiny model (config + tokenizer)
 STAGES = ("fre", "mgt")
 
 

@@ -5,10 +5,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from .config import REPO_ROOT, ConfigError
+from .config import TINY_MODEL_DIR, ConfigError
 from .data import answer_kind, load_rows, prompt_tokens
-
-TINY_MODEL = str(REPO_ROOT / "configs" / "models" / "tiny")
 
 
 def add_parsers(sub) -> None:
@@ -20,7 +18,7 @@ def add_parsers(sub) -> None:
     validate.add_argument("file")
     validate.add_argument("--on-bad-row", choices=["error", "skip"], default="skip",
                           help="stop at the first bad row, or skip and count (default: skip, to see them all)")
-    validate.add_argument("--tokenizer", default=TINY_MODEL,
+    validate.add_argument("--tokenizer", default=str(TINY_MODEL_DIR),
                           help="model dir or Hub id whose tokenizer counts prompt tokens (default: the tiny one)")
     validate.add_argument("--system-prompt", default="", help="system prompt included in the token count")
     generate = verbs.add_parser("generate", help="write a generated task as train/test JSONL (+ images/)")

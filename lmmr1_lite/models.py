@@ -48,11 +48,11 @@ def load_tokenizer(model: str, trust_remote_code: bool = False, tokenizer: str |
     tokenizer files (the shipped 3B/7B configs) gets the tiny tokenizer, with a warning."""
     from transformers import AutoTokenizer
 
-    from .config import REPO_ROOT
+    from .config import TINY_MODEL_DIR
 
     source = tokenizer or model
     if tokenizer is None and Path(model).is_dir() and not any(Path(model).glob("tokenizer*")):
-        source = str(REPO_ROOT / "configs" / "models" / "tiny")
+        source = str(TINY_MODEL_DIR)
         warn_once(f"{model} has no tokenizer files: using the tiny tokenizer ({source}); set `tokenizer` to change")
     try:
         loaded = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

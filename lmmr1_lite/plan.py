@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .config import TrainConfig
 
 GIB = 2**30
-NF4_BITS = 4 + 32 / 64 / 256 * 8 + 32 / 256  # 4-bit codes + double-quantised absmax (8-bit per 64, fp32 per 256 blocks)
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit codes + an 8-bit absmax per 64 weights + an fp32 scale per 256 blocks
 CUDA_CONTEXT = 0.6 * GIB  # CUDA context + cuBLAS/cuDNN workspaces, typical on recent drivers
 FRAGMENTATION = 1.10      # allocator slack on top of live tensors
 

@@ -176,7 +176,8 @@ def halve_on_oom(run, size: int, what: str) -> tuple[object, int]:
 
 def update_policy(policy, batch: Rollout, advantages, old_logp, ref_logp, cfg: TrainConfig, optimizer, scheduler,
                   micro_batch_size: int) -> dict:
-    """num_iterations optimizer updates on the GRPO loss of `batch`; returns the step's loss metrics."""
+    """One optimizer update on the GRPO loss of `batch` (gradients accumulated over micro-batches);
+    returns its loss metrics. A non-finite loss or gradient norm skips the update."""
     lora_params = [p for p in policy.parameters() if p.requires_grad]
     weight = models.lm_head_weight(policy)
     mask = batch.completion_mask
@@ -184,30 +185,29 @@ def update_policy(policy, batch: Rollout, advantages, old_logp, ref_logp, cfg: T
     n = mask.shape[0]
     micro_batch_size = micro_rows(cfg, batch, micro_batch_size)
     policy.train()  # train mode: gradient checkpointing on (when configured)
-    for _ in range(cfg.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ratio": 0.0, "entropy": 0.0}
-        for start in range(0, n, micro_batch_size):
-            rows = slice(start, start + micro_batch_size)
-            micro = batch.rows(rows)
-            loss, metrics = grpo_loss(
-                completion_hidden(policy, micro), weight, micro.completion_ids, micro.completion_mask,
-                advantages[rows], None if old_logp is None else old_logp[rows],
-                None if ref_logp is None else ref_logp[rows], beta=cfg.beta, epsilon_low=cfg.epsilon_low,
-                epsilon_high=cfg.epsilon_high, temperature=cfg.temperature, token_weight=weights_all[rows],
-                backend=cfg.logprob_backend)
-            loss.backward()
-            share = micro.completion_mask.sum().item() / max(1, mask.sum().item())
-            sums["loss"] += loss.item()
-            for key in ("kl", "clip_low", "clip_high", "ratio", "entropy"):
-                sums[key] += metrics[key].item() * share
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, cfg.max_grad_norm)
-        sums["skipped"] = not (torch.isfinite(grad_norm) and math.isfinite(sums["loss"]))
-        if sums["skipped"]:
-            optimizer.zero_grad(set_to_none=True)  # a non-finite step changes nothing
-        else:
-            optimizer.step()
-        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    sums = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ratio": 0.0, "entropy": 0.0}
+    for start in range(0, n, micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        micro = batch.rows(rows)
+        loss, metrics = grpo_loss(
+            completion_hidden(policy, micro), weight, micro.completion_ids, micro.completion_mask,
+            advantages[rows], None if old_logp is None else old_logp[rows],
+            None if ref_logp is None else ref_logp[rows], beta=cfg.beta, epsilon_low=cfg.epsilon_low,
+            epsilon_high=cfg.epsilon_high, temperature=cfg.temperature, token_weight=weights_all[rows],
+            backend=cfg.logprob_backend)
+        loss.backward()
+        share = micro.completion_mask.sum().item() / max(1, mask.sum().item())
+        sums["loss"] += loss.item()
+        for key in ("kl", "clip_low", "clip_high", "ratio", "entropy"):
+            sums[key] += metrics[key].item() * share
+    grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, cfg.max_grad_norm)
+    sums["skipped"] = not (torch.isfinite(grad_norm) and math.isfinite(sums["loss"]))
+    if sums["skipped"]:
+        optimizer.zero_grad(set_to_none=True)  # a non-finite step changes nothing
+    else:
+        optimizer.step()
+    scheduler.step()
     sums["grad_norm"] = float(grad_norm)
     return sums
 
@@ -302,9 +302,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     ref_logp = rollout_logprobs(policy, batch, cfg)
             old_logp = rollout_logprobs(policy, batch, cfg) if cfg.num_iterations > 1 else None
             # 5. updates
-            sums, micro_batch_size = halve_on_oom(
-                lambda size: update_policy(policy, batch, advantages, old_logp, ref_logp, cfg, optimizer, scheduler,
-                                           size), micro_batch_size, "the training pass")
+            any_skipped = False
+            for _ in range(cfg.num_iterations):  # an out-of-memory retry repeats only the update that failed
+                sums, micro_batch_size = halve_on_oom(
+                    lambda size: update_policy(policy, batch, advantages, old_logp, ref_logp, cfg, optimizer,
+                                               scheduler, size), micro_batch_size, "the training pass")
+                any_skipped = any_skipped or sums["skipped"]
+            sums["skipped"] = any_skipped
             skipped_steps += sums["skipped"]
             consecutive_skips = consecutive_skips + 1 if sums["skipped"] else 0
 

@@ -8,10 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lmmr1_lite.config import REPO_ROOT  # noqa: E402
-
-TINY_MODEL = str(REPO_ROOT / "configs" / "models" / "tiny")
-
 
 @pytest.fixture
 def tiny_cfg():

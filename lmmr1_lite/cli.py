@@ -104,9 +104,11 @@ def run_pipeline(args: argparse.Namespace) -> None:
         resolve_config(stage, config, stage_overrides)
     for stage, config, stage_overrides in stages:
         print(f"== pipeline stage {stage} -> {root / stage}")
-        train(resolve_config(stage, config, stage_overrides))
+        cfg = resolve_config(stage, config, stage_overrides)
+        train(cfg)
     print(f"pipeline done: {root / 'fre'} then {root / 'mgt'}\n"
-          f"compare: lmmr1-lite eval --adapter {root / 'fre' / 'adapter'} --adapter {root / 'mgt' / 'adapter'} --data ...")
+          f"compare: lmmr1-lite eval --adapter {root / 'fre' / 'adapter'} --adapter {root / 'mgt' / 'adapter'} "
+          f"--data {cfg.data}")
 
 
 def main(argv: list[str] | None = None) -> int:

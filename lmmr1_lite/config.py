@@ -56,6 +56,10 @@ class TrainConfig:
     init: str | None = _f(None, "An FRE run directory or adapter whose LoRA weights this run continues. Default for "
                           "stage mgt: the newest runs/fre-*; 'none': start from the base model.")
     random_init: bool = _f(False, "Build the architecture from the model's config.json with random weights.")
+    instruct_prior_steps: int = _f(0, "random_init only: supervised steps that stand in for instruction tuning before RL. "
+                                   "The random model learns to reply <think></think><answer>W</answer> with W drawn at "
+                                   "random from the training rows' answers, whatever the prompt: it answers in form, at "
+                                   "chance, and RL must learn which answer is right. 0: none (RL must find the format).")
     trust_remote_code: bool = _f(False, "Allow a model repository's own Python code to run (off: never by default).")
     tokenizer: str | None = _f(None, "Tokenizer directory or Hub id. Default: the model's own; an architecture-only "
                                "directory (random_init, no tokenizer files) falls back to the tiny tokenizer.")
@@ -120,6 +124,7 @@ class TrainConfig:
         checks = [
             (self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}"),
             (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.instruct_prior_steps >= 0, "instruct_prior_steps must be >= 0"),
             (self.save_every >= 0, "save_every must be >= 0"),
             (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
             (self.num_generations >= 2, "num_generations must be >= 2: group-normalised advantages need a group"),

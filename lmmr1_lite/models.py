@@ -197,13 +197,18 @@ def load_adapter_weights(policy, adapter_dir: Path) -> None:
         raise ConfigError(f"init {adapter_dir}: {len(missing)} LoRA weights missing (different lora_target_modules?)")
 
 
+def unwrap(policy):
+    """The transformers model under a peft wrapper (a bare model is returned as it is)."""
+    return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+
+
 def backbone(policy):
     """The module whose forward returns last hidden states (LoRA layers included): `model.model`."""
-    return policy.get_base_model().model
+    return unwrap(policy).model
 
 
 def lm_head_weight(policy) -> torch.Tensor:
-    return policy.get_base_model().get_output_embeddings().weight
+    return unwrap(policy).get_output_embeddings().weight
 
 
 def hidden_states(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, **vision) -> torch.Tensor:
@@ -212,12 +217,23 @@ def hidden_states(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return out.last_hidden_state
 
 
+def completion_hidden(policy, batch) -> torch.Tensor:
+    """Hidden states at the positions that predict each completion token of a `Rollout`: `[n, C, H]`."""
+    prompt_len = batch.prompt_ids.shape[1]
+    hidden = hidden_states(policy, batch.input_ids, batch.attention_mask, **batch.vision_kwargs())
+    return hidden[:, prompt_len - 1: -1]
+
+
 def save_base_model(model, tokenizer, out_dir: Path, source: str | None = None) -> None:
     """A random-init base is saved beside the adapter, so `PeftModel.from_pretrained` can find it
     (with the source directory's image-processor config, so it loads like a real checkpoint)."""
     import shutil
 
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(out_dir.name + ".tmp")  # renamed into place when complete
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
     if source and (Path(source) / "preprocessor_config.json").is_file():
-        shutil.copy(Path(source) / "preprocessor_config.json", Path(out_dir) / "preprocessor_config.json")
+        shutil.copy(Path(source) / "preprocessor_config.json", partial / "preprocessor_config.json")
+    partial.rename(out_dir)

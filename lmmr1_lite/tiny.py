@@ -1,4 +1,4 @@
-"""The embedded default: a tiny Qwen2.5-VL-architecture model and its tokenizer.
+"""The embedded default: a tiny Qwen2.5-VL-architecture model, its tokenizer, and an instruct prior.
 
 `python -m lmmr1_lite.tiny configs/models/tiny` rebuilds what the repo ships there:
 - a word/character-level tokenizer built with the `tokenizers` library that keeps Qwen's chat
@@ -9,10 +9,15 @@
 - the Qwen2-VL image-processor config, so `AutoProcessor` loads the directory like a real one.
 
 The model directory is then loaded exactly like a downloaded checkpoint (`--model DIR`).
+
+`instruct_prior` stands in for the instruction tuning LMM-R1's starting point (an Instruct model) has
+had: RL reinforces only answers that are sampled, and a random model almost never samples a right
+one (see the README's "What the demo does").
 """
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -99,6 +104,53 @@ def write_model_dir(out_dir: str | Path) -> Path:
     build_config(tokenizer).save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR_CONFIG, indent=2) + "\n")
     return out
+
+
+PRIOR_BATCH_SIZE = 16
+PRIOR_LEARNING_RATE = 3e-3  # a tiny random model; the loss is flat after about 40 steps at this rate
+PRIOR_REPLY = "<think></think><answer>{answer}</answer>"
+
+
+def instruct_prior(model, tokenizer, examples: list, cfg, image_processor=None) -> float:
+    """Supervised steps (`cfg.instruct_prior_steps`) on a random-init model, in place: for the run's own
+    prompts, the reply `<think></think><answer>W</answer>` with W drawn uniformly from the distinct gold
+    answers of `examples`, whatever the prompt. Afterwards the model answers in LMM-R1's format with the
+    task's answer words, at chance; which answer is right is left for RL to learn. The language model
+    (embeddings, tied head included) is trained; the vision tower stays as it was. Returns the last loss."""
+    import torch
+    from tqdm import tqdm
+
+    from lmmr1_kernels import token_logprobs
+
+    from .data import build_messages
+    from .models import completion_hidden, lm_head_weight
+    from .rollout import Rollout, encode_prompts
+
+    answers = sorted({e.answer for e in examples})
+    rng = random.Random(cfg.seed)
+    params = [p for name, p in model.named_parameters() if ".visual." not in f".{name}"]
+    optimizer = torch.optim.AdamW(params, lr=PRIOR_LEARNING_RATE)
+    pad = tokenizer.pad_token_id
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in tqdm(range(cfg.instruct_prior_steps), desc="instruct prior", unit="step", dynamic_ncols=True):
+        rows = [rng.choice(examples) for _ in range(PRIOR_BATCH_SIZE)]
+        enc, vision = encode_prompts(tokenizer, [build_messages(e, cfg.system_prompt, cfg.prompt_template)
+                                                 for e in rows], model.device, image_processor)
+        replies = [tokenizer.encode(PRIOR_REPLY.format(answer=rng.choice(answers)), add_special_tokens=False)
+                   for _ in rows]
+        width = max(map(len, replies))
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in replies], device=model.device)  # [B, C]
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in replies], device=model.device)
+        batch = Rollout(enc["input_ids"], enc["attention_mask"], ids, mask, [], vision)
+        logp = token_logprobs(completion_hidden(model, batch), lm_head_weight(model), ids, 1.0,
+                              backend=cfg.logprob_backend)  # [B, C]
+        loss = -(logp * mask).sum() / mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return loss.item()
 
 
 if __name__ == "__main__":

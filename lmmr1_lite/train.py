@@ -15,6 +15,8 @@ Each step:
     clipping and a warm-up + cosine (or linear/constant) schedule; a non-finite loss or gradient
     skips the update.
 Log-probs always come from `lmmr1_kernels` (chunked over tokens; never `[tokens, vocab]` logits).
+A random-init base (the tiny defaults) may first get an instruct prior (`instruct_prior_steps`, tiny.py):
+RL starts from a model that answers in form, at chance, as LMM-R1 starts from an Instruct model.
 Checkpoints, resume, signals and out-of-memory back-off are the loop's only other concerns
 (see checkpoint.py and the README's "Runs that survive").
 """
@@ -27,6 +29,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -44,6 +47,7 @@ from .data import build_messages, load_splits, prepare
 from .evaluate import evaluate_model
 from .report import MetricsLog, plot_rewards
 from .rollout import Rollout, generate, stop_token_ids
+from .tiny import instruct_prior
 
 
 def group_advantages(rewards_: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -53,13 +57,6 @@ def group_advantages(rewards_: torch.Tensor, group_size: int, scale: str = "grou
     if scale == "group":
         centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)
     return centred.view(-1).float()
-
-
-def completion_hidden(policy, batch: Rollout) -> torch.Tensor:
-    """Hidden states at the positions that predict each completion token: `[n, C, H]`."""
-    prompt_len = batch.prompt_ids.shape[1]
-    hidden = models.hidden_states(policy, batch.input_ids, batch.attention_mask, **batch.vision_kwargs())
-    return hidden[:, prompt_len - 1: -1]
 
 
 def micro_rows(cfg: TrainConfig, batch: Rollout, size: int) -> int:
@@ -77,7 +74,7 @@ def rollout_logprobs(policy, batch: Rollout, cfg: TrainConfig) -> torch.Tensor:
     rows = micro_rows(cfg, batch, cfg.micro_batch_size)
     for start in range(0, batch.completion_ids.shape[0], rows):
         micro = batch.rows(slice(start, start + rows))
-        out.append(token_logprobs(completion_hidden(policy, micro), weight, micro.completion_ids,
+        out.append(token_logprobs(models.completion_hidden(policy, micro), weight, micro.completion_ids,
                                   cfg.temperature, backend=cfg.logprob_backend))
     return torch.cat(out)
 
@@ -104,11 +101,30 @@ def resolve_init(cfg: TrainConfig) -> Path | None:
         if not (adapter / "adapter_config.json").is_file():
             raise ConfigError(f"init {cfg.init}: neither a run directory with adapter/ nor an adapter directory")
     cfg.init = str(adapter)
+    cfg.random_init = False  # the adapter's base has weights of its own; a new random one would not match
     if (adapter.parent / "base_model").is_dir():  # a random-init FRE run: continue on its exact base
-        cfg.model, cfg.random_init = str(adapter.parent / "base_model"), False
+        cfg.model = str(adapter.parent / "base_model")
     else:
         cfg.model = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] or cfg.model
     return adapter
+
+
+def run_base_model(cfg: TrainConfig, run_dir: Path, tokenizer, train_rows: list, image_processor, device):
+    """The run's base model. A random-init base (with its instruct prior, when configured) is first saved
+    to <run>/base_model and then loaded from there like a downloaded checkpoint, quantised as configured,
+    so the adapter's base is a real directory (eval, export, MGT --init) and --resume reloads it exactly."""
+    if not cfg.random_init:
+        return models.load_base_model(cfg, device)
+    saved = run_dir / "base_model"
+    if not saved.is_dir():
+        fresh = models.load_base_model(replace(cfg, quantization="none"), device)
+        if cfg.instruct_prior_steps:
+            loss = instruct_prior(fresh, tokenizer, train_rows, cfg, image_processor)
+            print(f"instruct prior: {cfg.instruct_prior_steps} supervised steps on the answer format with random "
+                  f"answers (final loss {loss:.3f})")
+        models.save_base_model(fresh, tokenizer, saved, cfg.model)
+        del fresh
+    return models.load_base_model(replace(cfg, model=str(saved), random_init=False), device)
 
 
 def make_run_dir(cfg: TrainConfig, resume: bool) -> Path:
@@ -191,7 +207,7 @@ def update_policy(policy, batch: Rollout, advantages, old_logp, ref_logp, cfg: T
         rows = slice(start, start + micro_batch_size)
         micro = batch.rows(rows)
         loss, metrics = grpo_loss(
-            completion_hidden(policy, micro), weight, micro.completion_ids, micro.completion_mask,
+            models.completion_hidden(policy, micro), weight, micro.completion_ids, micro.completion_mask,
             advantages[rows], None if old_logp is None else old_logp[rows],
             None if ref_logp is None else ref_logp[rows], beta=cfg.beta, epsilon_low=cfg.epsilon_low,
             epsilon_high=cfg.epsilon_high, temperature=cfg.temperature, token_weight=weights_all[rows],
@@ -230,10 +246,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                                      cfg.max_pixels, data_report, cfg.prompt_template) for rows in (train_rows, test_rows))
     if not train_rows:
         raise ConfigError(f"data {cfg.data}: no usable training rows ({data_report.line()})")
-    base = models.load_base_model(cfg, device)
-    if cfg.random_init and not (run_dir / "base_model").exists():  # before add_lora, which edits `base` in place
-        models.save_base_model(base, tokenizer, run_dir / "base_model", cfg.model)
-    policy = models.add_lora(base, cfg)
+    image_processor = models.load_image_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
+    policy = models.add_lora(run_base_model(cfg, run_dir, tokenizer, train_rows, image_processor, device), cfg)
     if init_adapter is not None:
         models.load_adapter_weights(policy, init_adapter)
         print(f"continuing the adapter {init_adapter}")
@@ -248,7 +262,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     scheduler = get_scheduler("constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type,
                               optimizer, math.ceil(cfg.warmup_ratio * total_updates), total_updates)
     stop_ids = stop_token_ids(tokenizer, cfg.stop_tokens)
-    image_processor = models.load_image_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
     verifier.pool(cfg.reward_timeout)  # start the answer-checking workers now, not inside step 1
     log = MetricsLog(run_dir, cfg.report_to, cfg.to_dict())
     sampler = random.Random(cfg.seed)  # which prompts each step sees

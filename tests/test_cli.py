@@ -83,7 +83,7 @@ def test_help_documents_every_field():
 
 def test_precedence_tiny_default_then_file_then_flags(tmp_path):
     default = resolve_config("fre")
-    assert default.random_init and default.model.endswith("configs/models/tiny") and default.data == "tiny_compare"
+    assert default.random_init and default.model.endswith("configs/models/tiny") and default.data == "tiny_color_text"
     f = tmp_path / "c.yaml"
     f.write_text("model: configs/models/tiny\nrandom_init: true\nlearning_rate: 0.01\nmax_steps: 9\n")
     cfg = resolve_config(None, str(f), {"max_steps": "4"})

@@ -6,11 +6,11 @@ import json
 import pytest
 from PIL import Image
 
-from lmmr1_lite import rewards, sokoban
+from lmmr1_lite import models, rewards, sokoban
 from lmmr1_lite.cli import main
-from lmmr1_lite.config import ConfigError
+from lmmr1_lite.config import TINY_MODEL_DIR, ConfigError
 from lmmr1_lite.data import Example, build_messages, fit_pixels, load_rows, prepare
-from lmmr1_lite.tasks import IMAGE_TASKS, TASKS, generate
+from lmmr1_lite.tasks import COLORS, IMAGE_TASKS, TASKS, generate
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -45,6 +45,13 @@ def test_tiny_task_answers_are_right():
         assert e.answer == str(max(a, b))
     _, test = generate("tiny_compare", 10, 100, seed=0)
     assert len({e.prompt for e in test}) == 20, "the tiny tasks hold out 20 of their 100 problems"
+    tokenizer = models.load_tokenizer(str(TINY_MODEL_DIR))
+    train, test = generate("tiny_color_text", 300, 100, seed=0)
+    for e in train:
+        named = [w for w in e.prompt.split() if w in COLORS]
+        assert named == [e.answer], e.prompt
+        assert tokenizer.unk_token_id not in tokenizer.encode(e.prompt), "every word is in the tiny vocabulary"
+    assert len({e.prompt for e in test}) == 12 and len({e.prompt for e in train}) == 48, "60 problems, a fifth held out"
 
 
 def test_sokoban_simulator_and_moves():

@@ -21,7 +21,7 @@ def two_runs(tmp_path_factory):
 def test_eval_table_for_base_and_two_adapters(two_runs, tmp_path, capsys):
     out = tmp_path / "ev"
     assert main(["eval", "--adapter", str(two_runs / "a" / "adapter"), "--adapter", str(two_runs / "b" / "adapter"),
-                 "--data", "tiny_compare", "--n", "8", "--pass-k", "2", "--out", str(out)]) == 0
+                 "--data", "tiny_color_text", "--n", "8", "--pass-k", "2", "--out", str(out)]) == 0
     results = json.loads((out / "eval.json").read_text())["results"]
     assert len(results) == 3 and all(r["n"] == 8 and "pass@2" in r for r in results.values())
     table = (out / "eval.md").read_text()
@@ -50,7 +50,8 @@ def test_export_merged_matches_adapter_greedy(two_runs, tmp_path):
     base = AutoModelForImageTextToText.from_pretrained(two_runs / "b" / "base_model")
     adapted = PeftModel.from_pretrained(base, two_runs / "b" / "adapter")
     tokenizer = models.load_tokenizer(str(out))
-    prompts = [[{"role": "user", "content": f"{a}<{b}?"}] for a, b in [(1, 2), (7, 3), (5, 5), (0, 9)]]
+    prompts = [[{"role": "user", "content": f"the {shape} is {color} . what color"}]
+               for shape, color in [("circle", "red"), ("square", "blue"), ("triangle", "green"), ("circle", "yellow")]]
     stops = stop_token_ids(tokenizer, ["</answer>"])
     outs = [generate(m, tokenizer, prompts, num_generations=1, max_new_tokens=10, temperature=1.0, stop_ids=stops,
                      greedy=True).completion_ids for m in (merged, adapted)]

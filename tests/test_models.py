@@ -59,3 +59,31 @@ def test_reference_shares_every_weight(tiny_policy, tiny_cfg):
     assert 0 < lora < base_numel
     with policy.disable_adapter():
         assert {p.data_ptr() for n, p in policy.named_parameters() if "lora_" not in n} == set(held)
+
+
+def test_instruct_prior_teaches_the_format_and_answer_words_not_the_answers(tiny_cfg):
+    from lmmr1_lite.data import build_messages
+    from lmmr1_lite.evaluate import evaluate_model
+    from lmmr1_lite.rewards import accuracy_batch, extract_answer
+    from lmmr1_lite.rollout import generate, stop_token_ids
+    from lmmr1_lite.tasks import COLORS
+    from lmmr1_lite.tasks import generate as draw
+    from lmmr1_lite.tiny import instruct_prior
+
+    cfg = tiny_cfg(instruct_prior_steps=60)
+    tokenizer = models.load_tokenizer(cfg.model)
+    model = models.load_base_model(cfg, torch.device("cpu"))
+    train, test = draw("tiny_color_text", 500, 100, seed=0)
+    assert evaluate_model(model, tokenizer, test, cfg)["format"] == 0.0, "random weights answer in no form"
+    untouched = {n: p.clone() for n, p in model.named_parameters() if ".visual." in f".{n}"}
+    instruct_prior(model, tokenizer, train, cfg)
+    assert evaluate_model(model, tokenizer, test, cfg)["format"] == 1.0
+    assert all(torch.equal(p, untouched[n]) for n, p in model.named_parameters() if n in untouched), "vision frozen"
+    torch.manual_seed(0)
+    batch = generate(model, tokenizer, [build_messages(e) for e in test], num_generations=8, max_new_tokens=12,
+                     temperature=1.0, stop_ids=stop_token_ids(tokenizer, cfg.stop_tokens))
+    answers = [extract_answer(t) for t in batch.texts]
+    shares = {c: answers.count(c) / len(answers) for c in COLORS}
+    assert all(0.1 < share < 0.45 for share in shares.values()), shares  # every colour word, none dominant
+    accuracy = sum(accuracy_batch(batch.texts, [e.answer for e in test for _ in range(8)])) / len(answers)
+    assert 0.1 < accuracy < 0.4, f"the prior must not teach the answers: sampled accuracy {accuracy:.2f}"

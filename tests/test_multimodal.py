@@ -8,11 +8,12 @@ from safetensors.torch import load_file
 
 from lmmr1_lite import models
 from lmmr1_lite.cli import main
-from lmmr1_lite.config import TrainConfig
+from lmmr1_lite.config import TrainConfig, default_config_path
 from lmmr1_lite.data import build_messages
 from lmmr1_lite.rollout import IMAGE_PAD, generate, placeholder_ids, stop_token_ids
 from lmmr1_lite.tasks import generate as draw
-from lmmr1_lite.train import completion_hidden
+
+TINY_FRE = default_config_path("fre")
 
 
 def test_image_tokens_match_features_in_generation_and_training(tiny_policy):
@@ -37,7 +38,7 @@ def test_image_tokens_match_features_in_generation_and_training(tiny_policy):
     assert batch.vision[3] is None and batch.vision[6]["image_grid_thw"].tolist() != batch.vision[0]["image_grid_thw"].tolist()
     for rows in (slice(0, 9), slice(2, 5), slice(6, 9)):  # any micro-batch split keeps ids and features aligned
         micro = batch.rows(rows)
-        hidden = completion_hidden(policy, micro)
+        hidden = models.completion_hidden(policy, micro)
         assert hidden.shape[:2] == micro.completion_ids.shape
 
 
@@ -53,6 +54,17 @@ def test_mgt_continues_the_fre_adapter(tmp_path, capsys):
     assert saved["random_init"] is False, "MGT continues on the FRE run's exact saved base"
     rows = [json.loads(line) for line in (mgt / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["completion_len"] > 0
+
+    # an FRE run on a base with weights of its own (no base_model/ beside it) is continued on that base too
+    fre_on_weights = tmp_path / "fre2"
+    assert main(["train", "--config", str(TINY_FRE), "--model", str(fre / "base_model"), "--set", "random_init=false",
+                 "--output-dir", str(fre_on_weights), "--max-steps", "1"] + small) == 0
+    assert main(["train", "--stage", "mgt", "--output-dir", str(tmp_path / "mgt2"), "--max-steps", "1",
+                 "--init", str(fre_on_weights)] + small) == 0
+    saved2 = yaml.safe_load((tmp_path / "mgt2" / "config.yaml").read_text())
+    assert saved2["random_init"] is False and saved2["model"] == str(fre / "base_model")
+    before = json.loads((tmp_path / "mgt2" / "eval.json").read_text())["before"]
+    assert before["format"] >= 0.5, "the instruct prior of the loaded base answers in form; a random one would not"
 
     cfg = TrainConfig(**{**saved, "output_dir": None})
     fresh = models.add_lora(models.load_base_model(cfg, torch.device("cpu")), cfg)

@@ -7,6 +7,7 @@ weight directly, so the `[tokens, vocab]` logits are never materialised.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,10 @@ import torch
 from .config import ConfigError, TrainConfig
 
 _warned: set[str] = set()
+# bitsandbytes' CPU backend, imported by peft, looks for the optional Hugging Face `kernels` package and
+# logs "pip install kernels" when it is missing; the packed CPU path it wants is the one
+# load_base_model switches off (it cannot train), so the line only misleads.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def warn_once(message: str) -> None:

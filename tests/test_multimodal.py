@@ -23,6 +23,7 @@ def test_image_tokens_match_features_in_generation_and_training(tiny_policy):
     text_only, _ = draw("tiny_compare", 1, 0, seed=0)
     examples = [images[0], text_only[0], images[1]]  # LMM-R1 mixes text-only and image prompts
     examples[2].images[0] = examples[2].images[0].resize((84, 56))  # a different size: a different grid
+    examples[0].images.append(images[1].images[0].resize((56, 112)))  # and a prompt with two images
     torch.manual_seed(0)
     batch = generate(policy, tokenizer, [build_messages(e) for e in examples], num_generations=3, max_new_tokens=20,
                      temperature=1.0, stop_ids=stop_token_ids(tokenizer, ["</answer>"]), image_processor=processor)
@@ -31,10 +32,11 @@ def test_image_tokens_match_features_in_generation_and_training(tiny_policy):
     for row in range(9):
         vision = batch.vision[row]
         in_prompt = int((batch.prompt_ids[row] == pad_id).sum())
-        expected = 0 if vision is None else int(vision["image_grid_thw"].prod()) // 4
+        expected = 0 if vision is None else int(vision["image_grid_thw"].prod(dim=1).sum()) // 4
         assert in_prompt == expected, (row, in_prompt, expected)
         assert not torch.isin(batch.completion_ids[row], torch.tensor(placeholder_ids(tokenizer))).any()
     assert batch.vision[0] is batch.vision[2], "the G completions of a prompt share its pixels (no copies)"
+    assert batch.vision[0]["image_grid_thw"].shape[0] == 2
     assert batch.vision[3] is None and batch.vision[6]["image_grid_thw"].tolist() != batch.vision[0]["image_grid_thw"].tolist()
     for rows in (slice(0, 9), slice(2, 5), slice(6, 9)):  # any micro-batch split keeps ids and features aligned
         micro = batch.rows(rows)

@@ -1,8 +1,9 @@
 """One full GRPO step on a random-init model: peak memory and the time of each phase, as JSON.
 
-Phases: generate (B prompts x G completions, HF generate + KV cache), score (rewards), reference
-pass (adapter off, no grad), old pass (no grad; measured even when num_iterations is 1, as the cost
-a second iteration would add), train (forward + backward + optimizer step). Random weights rarely
+Phases, the functions of lmmr1_lite/step.py that train.py runs: generate (B prompts x G completions),
+score (rewards, advantages, and the reference pass when beta > 0), reference pass alone (adapter off, no
+grad), old pass (no grad; measured even when num_iterations is 1, as the cost a second iteration would
+add), train (forward + backward + optimizer step). Random weights rarely
 sample a stop token, so completions run to max_new_tokens: the worst case for memory.
 
     python bench/e2e_step.py                                         # CPU: the tiny model (seconds)
@@ -35,15 +36,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "e2e_step.json"))
     args = parser.parse_args(argv)
 
-    from lmmr1_lite import models, rewards, verifier
-    from lmmr1_lite.config import resolve_config
-    from lmmr1_lite.data import build_messages
+    from lmmr1_lite import models, verifier
+    from lmmr1_lite.config import parse_sets, resolve_config
     from lmmr1_lite.plan import estimate
-    from lmmr1_lite.rollout import generate, stop_token_ids
+    from lmmr1_lite.rollout import stop_token_ids
+    from lmmr1_lite.step import StepContext, generate_rollouts, policy_logprobs, score_rollouts, update_policy
     from lmmr1_lite.tasks import generate as draw
-    from lmmr1_lite.train import group_advantages, rollout_logprobs, seed_everything, update_policy
+    from lmmr1_lite.train import seed_everything
 
-    overrides = dict(item.split("=", 1) for item in args.sets)
+    overrides = parse_sets(args.sets)
     overrides.update(random_init="true", data=args.data)
     if args.model:
         overrides["model"] = args.model
@@ -72,31 +73,25 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     verifier.pool(cfg.reward_timeout)
     examples, _ = draw(cfg.data, cfg.prompts_per_step, 0, cfg.seed)
-    messages = [build_messages(e, cfg.system_prompt, cfg.prompt_template) for e in examples]
+    ctx = StepContext(policy, tokenizer, cfg, optimizer, scheduler, stop_ids=stop_token_ids(tokenizer, cfg.stop_tokens))
     after_load = peak()
     times = {}
 
     start = clock()
-    batch = generate(policy, tokenizer, messages, num_generations=cfg.num_generations,
-                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                     stop_ids=stop_token_ids(tokenizer, cfg.stop_tokens))
+    batch = generate_rollouts(ctx, examples)
     times["generate_s"] = clock() - start
     start = clock()
-    totals, _, _ = rewards.score(batch.texts, [e.answer for e in examples for _ in range(cfg.num_generations)],
-                                 cfg.rewards)
-    advantages = group_advantages(torch.tensor(totals), cfg.num_generations, cfg.scale_rewards).to(device)
-    times["score_s"] = clock() - start
-    policy.eval()
+    scored = score_rollouts(ctx, batch, examples)  # rewards + advantages, and the reference pass when beta > 0
+    times["score_and_reference_s"] = clock() - start
     start = clock()
     with policy.disable_adapter():
-        ref = rollout_logprobs(policy, batch, cfg)
+        policy_logprobs(ctx, batch)
     times["reference_pass_s"] = clock() - start
     start = clock()
-    old = rollout_logprobs(policy, batch, cfg)
-    times["old_pass_s"] = clock() - start
+    policy_logprobs(ctx, batch)
+    times["old_pass_s"] = clock() - start  # measured even when num_iterations is 1: what a second iteration adds
     start = clock()
-    update_policy(policy, batch, advantages, old if cfg.num_iterations > 1 else None, ref if cfg.beta > 0 else None,
-                  cfg, optimizer, scheduler, cfg.micro_batch_size)
+    update_policy(ctx, scored)
     times["train_s"] = clock() - start
 
     config = policy.get_base_model().config

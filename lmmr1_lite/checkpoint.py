@@ -98,38 +98,73 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, policy, optimizer, scheduler, sampler: random.Random) -> dict:
-    """Restore adapter weights, optimizer, scheduler and every RNG; returns the trainer state."""
-    from peft.utils import set_peft_model_state_dict
+class DamagedCheckpoint(ValueError):
+    """A checkpoint whose files cannot be read back (truncated, corrupted, or not ours)."""
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Every file of a checkpoint read into memory, nothing applied yet: `{"state", "adapter", "tensors"}`.
+    Raises DamagedCheckpoint with the file and what is wrong with it."""
+    import pickle
+
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = json.loads((path / STATE_FILE).read_text())
-    adapter = load_file(path / "adapter_model.safetensors", device=str(policy.device))
-    set_peft_model_state_dict(policy, adapter)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "rng" not in state:
+            raise ValueError("missing step or rng")
+    except (OSError, ValueError) as err:
+        raise DamagedCheckpoint(f"{path / STATE_FILE}: unreadable ({type(err).__name__}: {str(err)[:80]})") from None
+    try:
+        adapter = load_file(path / "adapter_model.safetensors", device="cpu")
+    except (OSError, SafetensorError, ValueError) as err:
+        raise DamagedCheckpoint(f"{path / 'adapter_model.safetensors'}: unreadable ({str(err).splitlines()[0][:80]})") from None
     try:
         tensors = torch.load(path / TENSOR_FILE, weights_only=True, map_location="cpu")
-    except Exception as err:  # a crafted pickle is refused, not executed
-        raise ConfigError(f"{path / TENSOR_FILE}: refused to load ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:120]})") from None
+    except pickle.UnpicklingError as err:
+        reason = ("holds Python objects other than tensors and numbers; not loaded (weights_only)"
+                  if "weights_only" in str(err).lower() or "unsupported global" in str(err).lower()
+                  else f"truncated or corrupted ({str(err).splitlines()[0][:80]})")
+        raise DamagedCheckpoint(f"{path / TENSOR_FILE}: {reason}") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise DamagedCheckpoint(f"{path / TENSOR_FILE}: truncated or corrupted "
+                                f"({type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''})") from None
+    if not isinstance(tensors, dict) or not {"optimizer", "scheduler", "torch_rng"} <= set(tensors):
+        raise DamagedCheckpoint(f"{path / TENSOR_FILE}: not an lmmr1-lite trainer state")
+    return {"path": path, "state": state, "adapter": adapter, "tensors": tensors}
+
+
+def newest_readable_checkpoint(run_dir: Path, warn=print) -> dict | None:
+    """The newest complete checkpoint whose files all read back; a damaged newer one is skipped with one
+    line saying so (it is left on disk for inspection). None when there is none."""
+    for path in reversed(complete_checkpoints(run_dir)):
+        try:
+            return read_checkpoint(path)
+        except DamagedCheckpoint as err:
+            warn(f"checkpoint {path.name} is damaged ({err}); falling back to the previous complete checkpoint")
+    return None
+
+
+def apply_checkpoint(loaded: dict, policy, optimizer, scheduler, sampler: random.Random) -> dict:
+    """Restore adapter weights, optimizer, scheduler and every RNG from `read_checkpoint`'s result;
+    returns the trainer state."""
+    from peft.utils import set_peft_model_state_dict
+
+    tensors = loaded["tensors"]
+    set_peft_model_state_dict(policy, {k: v.to(policy.device) for k, v in loaded["adapter"].items()})
     optimizer.load_state_dict(tensors["optimizer"])
     scheduler.load_state_dict(tensors["scheduler"])
     torch.set_rng_state(tensors["torch_rng"])
     if "cuda_rng" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(tensors["cuda_rng"])
-    restore_rng(state["rng"], sampler)
-    return state
+    restore_rng(loaded["state"]["rng"], sampler)
+    return loaded["state"]
 
 
-def check_output_dir(run_dir: Path, needed_bytes: int) -> None:
-    """Fail before training, not after hours: the directory must be writable with room for checkpoints."""
+def load_checkpoint(path: Path, policy, optimizer, scheduler, sampler: random.Random) -> dict:
+    """Read and apply one checkpoint (ConfigError, one line, when it is damaged)."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"output_dir {run_dir}: not writable ({err.strerror or err})") from None
-    free = shutil.disk_usage(run_dir).free
-    if free < needed_bytes:
-        raise ConfigError(f"output_dir {run_dir}: {free / 2**20:.0f} MiB free, a run needs about "
-                          f"{needed_bytes / 2**20:.0f} MiB for its checkpoints; free space or choose another --output-dir")
+        return apply_checkpoint(read_checkpoint(path), policy, optimizer, scheduler, sampler)
+    except DamagedCheckpoint as err:
+        raise ConfigError(str(err)) from None

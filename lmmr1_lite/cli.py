@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import sys
 
-from .config import ConfigError, TrainConfig, coerce, default_config_path, field_types, resolve_config
+from .config import ConfigError, TrainConfig, coerce, default_config_path, field_types, parse_sets, resolve_config
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +23,26 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
 
 
+def _positive_gb(text: str) -> float:
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of GB > 0, got {text!r}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported in one line (exit 2) like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmmr1-lite", description="Two-stage rule-based GRPO (LMM-R1) on one GPU.")
+    parser = OneLineParser(prog="lmmr1-lite", description="Two-stage rule-based GRPO (LMM-R1) on one GPU.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run GRPO for one stage",
                            description="Run GRPO for one stage. With no --config and no --model, the stage's tiny "
@@ -53,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="estimate a config's peak GPU memory by component")
     plan.add_argument("--config", default=None, help="YAML config (default: the stage's tiny one)")
     plan.add_argument("--stage", choices=["fre", "mgt"], default=None)
-    plan.add_argument("--gpu-gb", type=float, default=24.0, help="card size to check against (default: 24)")
+    plan.add_argument("--gpu-gb", type=_positive_gb, default=24.0, help="card size to check against (default: 24)")
     plan.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                       help="override any config field (repeatable)")
     return parser
@@ -62,11 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def overrides_from(args: argparse.Namespace) -> dict:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if f.name != "stage" and getattr(args, f.name, None) is not None}
-    for item in args.sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip().replace("-", "_")] = value
+    overrides.update(parse_sets(args.sets))
     return overrides
 
 
@@ -85,8 +99,11 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
         raise ConfigError(f"--resume uses the run's saved config; only --max-steps may change (got {', '.join(extra)})")
     values = load_yaml(run_dir / "config.yaml")
     values.update({key: coerce(key, value, "command line") for key, value in overrides.items()})
-    values["output_dir"] = str(run_dir)
-    return TrainConfig(**values)
+    values["output_dir"] = str(run_dir.resolve())  # the run directory is wherever it is now
+    try:
+        return TrainConfig(**values)
+    except TypeError as err:  # a saved config with a field this version does not know
+        raise ConfigError(f"{run_dir / 'config.yaml'}: {err}") from None
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
@@ -112,7 +129,10 @@ def run_pipeline(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error, already printed in one line (2)
+        return int(exit_.code or 0)
     try:
         if args.command == "train":
             from .train import train

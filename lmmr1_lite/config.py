@@ -8,6 +8,8 @@ overrides only; the resolved config is written to `<output_dir>/config.yaml`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +50,10 @@ class TrainConfig:
     keep_last: int = _f(2, "Complete checkpoints kept (older ones are deleted after each save); 0 keeps all.")
     overwrite: bool = _f(False, "Replace a run already in output_dir (otherwise refused, nothing touched).")
     max_consecutive_skips: int = _f(5, "Abort after this many consecutive steps with a non-finite loss or gradient.")
-    report_to: str = _f("none", "Also log metrics to 'tensorboard' or 'wandb' (when installed), or 'none'.")
+    report_to: str = _f("none", "Also log metrics to 'tensorboard', 'wandb' or 'trackio' (when installed), or 'none'.")
+    run_name: str | None = _f(None, "Name of the run in wandb/trackio/tensorboard. Default: the run directory's name.")
+    log_completions_every: int = _f(10, "Every N steps, append the step's prompts, completions and reward parts to "
+                                    "completions.jsonl (0: never).")
     eval_size: int = _f(64, "Held-out prompts decoded greedily before and after training (0: skip).")
     # --- model ---------------------------------------------------------------------------------
     model: str = _f("Qwen/Qwen2.5-VL-3B-Instruct",
@@ -105,7 +110,7 @@ class TrainConfig:
     adam_beta2: float = _f(0.95, "AdamW beta2 (LMM-R1: 0.95).")
     warmup_ratio: float = _f(0.03, "Fraction of max_steps of linear warm-up before the schedule.")
     lr_scheduler_type: str = _f("cosine", "Learning-rate schedule after warm-up: 'cosine', 'linear' or 'constant'.")
-    max_grad_norm: float = _f(1.0, "Gradient-norm clip.")
+    max_grad_norm: float = _f(1.0, "Gradient-norm clip (> 0).")
     beta: float = _f(0.001, "KL coefficient of the k3 term against the adapter-disabled reference (0: no ref pass).")
     epsilon_low: float = _f(0.2, "Lower clip range of the ratio (1 - eps_low).")
     epsilon_high: float = _f(0.2, "Upper clip range of the ratio (1 + eps_high); > eps_low is DAPO's clip-higher.")
@@ -121,16 +126,29 @@ class TrainConfig:
     logprob_backend: str = _f("auto", "Log-prob kernels: 'auto' (Triton on CUDA, torch on CPU), 'torch', 'triton'.")
 
     def __post_init__(self):
+        """The one validation layer for values: finiteness, ranges, choices, non-empty lists."""
+        for name, kind in field_types().items():
+            value = getattr(self, name)
+            if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if kind in (int, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
         checks = [
             (self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}"),
             (self.max_steps >= 1, "max_steps must be >= 1"),
             (self.instruct_prior_steps >= 0, "instruct_prior_steps must be >= 0"),
             (self.save_every >= 0, "save_every must be >= 0"),
+            (self.eval_size >= 0, "eval_size must be >= 0 (0 skips the held-out evaluation)"),
+            (self.train_size >= 1, "train_size must be >= 1"),
             (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
             (self.num_generations >= 2, "num_generations must be >= 2: group-normalised advantages need a group"),
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1"),
             (self.temperature > 0, "temperature must be > 0"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be in [0, 1)"),
+            (self.max_grad_norm > 0, "max_grad_norm must be > 0 (clipping to a negative norm flips the gradient)"),
             (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
             (self.lr_scheduler_type in ("cosine", "linear", "constant"),
              f"lr_scheduler_type must be cosine, linear or constant, got {self.lr_scheduler_type!r}"),
@@ -149,14 +167,25 @@ class TrainConfig:
             (self.quantization in ("nf4", "int8", "none"), f"quantization must be nf4, int8 or none, got {self.quantization!r}"),
             (self.optim in ("adamw_torch", "paged_adamw_8bit"), f"optim must be adamw_torch or paged_adamw_8bit, got {self.optim!r}"),
             (self.max_tokens_per_micro_batch >= 0, "max_tokens_per_micro_batch must be >= 0"),
-            (self.report_to in ("none", "tensorboard", "wandb"), "report_to must be none, tensorboard or wandb"),
-            (bool(self.rewards) and all(isinstance(w, (int, float)) for w in self.rewards.values()),
-             "rewards must map reward names to numeric weights"),
+            (self.report_to in ("none", "tensorboard", "wandb", "trackio"),
+             f"report_to must be none, tensorboard, wandb or trackio, got {self.report_to!r}"),
+            (self.log_completions_every >= 0, "log_completions_every must be >= 0"),
+            (bool(self.rewards) and all(isinstance(k, str) for k in self.rewards)
+             and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                     for w in self.rewards.values()),
+             "rewards must map reward names to finite numeric weights"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
-            (self.reward_timeout > 0, "reward_timeout must be > 0"),
+            (self.lora_alpha > 0, "lora_alpha must be > 0"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+            (bool(self.lora_target_modules) and all(isinstance(m, str) and m for m in self.lora_target_modules),
+             "lora_target_modules must be a non-empty list of module names (e.g. [q_proj, v_proj])"),
+            (all(isinstance(t, str) and t for t in self.stop_tokens), "stop_tokens must be a list of non-empty strings"),
+            (0 < self.reward_timeout <= 60, "reward_timeout must be in (0, 60] seconds"),
             ("{prompt}" in self.prompt_template, "prompt_template must contain {prompt}"),
             (self.on_bad_row in ("error", "skip"), "on_bad_row must be 'error' or 'skip'"),
             (0 < self.min_pixels <= self.max_pixels, "need 0 < min_pixels <= max_pixels"),
+            (bool(str(self.model).strip()), "model must name a directory or a Hub id"),
+            (bool(str(self.data).strip()), "data must name a task, a file, a directory or a Hub id"),
         ]
         for ok, message in checks:
             if not ok:
@@ -170,6 +199,7 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+@functools.cache
 def field_types() -> dict[str, type]:
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
@@ -197,7 +227,11 @@ def coerce(name: str, value, source: str):
             if not isinstance(value, bool):
                 raise TypeError
         elif target in (int, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (target is int and value != int(value)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError
+            if not math.isfinite(value):
+                raise ConfigError(f"{source}: field {name!r} must be a finite number, got {value!r}")
+            if target is int and value != int(value):
                 raise TypeError
             value = target(value)
         elif target is str:
@@ -209,12 +243,40 @@ def coerce(name: str, value, source: str):
     return value
 
 
+def parse_sets(items: list[str], source: str = "--set") -> dict:
+    """`["key=value", ...]` -> `{key: value}` (values still strings; `coerce` types them). The one parser of
+    `--set` for every command: an item without `=` is an error, never silently dropped."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{source} {item!r}: expected KEY=VALUE")
+        overrides[key.strip().replace("-", "_")] = value
+    return overrides
+
+
+PATH_FIELDS = ("model", "tokenizer", "data", "init", "output_dir")
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """A copy of `cfg` whose local paths (model, tokenizer, data, init, output_dir) are absolute, so a saved
+    run directory resumes, evaluates and exports from any working directory. Hub ids and task names stay."""
+    changes = {}
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value and value != "none" and (name == "output_dir" or Path(value).exists()):
+            changes[name] = str(Path(value).expanduser().resolve())
+    return dataclasses.replace(cfg, **changes)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -126,17 +126,22 @@ def parse_row(row: dict, where: str, base_dir: Path) -> Example:
             level = base_dir / row["env_path"] if not Path(row["env_path"]).is_absolute() else Path(row["env_path"])
             if not level.is_file():
                 raise BadRow(f"{where}: field 'env_path': level file not found: {level}")
-            from .sokoban import PREFIX
-            answer = PREFIX + level.read_text().strip("\n").replace("\n", "/")
+            meta["level"] = level.read_text().strip("\n").replace("\n", "/")
+            answer = answer or ""  # LMM-R1's Sokoban rows have an empty answer: the level is the gold
     elif "prompt" in row:
         prompt, answer, images, system, meta = row["prompt"], row.get("answer"), row.get("images") or [], None, {}
         if not isinstance(images, list):
             raise BadRow(f"{where}: field 'images' must be a list")
+        if row.get("level"):
+            if not isinstance(row["level"], str):
+                raise BadRow(f"{where}: field 'level' must be a Sokoban level string")
+            meta["level"] = row["level"]
     else:
         raise BadRow(f"{where}: neither a 'message' (LMM-R1) nor a 'prompt' field")
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadRow(f"{where}: field 'prompt' is missing or empty")
-    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or not str(answer).strip():
+    if not meta.get("level") and (not isinstance(answer, (str, int, float)) or isinstance(answer, bool)
+                                  or not str(answer).strip()):
         raise BadRow(f"{where}: field 'answer' is missing or empty")
     opened = []
     for k, ref in enumerate(images):
@@ -192,7 +197,7 @@ def load_rows(path: str | Path, on_bad_row: str = "error") -> tuple[list[Example
             report.skipped[str(err).split(": ", 1)[1].split(" (")[0].split(":")[0]] += 1
     # gold answers the verifier cannot parse would pay nobody (LMM-R1 pays them 1.0): skip and count
     from .rewards import gold_parseable
-    ok = gold_parseable([e.answer for e in examples])
+    ok = gold_parseable(examples)
     if ok.count(False):
         report.skipped["gold answer not parseable"] += ok.count(False)
     examples = [e for e, good in zip(examples, ok) if good]
@@ -234,11 +239,11 @@ def build_messages(example: Example, system_prompt: str = "", prompt_template: s
     return messages
 
 
-def answer_kind(answer: str) -> str:
+def answer_kind(example: Example) -> str:
     """For summaries: choice letter, number, yes/no, latex, sokoban or text."""
-    text = answer.strip().strip("$").strip("()")
-    if text.startswith("sokoban:"):
+    if example.meta.get("level"):
         return "sokoban"
+    text = example.answer.strip().strip("$").strip("()")
     if len(text) == 1 and text.upper() in "ABCDEFGH":
         return "choice"
     try:

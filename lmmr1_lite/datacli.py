@@ -48,7 +48,7 @@ def validate(path: str, on_bad_row: str, tokenizer_name: str, system_prompt: str
     rows, report = load_rows(path, on_bad_row)
     tokenizer = load_tokenizer(tokenizer_name)
     lengths = [prompt_tokens(e, tokenizer, system_prompt) for e in rows]
-    kinds = Counter(answer_kind(e.answer) for e in rows)
+    kinds = Counter(answer_kind(e) for e in rows)
     print(f"{path}: {report.line()}")
     for reason, count in report.skipped.most_common():
         print(f"  skipped {count:>6}  {reason}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 from . import models, rewards
-from .config import ConfigError, TrainConfig, coerce, load_yaml
+from .config import ConfigError, TrainConfig, coerce, load_yaml, parse_sets
 from .data import build_messages, load_rows, prepare
 from .tasks import TASKS
 from .tasks import generate as generate_task
@@ -36,6 +36,7 @@ def run_config(adapter: Path | None, model: str | None, sets: dict) -> TrainConf
     values["model"] = model or (adapter_base(adapter) if adapter is not None else values.get("model"))
     if not values.get("model"):
         raise ConfigError("eval/export need --model or an --adapter that names its base")
+    models.check_model_source(values["model"])
     values.update(random_init=False, quantization="none", output_dir=None)
     return TrainConfig(**values)
 
@@ -46,16 +47,24 @@ def load_policy(cfg: TrainConfig, adapter: Path | None):
     if adapter is None:
         return base
     from peft import PeftModel
-    return PeftModel.from_pretrained(base, adapter)
+    try:
+        return PeftModel.from_pretrained(base, adapter)
+    except (RuntimeError, ValueError, KeyError) as err:  # e.g. LoRA shapes of another base: size mismatch
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])
+        raise ConfigError(f"adapter {adapter}: does not fit the base model {cfg.model} ({detail[:200]}); "
+                          "pass the base it was trained on with --model") from None
 
 
 def evaluate_model(policy, tokenizer, examples, cfg: TrainConfig, pass_k: int = 0, image_processor=None) -> dict:
     """Greedy accuracy and format rate on `examples` (and pass@k over k samples at the training
-    temperature); also the accuracy of always giving the commonest gold answer, the bar a constant
-    guess clears. Empty dict for no examples."""
+    temperature), scored with the run's configured rewards: "accuracy" is the task reward (`sokoban`
+    for a Sokoban run, else `accuracy`). Also the accuracy of always giving the commonest gold answer,
+    the bar a constant guess clears. Empty dict for no examples."""
     if not examples:
         return {}
     stops = stop_token_ids(tokenizer, cfg.stop_tokens)
+    task = rewards.task_reward(cfg.rewards)
     messages = [build_messages(e, cfg.system_prompt, cfg.prompt_template) for e in examples]
     answers = [e.answer for e in examples]
     accuracy, formats, texts = [], [], []
@@ -63,8 +72,8 @@ def evaluate_model(policy, tokenizer, examples, cfg: TrainConfig, pass_k: int = 
         batch = generate(policy, tokenizer, messages[start:start + 64], num_generations=1,
                          max_new_tokens=cfg.max_new_tokens, temperature=1.0, stop_ids=stops, greedy=True,
                          image_processor=image_processor)
-        _, parts, _ = rewards.score(batch.texts, answers[start:start + 64], {"accuracy": 1.0})
-        accuracy += parts["accuracy"]
+        _, parts, _ = rewards.score(batch.texts, examples[start:start + 64], {task: 1.0})
+        accuracy += parts[task]
         formats += parts["format"]
         texts += batch.texts
     result = {"n": len(examples), "accuracy": sum(accuracy) / len(examples), "format": sum(formats) / len(examples),
@@ -77,9 +86,9 @@ def evaluate_model(policy, tokenizer, examples, cfg: TrainConfig, pass_k: int = 
             batch = generate(policy, tokenizer, messages[start:start + 16], num_generations=pass_k,
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stops,
                              image_processor=image_processor)
-            golds = [a for a in answers[start:start + 16] for _ in range(pass_k)]
-            _, parts, _ = rewards.score(batch.texts, golds, {"accuracy": 1.0})
-            solved += [max(parts["accuracy"][i:i + pass_k]) for i in range(0, len(golds), pass_k)]
+            per_row = [e for e in examples[start:start + 16] for _ in range(pass_k)]
+            _, parts, _ = rewards.score(batch.texts, per_row, {task: 1.0})
+            solved += [max(parts[task][i:i + pass_k]) for i in range(0, len(per_row), pass_k)]
         result[f"pass@{pass_k}"] = sum(solved) / len(solved)
     return result
 
@@ -127,6 +136,8 @@ def run_eval(model: str | None, adapters: list[str], data: str, n: int, pass_k: 
 
 def run_export(adapter: str, out: str, merge: bool, model: str | None, dtype: str) -> Path:
     adapter_path, out_dir = Path(adapter), Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir}: exists and is not a directory; choose another directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"--out {out_dir} is not empty; choose another directory")
     cfg = replace(run_config(adapter_path, model, {}), dtype=dtype)
@@ -166,7 +177,7 @@ def add_parsers(sub) -> None:
 
 def run(args) -> int:
     if args.command == "eval":
-        sets = dict(item.split("=", 1) for item in args.sets if "=" in item)
+        sets = parse_sets(args.sets)
         run_eval(args.model, args.adapter, args.data, args.n, args.pass_k, args.out, sets)
     else:
         run_export(args.adapter, args.out, args.merge, args.model, args.dtype)

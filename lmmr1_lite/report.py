@@ -1,4 +1,5 @@
-"""Where a run's numbers go: metrics.jsonl, optional tensorboard/wandb, and the reward-curve PNG."""
+"""Where a run's numbers go: metrics.jsonl, completions.jsonl, optional tensorboard/wandb/trackio, and the
+reward-curve PNG."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, report_to: str = "none", config: dict | None = None):
         self.path = run_dir / "metrics.jsonl"
+        name = (config or {}).get("run_name") or run_dir.name
         # on resume the file is appended to, never rewritten: steps it already holds are not logged again
         self.last_step = max((row["step"] for row in read_metrics(self.path)), default=0) if self.path.exists() else 0
         self.writer = None
@@ -24,9 +26,15 @@ class MetricsLog:
         elif report_to == "wandb":
             try:
                 import wandb
-                self.writer = wandb.init(project="lmmr1-lite", dir=str(run_dir), config=config)
+                self.writer = wandb.init(project="lmmr1-lite", name=name, dir=str(run_dir), config=config)
             except ImportError:
                 warn_once("report_to=wandb but wandb is not installed; metrics go to metrics.jsonl only")
+        elif report_to == "trackio":
+            try:
+                import trackio
+                self.writer = trackio.init(project="lmmr1-lite", name=name, config=config)
+            except ImportError:
+                warn_once("report_to=trackio but trackio is not installed; metrics go to metrics.jsonl only")
 
     def log(self, row: dict) -> None:
         if row["step"] <= self.last_step:
@@ -48,6 +56,15 @@ class MetricsLog:
             (self.writer.close if hasattr(self.writer, "close") else self.writer.finish)()
 
 
+def log_completions(path: Path, step: int, scored) -> None:
+    """Append one JSON object per completion of a step: prompt, gold answer, completion, reward and its parts."""
+    with path.open("a") as handle:
+        for i, (example, text) in enumerate(zip(scored.examples, scored.batch.texts)):
+            handle.write(json.dumps({"step": step, "prompt": example.prompt, "answer": example.answer,
+                                     "completion": text, "reward": float(scored.rewards[i]),
+                                     **{name: values[i] for name, values in scored.parts.items()}}) + "\n")
+
+
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -61,13 +78,19 @@ def plot_rewards(metrics_path: Path, out_path: Path, title: str = "") -> Path:
     rows = read_metrics(metrics_path)
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, color in (("reward_mean", "C0"), ("accuracy", "C2"), ("format", "C1")):
+    for key, color in (("reward", "C0"), ("rewards/accuracy/mean", "C2"), ("rewards/format/mean", "C1")):
         values = [r.get(key, float("nan")) for r in rows]
         window = max(1, len(values) // 20)
         smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
                   for i in range(len(values))]
         ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(steps, smooth, color=color, label=f"{key} (moving avg {window})")
+    lengths = [r.get("completions/mean_length", float("nan")) for r in rows]
+    if any(length == length for length in lengths):  # completion length on its own axis: the RL signal to watch
+        twin = ax.twinx()
+        twin.plot(steps, lengths, color="C7", alpha=0.6, linewidth=0.8, label="completions/mean_length")
+        twin.set_ylabel("mean completion length (tokens)")
+        twin.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("mean over the step's completions")
     ax.set_title(title or "GRPO training rewards")

@@ -1,4 +1,6 @@
-"""Rule-based rewards. Each reward maps (completion text, gold answer) to a float; the total
+"""Rule-based rewards. A reward sees a batch and the examples it scores, as TRL's reward functions see
+the dataset's columns: `fn(completions: list[str], examples: list[Example]) -> list[float]` (one
+example per completion: its prompt, gold answer, images and `meta`, e.g. a Sokoban level). The total
 reward of a completion is the config's weighted sum of named rewards.
 
 A model's output is hostile input: nothing from a completion is ever evaluated as code, and
@@ -13,12 +15,13 @@ from typing import Callable
 from . import verifier
 from .config import ConfigError
 
-RewardFn = Callable[[str, str], float]
+RewardFn = Callable[[list, list], list]  # (completions: list[str], examples: list[Example]) -> list[float]
 REWARDS: dict[str, RewardFn] = {}
+TASK_REWARDS = ("accuracy", "sokoban")  # rewards that say whether the task was solved (eval's "accuracy")
 
 
 def reward(name: str):
-    """Register a reward under `name`, so a config can weight it: `rewards: {name: 0.5}`."""
+    """Register a batched reward under `name`, so a config can weight it: `rewards: {name: 0.5}`."""
     def register(fn: RewardFn) -> RewardFn:
         REWARDS[name] = fn
         return fn
@@ -57,21 +60,23 @@ def extract_answer(completion: str) -> str | None:
     return last_boxed(outside)
 
 
-@reward("format")
+def task_reward(weights: dict) -> str:
+    """The reward that measures success for a run's configured rewards: sokoban when weighted, else accuracy."""
+    return next((name for name in TASK_REWARDS if name in weights), "accuracy")
+
+
 def format_reward(completion: str, answer: str = "") -> float:
     """LMM-R1's template: <think>...</think><answer>...</answer>, one of each, in order, answer non-empty."""
     ok = FORMAT_RE.match(completion) is not None and all(completion.count(t) == 1 for t in TAGS)
     return 1.0 if ok and extract_answer(completion) else 0.0
 
 
-@reward("format_boxed")
 def boxed_format_reward(completion: str, answer: str = "") -> float:
     """`\\boxed{}` style: free reasoning ending in exactly one non-empty `\\boxed{...}`."""
     ok = BOXED_FORMAT_RE.match(completion) is not None and completion.count("\\boxed{") == 1
     return 1.0 if ok and last_boxed(completion) else 0.0
 
 
-@reward("tags")
 def tag_reward(completion: str, answer: str = "") -> float:
     """Partial format credit for a policy that starts from random weights: 1/4 for each tag
     that appears exactly once and after the previous tag. Dense from step one, and it tops
@@ -127,26 +132,33 @@ def accuracy_batch(completions: list[str], answers: list[str]) -> list[float]:
     return scores
 
 
-def gold_parseable(answers: list[str]) -> list[bool]:
-    """Whether each gold answer can be checked at all: plain, a Sokoban level, or parsed by math-verify."""
-    from .sokoban import PREFIX
-
-    ok = [bool(_PLAIN.fullmatch(_normalise(a))) or a.startswith(PREFIX) for a in answers]
+def gold_parseable(examples: list) -> list[bool]:
+    """Whether each example's gold can be checked at all: a Sokoban level, a plain answer, or one that
+    math-verify parses."""
+    ok = [bool(e.meta.get("level")) or bool(_PLAIN.fullmatch(_normalise(e.answer))) for e in examples]
     todo = [i for i, good in enumerate(ok) if not good]
     if todo:
-        for i, (equal, _status) in zip(todo, verifier.pool().check([(answers[i], answers[i]) for i in todo])):
+        checked = verifier.pool().check([(examples[i].answer, examples[i].answer) for i in todo])
+        for i, (equal, _status) in zip(todo, checked):
             ok[i] = equal
     return ok
 
 
-@reward("accuracy")
 def accuracy_reward(completion: str, answer: str) -> float:
     """1.0 when the answer inside <answer> (else the last `\\boxed{}`) equals the gold answer, as text
     or, through math-verify in a time-limited worker, as math; else 0.0 (also on timeout or error)."""
     return accuracy_batch([completion], [answer])[0]
 
 
-accuracy_reward.batch = accuracy_batch  # score() checks a whole batch in parallel
+def _each(fn) -> RewardFn:
+    """A batched reward from a per-completion one that needs only the completion text."""
+    return lambda completions, examples: [fn(c) for c in completions]
+
+
+reward("format")(_each(format_reward))
+reward("format_boxed")(_each(boxed_format_reward))
+reward("tags")(_each(tag_reward))
+reward("accuracy")(lambda completions, examples: accuracy_batch(completions, [e.answer for e in examples]))
 
 
 def check_names(names) -> None:
@@ -155,38 +167,35 @@ def check_names(names) -> None:
         raise ConfigError(f"rewards: unknown reward(s) {unknown}; registered: {sorted(REWARDS)}")
 
 
-def score(completions: list[str], answers: list[str], weights: dict[str, float],
+def score(completions: list[str], examples: list, weights: dict[str, float],
           report: tuple[str, ...] = ("format", "accuracy")) -> tuple[list[float], dict, dict]:
     """Total reward per completion, each component's values, and this call's verifier counts:
     `(totals, {name: [values]}, {"reward_timeouts": n, "reward_errors": n, "reward_rejected": n})`.
+    `examples[i]` is the example completion i answers.
 
-    The rewards named in `report` are computed for the metrics even when not weighted."""
+    The rewards named in `report` are computed for the metrics even when not weighted. A reward that
+    raises (a user's, on odd output) pays 0 for the batch and is counted as errors; so does one that
+    returns the wrong number of values."""
     names = list(weights) + [name for name in report if name not in weights]
     check_names(names)
-    stats = verifier.pool().stats if any(hasattr(REWARDS[n], "batch") for n in names) else None
-    before = (stats.timeouts, stats.errors, stats.rejected) if stats else (0, 0, 0)
+    stats = verifier.pool().stats
+    before = (stats.timeouts, stats.errors, stats.rejected)
     components, raised = {}, 0
     for name in names:
-        fn = REWARDS[name]
-        batch = getattr(fn, "batch", None)
-        if batch:
-            components[name] = batch(completions, answers)
-            continue
-        values = []
-        for completion, answer in zip(completions, answers):
-            try:
-                values.append(float(fn(completion, answer)))
-            except Exception:  # noqa: BLE001 - a reward that raises (a user's, on odd output) pays 0, counted
-                values.append(0.0)
-                raised += 1
+        try:
+            values = [float(v) for v in REWARDS[name](completions, examples)]
+            if len(values) != len(completions):
+                raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
+        except Exception:  # noqa: BLE001 - a reward that raises pays 0, counted
+            values, raised = [0.0] * len(completions), raised + len(completions)
         components[name] = values
     totals = [sum(weights[name] * components[name][i] for name in weights) for i in range(len(completions))]
-    after = (stats.timeouts, stats.errors, stats.rejected) if stats else (0, 0, 0)
+    after = (stats.timeouts, stats.errors, stats.rejected)
     counts = {key: a - b for key, a, b in zip(("reward_timeouts", "reward_errors", "reward_rejected"), after, before)}
     counts["reward_errors"] += raised
     return totals, components, counts
 
 
-from .sokoban import sokoban_reward  # noqa: E402  (a simulator reward, registered like the others)
+from .sokoban import sokoban_rewards  # noqa: E402  (a simulator reward, registered like the others)
 
-reward("sokoban")(sokoban_reward)
+reward("sokoban")(sokoban_rewards)

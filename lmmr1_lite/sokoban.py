@@ -2,7 +2,8 @@
 `sokoban_reward`, which plays the moves in the completion's answer instead of comparing strings.
 
 A level is text rows: `#` wall, ` ` floor, `@` player, `$` box, `.` target, `*` box on target.
-The gold answer of a generated row is `sokoban:` + the level with rows joined by `/`; the reward
+The level travels in the example (`meta["level"]`, rows joined by `/`; a data row's `level` field or
+LMM-R1's `env_path` file); the gold answer is one shortest solution, for reference only. The reward
 plays the answer's moves (`up`/`down`/`left`/`right`, or `U`/`D`/`L`/`R`) and pays 1.0 when every box
 ends on a target, else 0.0. Any word that is not a move makes the answer invalid (0.0).
 """
@@ -14,7 +15,6 @@ from collections import deque
 
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 SHORT = {"u": "up", "d": "down", "l": "left", "r": "right"}
-PREFIX = "sokoban:"
 MAX_MOVES = 50  # LMM-R1 plays the first 50 actions
 
 
@@ -134,17 +134,21 @@ def render(level: str, cell: int = 28):
     return image
 
 
-def sokoban_reward(completion: str, answer: str) -> float:
-    """1.0 when the moves in the completion's answer solve the level in the gold `sokoban:` answer."""
+def solves(completion: str, level: str) -> float:
+    """1.0 when the moves in the completion's answer solve `level`, else 0.0 (also for no or invalid moves)."""
     from .rewards import extract_answer
 
-    if not answer.startswith(PREFIX):
-        return 0.0
     predicted = extract_answer(completion)
     moves = parse_moves(predicted) if predicted and len(predicted) < 2000 else None
     if not moves:
         return 0.0
     try:
-        return 1.0 if play(answer[len(PREFIX):], moves) else 0.0
+        return 1.0 if play(level, moves) else 0.0
     except ValueError:
         return 0.0
+
+
+def sokoban_rewards(completions: list[str], examples: list) -> list[float]:
+    """The `sokoban` reward: each completion's moves played on its example's level (`meta["level"]`);
+    an example without a level scores 0."""
+    return [solves(c, e.meta["level"]) if e.meta.get("level") else 0.0 for c, e in zip(completions, examples)]

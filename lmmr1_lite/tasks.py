@@ -209,8 +209,8 @@ def sokoban(rng: random.Random, level: int) -> Example:
     layout, solution = game.generate_level(rng, size=6, max_solution=4 + 2 * level)
     prompt = ("Push the brown box onto the green target. You are the blue circle; grey cells are walls. "
               "Answer with your moves, each one of up, down, left, right.")
-    return Example(prompt=prompt, answer=game.PREFIX + layout, images=[game.render(layout)],
-                   meta={"solution": " ".join(solution)})
+    return Example(prompt=prompt, answer=" ".join(solution), images=[game.render(layout)],
+                   meta={"level": layout, "solution": " ".join(solution)})
 
 
 TASKS: dict[str, Callable[[random.Random, int], Example]] = {

@@ -1,4 +1,5 @@
-"""The GRPO loop. Read this file first.
+"""The GRPO loop. Read this file first; the step's phases are functions of `step.py`
+(`grpo_step`), which the benchmarks and tests call too.
 
 Each step:
  1. sample B prompts; generate G completions each with HF `generate` and its KV cache
@@ -24,11 +25,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
-import shutil
 import signal
 import sys
-import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -38,75 +38,49 @@ import torch
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from lmmr1_kernels import grpo_loss, token_logprobs, token_weights
-
 from . import models, rewards, verifier
-from .checkpoint import check_output_dir, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig
-from .data import build_messages, load_splits, prepare
+from .checkpoint import apply_checkpoint, latest_checkpoint, newest_readable_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig, with_absolute_paths
+from .data import load_splits, prepare
 from .evaluate import evaluate_model
-from .report import MetricsLog, plot_rewards
-from .rollout import Rollout, generate, stop_token_ids
+from .report import MetricsLog, log_completions, plot_rewards
+from .rollout import stop_token_ids
+from .rundir import RunDirectory, check_output_dir
+from .step import StepContext, TrainingAborted, grpo_step
 from .tiny import instruct_prior
 
 
-def group_advantages(rewards_: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
-    """`rewards [B*G]` -> advantages `[B*G]`, normalised within each consecutive group of G."""
-    grouped = rewards_.view(-1, group_size).double()
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale == "group":
-        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)
-    return centred.view(-1).float()
-
-
-def micro_rows(cfg: TrainConfig, batch: Rollout, size: int) -> int:
-    """Sequences per micro-batch: `size`, capped by the token budget over the padded sequence length."""
-    if cfg.max_tokens_per_micro_batch:
-        size = min(size, max(1, cfg.max_tokens_per_micro_batch // batch.input_ids.shape[1]))
-    return size
-
-
-@torch.no_grad()
-def rollout_logprobs(policy, batch: Rollout, cfg: TrainConfig) -> torch.Tensor:
-    """Per-token log-probs `[N, C]` of a rollout's completions, micro-batched, no graph kept."""
-    weight = models.lm_head_weight(policy)
-    out = []
-    rows = micro_rows(cfg, batch, cfg.micro_batch_size)
-    for start in range(0, batch.completion_ids.shape[0], rows):
-        micro = batch.rows(slice(start, start + rows))
-        out.append(token_logprobs(models.completion_hidden(policy, micro), weight, micro.completion_ids,
-                                  cfg.temperature, backend=cfg.logprob_backend))
-    return torch.cat(out)
-
-
-def resolve_init(cfg: TrainConfig) -> Path | None:
-    """The adapter directory a run continues from (MGT continues the FRE adapter), or None.
+def resolve_init(cfg: TrainConfig) -> tuple[Path | None, TrainConfig]:
+    """The adapter directory a run continues from (MGT continues the FRE adapter), or None, and the config
+    to run with (a new one: the adapter's own base model).
 
     Continuing the FRE adapter rather than merging it and starting a new one is the LoRA analogue of
     LMM-R1 continuing from the FRE checkpoint: one adapter, one reference (the base), and the KL term
     still measures the distance from the base model. The adapter's own base is used (for a random-init
     FRE run, its saved base_model/), so the weights match."""
     if cfg.init == "none" or (cfg.init is None and cfg.stage != "mgt"):
-        return None
+        return None, cfg
     if cfg.init is None:
         found = sorted(Path("runs").glob("fre-*/adapter/adapter_config.json"), key=lambda p: p.stat().st_mtime)
         if not found:
             models.warn_once("stage mgt: no FRE run in runs/ to start from; starting from the base model "
                              "(run `lmmr1-lite train --stage fre` first, or pass --init RUN_DIR)")
-            return None
-        adapter = found[-1].parent
+            return None, cfg
+        adapter = found[-1].parent.resolve()
     else:
         path = Path(cfg.init)
         adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
         if not (adapter / "adapter_config.json").is_file():
             raise ConfigError(f"init {cfg.init}: neither a run directory with adapter/ nor an adapter directory")
-    cfg.init = str(adapter)
-    cfg.random_init = False  # the adapter's base has weights of its own; a new random one would not match
     if (adapter.parent / "base_model").is_dir():  # a random-init FRE run: continue on its exact base
-        cfg.model = str(adapter.parent / "base_model")
+        model = str((adapter.parent / "base_model").resolve())
     else:
-        cfg.model = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] or cfg.model
-    return adapter
+        try:
+            model = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] or cfg.model
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"init {adapter}: adapter_config.json is unreadable or names no base model") from None
+    # the adapter's base has weights of its own; a new random one would not match
+    return adapter, replace(cfg, init=str(adapter), random_init=False, model=model)
 
 
 def run_base_model(cfg: TrainConfig, run_dir: Path, tokenizer, train_rows: list, image_processor, device):
@@ -127,27 +101,18 @@ def run_base_model(cfg: TrainConfig, run_dir: Path, tokenizer, train_rows: list,
     return models.load_base_model(replace(cfg, model=str(saved), random_init=False), device)
 
 
-def make_run_dir(cfg: TrainConfig, resume: bool) -> Path:
-    """The run directory: new (refusing one that holds a run, unless overwrite) or, on resume, the old one."""
-    run_dir = Path(cfg.output_dir or f"runs/{cfg.stage}-{datetime.now():%Y%m%d-%H%M%S}")
-    holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "config.yaml").exists()
-    if holds_run and not resume:
-        if not cfg.overwrite:
-            raise ConfigError(f"output_dir {run_dir} already holds a run; resume it with --resume {run_dir}, "
-                              "pass --overwrite to replace it, or choose another --output-dir")
-        shutil.rmtree(run_dir)
-    cfg.output_dir = str(run_dir)
-    return run_dir
+def refuse_unsupported_launch() -> None:
+    """Several processes (torchrun) would each run a whole training into one directory: refuse."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip() not in ("", "1"):
+        raise ConfigError(f"WORLD_SIZE={world}: lmmr1-lite trains in one process (data parallelism under torchrun "
+                          "is not supported yet); launch it without torchrun")
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class TrainingAborted(RuntimeError):
-    """The run cannot go on (repeated non-finite steps, out of memory at micro-batch 1); checkpoints are kept."""
 
 
 class StopFlag:
@@ -174,71 +139,30 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def halve_on_oom(run, size: int, what: str) -> tuple[object, int]:
-    """`run(size)`, halving `size` on CUDA out-of-memory down to 1; returns (result, size that worked)."""
-    while True:
-        try:
-            return run(size), size
-        except torch.OutOfMemoryError:
-            if size == 1:
-                raise TrainingAborted(f"out of GPU memory in {what} even at batch size 1: `lmmr1-lite plan --config "
-                                      "<run>/config.yaml` shows where the memory goes; lower max_new_tokens, "
-                                      "num_generations or max_pixels, or turn gradient_checkpointing on") from None
-            size //= 2
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            print(f"out of GPU memory in {what}: retrying this step with batch size {size}", file=sys.stderr)
-
-
-def update_policy(policy, batch: Rollout, advantages, old_logp, ref_logp, cfg: TrainConfig, optimizer, scheduler,
-                  micro_batch_size: int) -> dict:
-    """One optimizer update on the GRPO loss of `batch` (gradients accumulated over micro-batches);
-    returns its loss metrics. A non-finite loss or gradient norm skips the update."""
-    lora_params = [p for p in policy.parameters() if p.requires_grad]
-    weight = models.lm_head_weight(policy)
-    mask = batch.completion_mask
-    weights_all = token_weights(mask, cfg.loss_agg)  # aggregation over the whole batch, not per micro-batch
-    n = mask.shape[0]
-    micro_batch_size = micro_rows(cfg, batch, micro_batch_size)
-    policy.train()  # train mode: gradient checkpointing on (when configured)
-    optimizer.zero_grad(set_to_none=True)
-    sums = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ratio": 0.0, "entropy": 0.0}
-    for start in range(0, n, micro_batch_size):
-        rows = slice(start, start + micro_batch_size)
-        micro = batch.rows(rows)
-        loss, metrics = grpo_loss(
-            models.completion_hidden(policy, micro), weight, micro.completion_ids, micro.completion_mask,
-            advantages[rows], None if old_logp is None else old_logp[rows],
-            None if ref_logp is None else ref_logp[rows], beta=cfg.beta, epsilon_low=cfg.epsilon_low,
-            epsilon_high=cfg.epsilon_high, temperature=cfg.temperature, token_weight=weights_all[rows],
-            backend=cfg.logprob_backend)
-        loss.backward()
-        share = micro.completion_mask.sum().item() / max(1, mask.sum().item())
-        sums["loss"] += loss.item()
-        for key in ("kl", "clip_low", "clip_high", "ratio", "entropy"):
-            sums[key] += metrics[key].item() * share
-    grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, cfg.max_grad_norm)
-    sums["skipped"] = not (torch.isfinite(grad_norm) and math.isfinite(sums["loss"]))
-    if sums["skipped"]:
-        optimizer.zero_grad(set_to_none=True)  # a non-finite step changes nothing
-    else:
-        optimizer.step()
-    scheduler.step()
-    sums["grad_norm"] = float(grad_norm)
-    return sums
-
-
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or, with resume, continue) GRPO for one stage; returns the run directory."""
-    # ---- setup ---------------------------------------------------------------------------------
-    seed_everything(cfg.seed)
+    refuse_unsupported_launch()
     rewards.check_names(cfg.rewards)
-    init_adapter = None if resume else resolve_init(cfg)
-    run_dir = make_run_dir(cfg, resume)
+    init_adapter, cfg = (None, cfg) if resume else resolve_init(cfg)
+    cfg = with_absolute_paths(replace(cfg, output_dir=cfg.output_dir or f"runs/{cfg.stage}-{datetime.now():%Y%m%d-%H%M%S}"))
+    models.check_model_source(cfg.model, cfg.tokenizer)  # offline with a Hub id: one line now, not retries later
+    with RunDirectory(Path(cfg.output_dir), resume, cfg.overwrite) as run:
+        return _train(cfg, run, init_adapter)
+
+
+def _train(cfg: TrainConfig, run: RunDirectory, init_adapter: Path | None) -> Path:
+    # ---- setup: everything is checked before anything in the run directory is written ------------
+    run_dir = run.path
+    seed_everything(cfg.seed)
+    checkpoint = None
+    if run.resume:
+        checkpoint = newest_readable_checkpoint(run_dir, warn=lambda line: print(line, file=sys.stderr))
+        if checkpoint is None:
+            raise ConfigError(f"{run_dir}: no complete, readable checkpoint to resume from")
+        if checkpoint["state"]["step"] >= cfg.max_steps:
+            raise ConfigError(f"--resume {run_dir}: its checkpoint is at step {checkpoint['state']['step']}; "
+                              f"--max-steps (the total) must be above that to continue, got {cfg.max_steps}")
     check_output_dir(run_dir, needed_bytes=0)  # writable at all: fail now, not after loading a model
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        raise ConfigError(f"{run_dir}: no complete checkpoint to resume from")
     device = models.pick_device()
     train_rows, test_rows, data_report = load_splits(cfg.data, cfg.train_size, cfg.eval_size, cfg.seed, cfg.on_bad_row)
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
@@ -247,6 +171,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if not train_rows:
         raise ConfigError(f"data {cfg.data}: no usable training rows ({data_report.line()})")
     image_processor = models.load_image_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
+    run.begin()  # from here on the run writes (an overwritten run's own files are removed first)
     policy = models.add_lora(run_base_model(cfg, run_dir, tokenizer, train_rows, image_processor, device), cfg)
     if init_adapter is not None:
         models.load_adapter_weights(policy, init_adapter)
@@ -261,7 +186,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     total_updates = cfg.max_steps * cfg.num_iterations
     scheduler = get_scheduler("constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type,
                               optimizer, math.ceil(cfg.warmup_ratio * total_updates), total_updates)
-    stop_ids = stop_token_ids(tokenizer, cfg.stop_tokens)
+    ctx = StepContext(policy, tokenizer, cfg, optimizer, scheduler, image_processor,
+                      stop_token_ids(tokenizer, cfg.stop_tokens))
     verifier.pool(cfg.reward_timeout)  # start the answer-checking workers now, not inside step 1
     log = MetricsLog(run_dir, cfg.report_to, cfg.to_dict())
     sampler = random.Random(cfg.seed)  # which prompts each step sees
@@ -270,16 +196,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     print(f"data {cfg.data}: {data_report.line()}; {len(train_rows)} train / {len(test_rows)} held-out prompts")
 
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, policy, optimizer, scheduler, sampler)
+        state = apply_checkpoint(checkpoint, policy, optimizer, scheduler, sampler)
         first_step, eval_before, skipped_steps = state["step"] + 1, state["eval_before"], state["skipped_steps"]
-        print(f"resuming from {checkpoint} at step {first_step} of {cfg.max_steps}")
+        print(f"resuming from {checkpoint['path']} at step {first_step} of {cfg.max_steps}")
     else:
         first_step, skipped_steps = 1, 0
         eval_before = evaluate_model(policy, tokenizer, test_rows, cfg, image_processor=image_processor)
         if eval_before:
             print(f"eval before: accuracy {eval_before['accuracy']:.3f}, format {eval_before['format']:.3f}")
-    micro_batch_size = cfg.micro_batch_size
-    generation_batch_size = cfg.generation_batch_size or cfg.prompts_per_step
     consecutive_skips = 0
 
     def save(step: int) -> Path:
@@ -291,55 +215,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                initial=first_step - 1, total=cfg.max_steps)
     with StopFlag() as stop:
         for step in bar:
-            t0 = time.perf_counter()
             examples = [sampler.choice(train_rows) for _ in range(cfg.prompts_per_step)]
-            messages = [build_messages(e, cfg.system_prompt, cfg.prompt_template) for e in examples]
-            # 1. rollouts, in chunks of prompts
-            batch, generation_batch_size = halve_on_oom(lambda size: Rollout.concat([
-                generate(policy, tokenizer, messages[i:i + size], num_generations=cfg.num_generations,
-                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stop_ids,
-                         image_processor=image_processor)
-                for i in range(0, len(messages), size)], tokenizer.pad_token_id), generation_batch_size, "generation")
-            t_gen = time.perf_counter() - t0
-            # 2. rewards
-            answers = [e.answer for e in examples for _ in range(cfg.num_generations)]
-            totals, parts, reward_counts = rewards.score(batch.texts, answers, cfg.rewards)
-            reward_t = torch.tensor(totals, dtype=torch.float32)
-            # 3. advantages
-            advantages = group_advantages(reward_t, cfg.num_generations, cfg.scale_rewards).to(device)
-            # 4. reference and old log-probs (no graph)
-            policy.eval()
-            ref_logp = None
-            if cfg.beta > 0:
-                with policy.disable_adapter():
-                    ref_logp = rollout_logprobs(policy, batch, cfg)
-            old_logp = rollout_logprobs(policy, batch, cfg) if cfg.num_iterations > 1 else None
-            # 5. updates
-            any_skipped = False
-            for _ in range(cfg.num_iterations):  # an out-of-memory retry repeats only the update that failed
-                sums, micro_batch_size = halve_on_oom(
-                    lambda size: update_policy(policy, batch, advantages, old_logp, ref_logp, cfg, optimizer,
-                                               scheduler, size), micro_batch_size, "the training pass")
-                any_skipped = any_skipped or sums["skipped"]
-            sums["skipped"] = any_skipped
-            skipped_steps += sums["skipped"]
-            consecutive_skips = consecutive_skips + 1 if sums["skipped"] else 0
-
-            # ---- logging -----------------------------------------------------------------------
-            seconds = time.perf_counter() - t0
-            lengths = batch.completion_mask.sum(1).float()
-            row = {"step": step, "reward_mean": float(reward_t.mean()), "reward_std": float(reward_t.std()),
-                   **{name: sum(v) / len(v) for name, v in parts.items()}, **reward_counts,
-                   "loss": sums["loss"], "kl": sums["kl"], "clip_frac": sums["clip_low"] + sums["clip_high"],
-                   "clip_frac_low": sums["clip_low"], "clip_frac_high": sums["clip_high"], "ratio": sums["ratio"],
-                   "entropy": sums["entropy"], "grad_norm": sums["grad_norm"], "skipped": sums["skipped"],
-                   "skipped_steps": skipped_steps, "lr": scheduler.get_last_lr()[0],
-                   "micro_batch_size": micro_batch_size, "completion_len": float(lengths.mean()),
-                   "step_seconds": seconds, "generate_seconds": t_gen,
-                   "tokens_per_second": float(lengths.sum() + batch.prompt_mask.sum()) / seconds}
-            log.log(row)
-            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}",
-                            len=f"{row['completion_len']:.0f}")
+            metrics, scored = grpo_step(ctx, examples)
+            skipped_steps += metrics["skipped"]
+            consecutive_skips = consecutive_skips + 1 if metrics["skipped"] else 0
+            log.log({"step": step, **metrics, "skipped_steps": skipped_steps})
+            if cfg.log_completions_every and step % cfg.log_completions_every == 0:
+                log_completions(run_dir / "completions.jsonl", step, scored)
+            bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics.get('rewards/accuracy/mean', 0):.2f}",
+                            len=f"{metrics['completions/mean_length']:.0f}")
             if consecutive_skips >= cfg.max_consecutive_skips:
                 last = latest_checkpoint(run_dir)
                 raise TrainingAborted(f"{consecutive_skips} consecutive steps with a non-finite loss or gradient "
@@ -352,7 +236,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 print(f"stopped after step {step}; checkpoint {path}\nresume with: lmmr1-lite train --resume {run_dir}")
                 return run_dir
             due = cfg.save_every and step % cfg.save_every == 0 or step == cfg.max_steps
-            if due and not sums["skipped"]:  # no checkpoint inside a non-finite streak: the last one stays "good"
+            if due and not metrics["skipped"]:  # no checkpoint inside a non-finite streak: the last one stays "good"
                 save(step)
     bar.close()
 

@@ -30,7 +30,7 @@ def test_e2e_step_bench_on_the_tiny_model(tmp_path):
     subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "e2e_step.py"), "--out", str(out),
                     "--set", "prompts_per_step=4", "--set", "beta=0.01"], check=True, capture_output=True, text=True)
     report = json.loads(out.read_text())
-    for phase in ("generate_s", "score_s", "reference_pass_s", "old_pass_s", "train_s"):
+    for phase in ("generate_s", "score_and_reference_s", "reference_pass_s", "old_pass_s", "train_s"):
         assert report[phase] > 0
     assert report["memory_peak"]["peak_rss_gib"] >= report["memory_after_load"]["peak_rss_gib"] > 0
     assert report["completion_tokens_mean"] > 0 and report["planner_peak_gib"] > 0

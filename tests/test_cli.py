@@ -8,14 +8,19 @@ from lmmr1_lite.cli import build_parser, main
 from lmmr1_lite.config import TrainConfig, resolve_config
 import dataclasses
 
-REQUIRED_METRICS = {"step", "reward_mean", "accuracy", "format", "kl", "loss", "clip_frac_low", "clip_frac_high",
-                    "completion_len", "step_seconds", "tokens_per_second"}
+# TRL's names where TRL has the quantity (GRPOTrainer's logged metrics), plus this project's extras
+REQUIRED_METRICS = {"step", "reward", "reward_std", "frac_reward_zero_std", "rewards/accuracy/mean",
+                    "rewards/format/mean", "completions/mean_length", "completions/min_length",
+                    "completions/max_length", "completions/clipped_ratio", "kl", "loss", "clip_ratio/low_mean",
+                    "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy", "grad_norm", "reward_timeouts",
+                    "step_seconds", "tokens_per_second"}
 
 
 def test_short_run_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", "--stage", "fre", "--output-dir", str(out), "--max-steps", "3", "--save-every", "2",
-                 "--eval-size", "4", "--seed", "1", "--set", "beta=0.01", "--set", "num_iterations=2"])
+                 "--eval-size", "4", "--seed", "1", "--set", "beta=0.01", "--set", "num_iterations=2",
+                 "--log-completions-every", "2", "--prompts-per-step", "4"])
     assert code == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["max_steps"] == 3 and saved["beta"] == 0.01 and saved["seed"] == 1 and saved["stage"] == "fre"
@@ -23,8 +28,13 @@ def test_short_run_writes_every_output(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:
         assert REQUIRED_METRICS <= set(row), REQUIRED_METRICS - set(row)
-        assert row["kl"] >= 0 and 0 <= row["format"] <= 1 and row["completion_len"] > 0
+        assert row["kl"] >= 0 and 0 <= row["rewards/format/mean"] <= 1 and row["completions/mean_length"] > 0
+        assert row["completions/min_length"] <= row["completions/mean_length"] <= row["completions/max_length"]
+        assert 0 <= row["frac_reward_zero_std"] <= 1 and 0 <= row["completions/clipped_ratio"] <= 1
     assert (out / "checkpoint-2" / "adapter_model.safetensors").exists()
+    logged = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in logged} == {2}, "log_completions_every=2: step 2's completions only"
+    assert len(logged) == 4 * 8 and {"prompt", "answer", "completion", "reward", "format", "accuracy"} <= set(logged[0])
     assert (out / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
     ev = json.loads((out / "eval.json").read_text())
     assert ev["before"]["n"] == 4 and 0 <= ev["after"]["accuracy"] <= 1

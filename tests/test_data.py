@@ -29,8 +29,7 @@ def test_generators_are_deterministic_held_out_and_verified(task):
     for e in train + test:  # the gold answer, well formatted, earns full reward from its own verifier
         if task == "sokoban":
             completion = f"<think>plan</think><answer>{e.meta['solution']}</answer>"
-            assert rewards.REWARDS["sokoban"](completion, e.answer) == 1.0
-            assert rewards.REWARDS["sokoban"]("<think></think><answer>up</answer>", e.answer) == 0.0
+            assert rewards.REWARDS["sokoban"]([completion, "<think></think><answer>up</answer>"], [e, e]) == [1.0, 0.0]
         else:
             completion = f"<think>work</think><answer>{e.answer}</answer>"
             assert rewards.accuracy_reward(completion, e.answer) == 1.0, (e.prompt, e.answer)
@@ -60,8 +59,8 @@ def test_sokoban_simulator_and_moves():
     assert sokoban.parse_moves("Right, up") == ["right", "up"] and sokoban.parse_moves("RRU") == ["right", "right", "up"]
     assert sokoban.parse_moves("right jump") is None
     assert sokoban.solve(level) == ["right"]
-    assert rewards.REWARDS["sokoban"]("<answer>R</answer>", "sokoban:" + level) == 1.0
-    assert rewards.REWARDS["sokoban"]("<answer>R</answer>", "7") == 0.0
+    assert sokoban.solves("<answer>R</answer>", level) == 1.0
+    assert sokoban.solves("<answer>R jump</answer>", level) == 0.0
 
 
 def png_bytes(size=(40, 30)) -> bytes:

@@ -18,8 +18,8 @@ def assert_learned(run_dir, stage: str) -> dict:
     assert after["format"] == 1.0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     tenth = max(1, len(rows) // 10)
-    first = sum(r["reward_mean"] for r in rows[:tenth]) / tenth
-    last = sum(r["reward_mean"] for r in rows[-tenth:]) / tenth
+    first = sum(r["reward"] for r in rows[:tenth]) / tenth
+    last = sum(r["reward"] for r in rows[-tenth:]) / tenth
     assert last > first + 0.3, f"{stage}: reward curve did not rise: {first:.2f} -> {last:.2f}"
     assert (run_dir / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
     return ev

@@ -55,7 +55,7 @@ def test_mgt_continues_the_fre_adapter(tmp_path, capsys):
     assert saved["init"] == str(fre / "adapter") and saved["model"] == str(fre / "base_model")
     assert saved["random_init"] is False, "MGT continues on the FRE run's exact saved base"
     rows = [json.loads(line) for line in (mgt / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and rows[0]["completion_len"] > 0
+    assert len(rows) == 1 and rows[0]["completions/mean_length"] > 0
 
     # an FRE run on a base with weights of its own (no base_model/ beside it) is continued on that base too
     fre_on_weights = tmp_path / "fre2"

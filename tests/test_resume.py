@@ -11,7 +11,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from lmmr1_lite import train as train_module
+from lmmr1_lite import step as step_module
 from lmmr1_lite.checkpoint import latest_checkpoint
 from lmmr1_lite.cli import main
 
@@ -128,7 +128,7 @@ def test_sigkill_during_saves_leaves_a_complete_checkpoint(tmp_path, tiny_policy
 
 
 def test_nan_steps_are_skipped_then_abort_after_k(tmp_path, monkeypatch, capsys):
-    real = train_module.grpo_loss
+    real = step_module.grpo_loss
     calls = {"n": 0, "poison_from": 10**9, "only": set()}
 
     def poisoned(*args, **kwargs):
@@ -138,7 +138,7 @@ def test_nan_steps_are_skipped_then_abort_after_k(tmp_path, monkeypatch, capsys)
             loss = loss * float("nan")
         return loss, metrics
 
-    monkeypatch.setattr(train_module, "grpo_loss", poisoned)
+    monkeypatch.setattr(step_module, "grpo_loss", poisoned)
     calls["only"] = {2}  # one bad step (one micro-batch per step here)
     run = tmp_path / "one"
     assert main(["train", "--output-dir", str(run), "--max-steps", "4"] + SMALL) == 0
@@ -155,7 +155,7 @@ def test_nan_steps_are_skipped_then_abort_after_k(tmp_path, monkeypatch, capsys)
 
 
 def test_oom_halves_the_micro_batch_and_gives_up_at_one(tmp_path, monkeypatch, capsys):
-    real = train_module.grpo_loss
+    real = step_module.grpo_loss
 
     def tight(hidden, *args, **kwargs):
         if hidden.shape[0] > limit["rows"]:
@@ -163,7 +163,7 @@ def test_oom_halves_the_micro_batch_and_gives_up_at_one(tmp_path, monkeypatch, c
         return real(hidden, *args, **kwargs)
 
     limit = {"rows": 2}
-    monkeypatch.setattr(train_module, "grpo_loss", tight)
+    monkeypatch.setattr(step_module, "grpo_loss", tight)
     run = tmp_path / "oom"
     assert main(["train", "--output-dir", str(run), "--max-steps", "2", "--micro-batch-size", "16"] + SMALL) == 0
     assert [r["micro_batch_size"] for r in metrics(run)] == [2, 2]
@@ -198,7 +198,9 @@ def test_crafted_pickle_in_a_checkpoint_is_refused(tmp_path, capsys):
     marker = tmp_path / "pwned"
     torch.save({"optimizer": Exploit(marker)}, latest_checkpoint(run) / "trainer.pt")
     assert main(["train", "--resume", str(run), "--max-steps", "2"]) == 2
-    assert "refused to load" in capsys.readouterr().err and not marker.exists()
+    err = capsys.readouterr().err
+    assert "holds Python objects other than tensors" in err and "no complete, readable checkpoint" in err
+    assert not marker.exists()
 
 
 def test_unwritable_or_full_output_dir_fails_before_training(tmp_path, monkeypatch, capsys):

@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmmr1_lite import rewards, verifier
+from lmmr1_lite.data import Example
 from lmmr1_lite.config import ConfigError
 
 
@@ -70,7 +71,7 @@ def test_accuracy_table(predicted, gold, expected):
 def test_accuracy_batch_matches_single_calls_and_counts_timeouts():
     completions = [wrap(p) for p, _, _ in EQUIVALENCE]
     golds = [g for _, g, _ in EQUIVALENCE]
-    _, parts, counts = rewards.score(completions, golds, {"accuracy": 1.0})
+    _, parts, counts = rewards.score(completions, examples(golds), {"accuracy": 1.0})
     assert parts["accuracy"] == [e for _, _, e in EQUIVALENCE]
     assert counts["reward_timeouts"] >= 2, "the power towers must time out, and be counted"
     assert counts["reward_rejected"] >= 3, "over-long and brace-unbalanced answers are rejected unparsed"
@@ -125,35 +126,59 @@ def test_tag_reward_is_partial_in_order():
     assert rewards.tag_reward("<think><think>") == 0.0
 
 
+def examples(golds, **meta):
+    return [Example(prompt="q", answer=gold, meta=dict(meta)) for gold in golds]
+
+
 def test_score_weights_components_and_reports_format_accuracy():
-    totals, parts, _ = rewards.score([wrap("7"), "junk"], ["7", "7"], {"accuracy": 1.0, "tags": 0.5})
+    totals, parts, _ = rewards.score([wrap("7"), "junk"], examples(["7", "7"]), {"accuracy": 1.0, "tags": 0.5})
     assert totals == [1.5, 0.0] and parts["format"] == [1.0, 0.0] and parts["tags"] == [1.0, 0.0]
-    totals, _, _ = rewards.score([wrap("7"), wrap("8"), "7"], ["7", "7", "7"], {"format": 0.5, "accuracy": 1.0})
+    totals, _, _ = rewards.score([wrap("7"), wrap("8"), "7"], examples(["7", "7", "7"]), {"format": 0.5, "accuracy": 1.0})
     assert totals == [1.5, 0.5, 0.0], "LMM-R1's default: 0.5 x format + accuracy"
     with pytest.raises(ConfigError, match="unknown reward"):
-        rewards.score(["x"], ["y"], {"nope": 1.0})
+        rewards.score(["x"], examples(["y"]), {"nope": 1.0})
 
 
-def test_a_reward_that_raises_pays_zero_and_is_counted():
+def test_a_reward_that_raises_or_miscounts_pays_zero_and_is_counted():
     @rewards.reward("fragile_test")
-    def fragile(completion, answer):
-        return 1.0 / len(completion)
+    def fragile(completions, examples):
+        return [1.0 / len(c) for c in completions]
+
+    @rewards.reward("short_test")
+    def miscounted(completions, examples):
+        return [1.0]
     try:
-        totals, _, counts = rewards.score(["ab", ""], ["", ""], {"fragile_test": 1.0})
-        assert totals == [0.5, 0.0] and counts["reward_errors"] == 1
+        totals, _, counts = rewards.score(["ab", ""], examples(["", ""]), {"fragile_test": 1.0})
+        assert totals == [0.0, 0.0] and counts["reward_errors"] == 2
+        totals, _, counts = rewards.score(["ab", "c"], examples(["", ""]), {"short_test": 1.0, "format": 0.5})
+        assert totals == [0.0, 0.0] and counts["reward_errors"] == 2
     finally:
         rewards.REWARDS.pop("fragile_test")
+        rewards.REWARDS.pop("short_test")
 
 
-def test_registry_decorator_adds_a_reward():
-    @rewards.reward("length_test")
-    def short(completion, answer):
-        return 1.0 if len(completion) < 5 else 0.0
+def test_a_reward_sees_the_example_it_scores():
+    @rewards.reward("mentions_topic_test")
+    def mentions(completions, examples):
+        return [1.0 if e.meta["topic"] in c else 0.0 for c, e in zip(completions, examples)]
     try:
-        totals, _, _ = rewards.score(["abc", "abcdef"], ["", ""], {"length_test": 2.0})
+        rows = examples(["", ""], topic="cats")
+        rows[1].meta["topic"] = "dogs"
+        totals, _, _ = rewards.score(["about cats", "about cats"], rows, {"mentions_topic_test": 2.0})
         assert totals == [2.0, 0.0]
     finally:
-        rewards.REWARDS.pop("length_test")
+        rewards.REWARDS.pop("mentions_topic_test")
+
+
+def test_sokoban_reward_reads_the_level_from_the_example():
+    level = "#####/#@$.#/#####"
+    rows = [Example(prompt="push", answer="right", meta={"level": level}), Example(prompt="push", answer="right")]
+    _, parts, _ = rewards.score(["<answer>R</answer>"] * 2, rows, {"sokoban": 1.0})
+    assert parts["sokoban"] == [1.0, 0.0], "solved on its level; no level, no reward"
+    _, parts, _ = rewards.score(["<answer>left</answer>"], rows[:1], {"sokoban": 1.0})
+    assert parts["sokoban"] == [0.0]
+    assert rewards.task_reward({"sokoban": 1.0, "format": 0.5}) == "sokoban"
+    assert rewards.task_reward({"format": 0.5, "accuracy": 1.0}) == "accuracy"
 
 
 PIECES = list("0123456789+-*/^{}()[]\\,.=x $%") + ["\\frac", "\\sqrt", "\\boxed{", "^{", "<answer>", "</answer>",

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print("lmmr1-lite: stopped at once; the newest complete checkpoint is intact", file=sys.stderr)
         return 130
     except Exception as err:
-        from .train import TrainingAborted
+        from .step import TrainingAborted
         if not isinstance(err, TrainingAborted):
             raise
         print(f"lmmr1-lite: aborted: {err}", file=sys.stderr)

@@ -6,7 +6,7 @@ import torch
 
 from lmmr1_kernels import token_weights
 from lmmr1_kernels.grpo_loss import per_token_terms
-from lmmr1_lite.train import group_advantages
+from lmmr1_lite.step import group_advantages
 
 
 def test_group_advantages_by_hand():

@@ -11,7 +11,7 @@ from lmmr1_lite.cli import main
 from lmmr1_lite.config import REPO_ROOT, resolve_config
 from lmmr1_lite.plan import GIB, count_parameters, estimate
 from lmmr1_lite.rollout import Rollout, encode_prompts
-from lmmr1_lite.train import micro_rows
+from lmmr1_lite.step import micro_rows
 
 PROMPTS = [[{"role": "user", "content": "max(3,7)"}], [{"role": "user", "content": "max(12,4)"}]]
 

@@ -54,6 +54,11 @@ def test_refuses_to_overwrite_a_run(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert main(["train", "--output-dir", str(out), "--max-steps", "1", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "did not write" in err, "not a run of ours: never replaced, even with --overwrite"
+    from lmmr1_lite.rundir import MARKER
+    (out / MARKER).write_text("{}")
     assert main(["train", "--output-dir", str(out), "--max-steps", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "already holds a run" in err and "--resume" in err

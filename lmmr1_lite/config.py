@@ -79,8 +79,22 @@ class TrainConfig:
     lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                    "Linear layers of the language model that get LoRA adapters.")
     # --- data and prompt -----------------------------------------------------------------------
-    data: str = _f("tiny_max", "A generated task name (see `lmmr1_lite.data.TASKS`) or a JSONL file.")
+    data: str = _f("tiny_max", "A generated task (see `lmmr1_lite.tasks.TASKS`), a JSONL/JSON/parquet file, a folder of "
+                   "them, a save_to_disk dataset, or a Hugging Face Hub dataset id org/name.")
     train_size: int = _f(2000, "Rows generated for a task's train split (ignored for files).")
+    data_preset: str = _f("auto", "Row format and field names of `data`: 'auto' (a row with 'message' is LMM-R1, "
+                          "else prompt/answer/images), 'plain', 'lmmr1', or a preset for the paper's sets: "
+                          "'deepscaler' (FRE-Text, DeepScaleR-Preview: problem/answer), 'vermulti' and "
+                          "'vermulti_geo' (MGT: LMM-R1 message/answer rows with images), 'sokoban' (LMM-R1 "
+                          "message rows whose env_path names the level). prompt_field etc. override its fields.")
+    data_split: str = _f("train", "Split to read from a Hub dataset, a save_to_disk DatasetDict, or a folder whose "
+                         "data files are named by split (train.jsonl, train-00000-of-00001.parquet).")
+    data_config: str | None = _f(None, "Hub dataset configuration (load_dataset's `name`), when it has several.")
+    prompt_field: str | None = _f(None, "Plain rows: the key holding the prompt text (OpenRLHF's input_key). "
+                                  "Default: the preset's ('problem' for deepscaler), else 'prompt'.")
+    answer_field: str | None = _f(None, "The key holding the gold answer (OpenRLHF's label_key). Default: 'answer'.")
+    image_field: str | None = _f(None, "Plain rows: the key holding an image or a list of images (paths, file:// or "
+                                 "data: URIs, or Hugging Face Image values). Default: 'images'.")
     system_prompt: str = _f(LMM_R1_SYSTEM_PROMPT, "System prompt of every prompt ('' for none); a row's own "
                             "system turn (LMM-R1 JSONL) wins. Default: LMM-R1's instructions (paraphrased).")
     prompt_template: str = _f("{prompt}", "How the user turn wraps a row's prompt text; must contain {prompt}.")
@@ -183,6 +197,12 @@ class TrainConfig:
             (0 < self.reward_timeout <= 60, "reward_timeout must be in (0, 60] seconds"),
             ("{prompt}" in self.prompt_template, "prompt_template must contain {prompt}"),
             (self.on_bad_row in ("error", "skip"), "on_bad_row must be 'error' or 'skip'"),
+            (self.data_preset in _data_presets(), f"data_preset must be one of {', '.join(_data_presets())}, "
+             f"got {self.data_preset!r}"),
+            (bool(self.data_split.strip()), "data_split must not be empty"),
+            (all(v is None or v.strip() for v in (self.data_config, self.prompt_field, self.answer_field,
+                                                  self.image_field)),
+             "data_config, prompt_field, answer_field and image_field must not be empty (leave them unset)"),
             (0 < self.min_pixels <= self.max_pixels, "need 0 < min_pixels <= max_pixels"),
             (bool(str(self.model).strip()), "model must name a directory or a Hub id"),
             (bool(str(self.data).strip()), "data must name a task, a file, a directory or a Hub id"),
@@ -197,6 +217,11 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _data_presets() -> tuple[str, ...]:
+    from .data import PRESETS  # data.py imports this module: import at call time
+    return tuple(PRESETS)
 
 
 @functools.cache

@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from .config import TINY_MODEL_DIR, ConfigError
-from .data import answer_kind, load_rows, prompt_tokens
+from .data import PRESETS, DataOptions, answer_kind, load_rows, prompt_tokens
 
 
 def add_parsers(sub) -> None:
@@ -14,8 +14,17 @@ def add_parsers(sub) -> None:
 
     data = sub.add_parser("data", help="validate or generate training data")
     verbs = data.add_subparsers(dest="data_command", required=True)
-    validate = verbs.add_parser("validate", help="check a JSONL file or datasets directory and summarise it")
-    validate.add_argument("file")
+    validate = verbs.add_parser("validate", help="check a data file, folder, save_to_disk dataset or Hub id and "
+                                                 "summarise it (every image is decoded)")
+    validate.add_argument("file", help="JSONL, JSON array, parquet, a folder of those, a save_to_disk dataset, "
+                                       "or a Hub dataset id org/name")
+    validate.add_argument("--data-preset", default="auto", choices=list(PRESETS),
+                          help="row format and field names (as the config field data_preset)")
+    validate.add_argument("--data-split", default="train", help="split of a Hub dataset, DatasetDict or folder")
+    validate.add_argument("--data-config", default=None, help="Hub dataset configuration")
+    validate.add_argument("--prompt-field", default=None, help="key of the prompt text (default: the preset's)")
+    validate.add_argument("--answer-field", default=None, help="key of the gold answer (default: the preset's)")
+    validate.add_argument("--image-field", default=None, help="key of the image(s) (default: the preset's)")
     validate.add_argument("--on-bad-row", choices=["error", "skip"], default="skip",
                           help="stop at the first bad row, or skip and count (default: skip, to see them all)")
     validate.add_argument("--tokenizer", default=str(TINY_MODEL_DIR),
@@ -32,7 +41,10 @@ def add_parsers(sub) -> None:
 
 def run(args) -> int:
     if args.data_command == "validate":
-        return validate(args.file, args.on_bad_row, args.tokenizer, args.system_prompt)
+        options = DataOptions(preset=args.data_preset, split=args.data_split, config=args.data_config,
+                              prompt_field=args.prompt_field, answer_field=args.answer_field,
+                              image_field=args.image_field, on_bad_row=args.on_bad_row)
+        return validate(args.file, options, args.tokenizer, args.system_prompt)
     return generate(args.task, args.n, args.test_n, args.seed, args.level, Path(args.out))
 
 
@@ -42,10 +54,10 @@ def percentiles(values: list[int]) -> str:
     return f"p50 {pick(0.5)}, p90 {pick(0.9)}, p99 {pick(0.99)}, max {ordered[-1]}"
 
 
-def validate(path: str, on_bad_row: str, tokenizer_name: str, system_prompt: str) -> int:
+def validate(path: str, options: DataOptions, tokenizer_name: str, system_prompt: str) -> int:
     from .models import load_tokenizer
 
-    rows, report = load_rows(path, on_bad_row)
+    rows, report = load_rows(path, options=options)
     tokenizer = load_tokenizer(tokenizer_name)
     lengths = [prompt_tokens(e, tokenizer, system_prompt) for e in rows]
     kinds = Counter(answer_kind(e) for e in rows)
@@ -61,11 +73,22 @@ def validate(path: str, on_bad_row: str, tokenizer_name: str, system_prompt: str
 def generate(task: str, n: int, test_n: int | None, seed: int, level: int, out: Path) -> int:
     from .tasks import generate as draw
 
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory; choose another --out")
     if (out / "train.jsonl").exists():
         raise ConfigError(f"{out}: already holds train.jsonl; choose another --out")
     if n < 1:
         raise ConfigError("--n must be >= 1")
     train, test = draw(task, n, max(1, n // 10) if test_n is None else test_n, seed, level)
+    try:
+        _write(out, train, test)
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot write there ({err.strerror or type(err).__name__})") from None
+    print(f"{task}: {len(train)} train and {len(test)} test rows (seed {seed}, level {level}) in {out}")
+    return 0
+
+
+def _write(out: Path, train: list, test: list) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", train), ("test", test)):
         lines = []
@@ -80,5 +103,3 @@ def generate(task: str, n: int, test_n: int | None, seed: int, level: int, out: 
                     row["images"].append(name)
             lines.append(json.dumps(row))
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    print(f"{task}: {len(train)} train and {len(test)} test rows (seed {seed}, level {level}) in {out}")
-    return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import models, rewards
 from .config import ConfigError, TrainConfig, coerce, load_yaml, parse_sets
-from .data import build_messages, load_rows, prepare
+from .data import DataOptions, build_messages, load_rows, prepare
 from .tasks import TASKS
 from .tasks import generate as generate_task
 from .rollout import generate, stop_token_ids
@@ -109,10 +109,8 @@ def run_eval(model: str | None, adapters: list[str], data: str, n: int, pass_k: 
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
     if data in TASKS:  # the task's held-out split for this seed: the same prompts the run held out
         test = generate_task(data, 0, n, cfg.seed)[1]
-    elif Path(data).exists():
-        test = load_rows(data, cfg.on_bad_row)[0][:n]
     else:
-        raise ConfigError(f"data: {data!r} is neither a task ({', '.join(TASKS)}) nor an existing file or directory")
+        test = load_rows(data, options=DataOptions.from_config(cfg))[0][:n]
     test = prepare(test, tokenizer, cfg.system_prompt, cfg.max_prompt_tokens, cfg.min_pixels, cfg.max_pixels,
                    None, cfg.prompt_template)
     if not test:

@@ -164,7 +164,7 @@ def _train(cfg: TrainConfig, run: RunDirectory, init_adapter: Path | None) -> Pa
                               f"--max-steps (the total) must be above that to continue, got {cfg.max_steps}")
     check_output_dir(run_dir, needed_bytes=0)  # writable at all: fail now, not after loading a model
     device = models.pick_device()
-    train_rows, test_rows, data_report = load_splits(cfg.data, cfg.train_size, cfg.eval_size, cfg.seed, cfg.on_bad_row)
+    train_rows, test_rows, data_report = load_splits(cfg)
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
     train_rows, test_rows = (prepare(rows, tokenizer, cfg.system_prompt, cfg.max_prompt_tokens, cfg.min_pixels,
                                      cfg.max_pixels, data_report, cfg.prompt_template) for rows in (train_rows, test_rows))

@@ -101,6 +101,17 @@ def test_lmmr1_jsonl_with_path_file_uri_and_base64_images(tmp_path):
     (json.dumps({"message": json.dumps([{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}]),
                  "answer": "1"}), r"unsupported content type 'video'"),
     (json.dumps({"question": "q"}), r"bad.jsonl:2: neither a 'message' \(LMM-R1\) nor a 'prompt' field"),
+    (json.dumps({"message": json.dumps([{"role": "user", "content": 3}]), "answer": "1"}),
+     r"bad.jsonl:2: field 'message\[0\].content' must be a string or a list of content items, got int"),
+    (json.dumps({"message": json.dumps([{"role": "user", "content": [{"type": "text", "text": 5}]}]), "answer": "1"}),
+     r"bad.jsonl:2: field 'message\[0\].content\[0\].text' must be a string, got int"),
+    (json.dumps({"message": json.dumps(["hi"]), "answer": "1"}), r"bad.jsonl:2: field 'message\[0\]' must be an object"),
+    (json.dumps({"message": json.dumps([{"role": "user", "content": [{"type": "image"}, "x"]}]), "answer": "1"}),
+     r"bad.jsonl:2: field 'message\[0\].content\[0\].image' is missing"),
+    (json.dumps({"prompt": "x", "answer": ["2"]}), r"bad.jsonl:2: field 'answer' must be a string or a number, got list"),
+    (json.dumps({"prompt": 7, "answer": "2"}), r"bad.jsonl:2: field 'prompt' must be a string, got int"),
+    (json.dumps({"prompt": "x", "answer": "2", "images": 4}), r"bad.jsonl:2: field 'images' must be an image reference"),
+    ("[1, 2]", r"bad.jsonl:2: expected a JSON object, got list"),
 ])
 def test_broken_rows_name_file_row_and_field(tmp_path, line, message):
     (tmp_path / "broken.png").write_bytes(b"not a png")

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import hub
 from .config import ConfigError
 
 
@@ -594,36 +595,15 @@ def looks_like_hub_id(data: str) -> bool:
             and Path(data).suffix.lower() not in DATA_SUFFIXES + (".arrow", ".csv", ".txt"))
 
 
-def _offline() -> bool:
-    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return any(flag in ("1", "true", "yes", "on") for flag in flags)
-
-
-def _hub_reachable(repo_id: str, timeout: float = 3.0) -> bool:
-    """One quick request (proxies honoured): any HTTP answer means the Hub is reachable."""
-    import urllib.error
-    import urllib.request
-
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    try:
-        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/api/datasets/{repo_id}", method="HEAD"), timeout=timeout)
-    except urllib.error.HTTPError:
-        return True
-    except (OSError, ValueError):
-        return False
-    return True
-
-
 def _hub_rows(repo_id: str, options: DataOptions):
     split = options.split
     name = f"{repo_id}[{split}]" if options.config is None else f"{repo_id}[{options.config}/{split}]"
     need = (f"data {repo_id!r}: needs the network or a local copy (no local file or folder of that name; {{why}}; "
             f"`hf download {repo_id} --repo-type dataset --local-dir DIR` then --data DIR, or save_to_disk, "
             "or a local file)")
-    offline = _offline()
-    if not offline and not _hub_reachable(repo_id):
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-        raise ConfigError(need.format(why=f"{endpoint} is unreachable; a cached copy loads with HF_HUB_OFFLINE=1"))
+    offline = hub.offline()
+    if not offline and not hub.hub_reachable():
+        raise ConfigError(need.format(why=f"{hub.endpoint()} is unreachable; a cached copy loads with HF_HUB_OFFLINE=1"))
     try:
         import datasets
     except ImportError:

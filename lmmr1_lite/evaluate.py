@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 
-from . import models, rewards
+from . import hub, models, rewards
 from .config import ConfigError, TrainConfig, coerce, load_yaml, parse_sets
 from .data import DataOptions, build_messages, load_rows, prepare
 from .tasks import TASKS
@@ -36,7 +36,7 @@ def run_config(adapter: Path | None, model: str | None, sets: dict) -> TrainConf
     values["model"] = model or (adapter_base(adapter) if adapter is not None else values.get("model"))
     if not values.get("model"):
         raise ConfigError("eval/export need --model or an --adapter that names its base")
-    models.check_model_source(values["model"])
+    hub.check_model_source(values["model"])
     values.update(random_init=False, quantization="none", output_dir=None)
     return TrainConfig(**values)
 

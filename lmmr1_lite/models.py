@@ -48,42 +48,6 @@ def language_model_lora_pattern(target_modules: list[str]) -> str:
     return rf".*language_model.*\.({'|'.join(target_modules)})$"
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub can be reached at all (a TCP connect, not a request): offline or
-    firewalled machines answer in seconds here instead of after transformers' retries."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def check_model_source(model: str, tokenizer: str | None = None) -> None:
-    """A model (and tokenizer) that is neither a local directory nor in the Hugging Face cache needs the
-    Hub: when the Hub cannot be reached, say so in one line, with what to do, before anything is written."""
-    from huggingface_hub import try_to_load_from_cache
-
-    for what, name in (("model", model), ("tokenizer", tokenizer)):
-        if not name or Path(name).exists():
-            continue
-        try:
-            cached = isinstance(try_to_load_from_cache(name, "config.json" if what == "model" else "tokenizer_config.json"),
-                                str)
-        except ValueError:  # not a valid repo id either
-            raise ConfigError(f"{what} {name!r}: no such local directory, and not a Hugging Face Hub id") from None
-        if not cached and not _hub_reachable():
-            raise ConfigError(f"{what} {name!r}: not a local directory and not in the Hugging Face cache, and the Hub "
-                              f"cannot be reached (offline, or HF_HUB_OFFLINE=1): pass a local directory "
-                              f"(--{what} DIR), or fetch it first where there is network: hf download {name}")
-
-
 def load_tokenizer(model: str, trust_remote_code: bool = False, tokenizer: str | None = None):
     """The tokenizer of `tokenizer` (or of `model`); an architecture-only model directory with no
     tokenizer files (the shipped 3B/7B configs) gets the tiny tokenizer, with a warning."""

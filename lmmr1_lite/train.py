@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from . import models, rewards, verifier
+from . import hub, models, rewards, verifier
 from .checkpoint import apply_checkpoint, latest_checkpoint, newest_readable_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, with_absolute_paths
 from .data import load_splits, prepare
@@ -145,7 +145,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     rewards.check_names(cfg.rewards)
     init_adapter, cfg = (None, cfg) if resume else resolve_init(cfg)
     cfg = with_absolute_paths(replace(cfg, output_dir=cfg.output_dir or f"runs/{cfg.stage}-{datetime.now():%Y%m%d-%H%M%S}"))
-    models.check_model_source(cfg.model, cfg.tokenizer)  # offline with a Hub id: one line now, not retries later
+    hub.check_model_source(cfg.model, cfg.tokenizer)  # offline with a Hub id: one line now, not retries later
     with RunDirectory(Path(cfg.output_dir), resume, cfg.overwrite) as run:
         return _train(cfg, run, init_adapter)
 

@@ -12,9 +12,11 @@ import zlib
 from pathlib import Path
 
 import pytest
+
 from PIL import Image
 
 from lmmr1_lite import data as data_module
+from lmmr1_lite import hub
 from lmmr1_lite.cli import main
 from lmmr1_lite.config import ConfigError, TrainConfig
 from lmmr1_lite.data import DataOptions, ImageRef, build_messages, load_rows, load_splits, prepare
@@ -159,7 +161,7 @@ def test_lmmr1_presets_and_sokoban_levels(images):
     rows, report = load_rows(sokoban, options=DataOptions(preset="sokoban", on_bad_row="skip"))
     assert rows[0].meta["level"] == "#####/#@$.#/#####" and report.skipped == {"field 'env_path' is missing": 1}
     from lmmr1_lite.rewards import REWARDS
-    assert REWARDS["sokoban"]("<think>push</think><answer>right</answer>", rows[0].answer) == 1.0
+    assert REWARDS["sokoban"](["<think>push</think><answer>right</answer>"], rows[:1]) == [1.0]
     # room_state shows the player over a target: one box more than targets means the player stands on one
     np.save(images / "level_2.npy", np.array([[0, 0, 0, 0, 0, 0], [0, 5, 4, 1, 2, 0], [0, 4, 1, 1, 1, 0], [0] * 6]))
     sokoban.write_text(lmmr1_line([{"type": "text", "text": "Solve."}], answer="", env_path="level_2.npy") + "\n")
@@ -213,7 +215,7 @@ def test_hub_id_offline_is_one_line_and_quick(tmp_path, capsys, monkeypatch):
     assert main(["data", "validate", "lmmr1-lite-tests/no-such-dataset"]) == 2
     code = main(["train", "--data", "lmmr1-lite-tests/no-such-dataset", "--data-split", "train", "--max-steps", "1",
                  "--eval-size", "0", "--output-dir", str(tmp_path / "run")])
-    assert code == 2 and time.monotonic() - start < 10
+    assert code == 2 and time.monotonic() - start < 30  # not transformers' 25-50 s of retries (loaded machine: margin)
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2, errors
     for line in errors:
@@ -221,7 +223,7 @@ def test_hub_id_offline_is_one_line_and_quick(tmp_path, capsys, monkeypatch):
         assert "hf download" in line and "save_to_disk" in line
     # without the offline flag, an unreachable Hub is found by one quick probe (stubbed: tests stay offline)
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(data_module, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
     assert main(["data", "validate", "org/name"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "needs the network or a local copy" in err and "unreachable" in err

@@ -137,6 +137,7 @@ MATHVISTA = [
     mathvista_row("2", "How long is the bar? (Unit: cm)", "5", unit="cm"),
     mathvista_row("3", "How much do the two candies cost? (Unit: $)", "1.45", answer_type="float", precision=2.0),
     mathvista_row("4", "Between which two years was the peak?", "[2007, 2008]", answer_type="list"),
+    mathvista_row("5", "How much does the toy cost? (Unit: £)", "12", unit="£"),
 ]
 ROWS = {"math500": MATH500, "gpqa_diamond": GPQA, "olympiadbench": OLYMPIAD, "mathvision": MATHVISION,
         "mathverse": MATHVERSE, "mmstar": MMSTAR, "mathvista": MATHVISTA}
@@ -185,6 +186,7 @@ CASES = [
     ("mathvision", 0, "The middle number is \\boxed{(B)}", 1.0),
     ("mathvision", 0, "It is the second option, \\boxed{2}", 1.0),
     ("mathvision", 0, "the answer is C", 0.0),
+    ("mathvision", 0, "B. 2", 1.0),
     ("mathvision", 1, r1("\\sqrt{12}"), 1.0),
     ("mathvision", 1, "\\boxed{3}", 0.0),
     ("mathvision", 2, "\\boxed{3.14159}", 1.0),
@@ -205,6 +207,8 @@ CASES = [
     ("mmstar", 1, "I count four apples, so the answer is 4.", 1.0),
     ("mmstar", 1, "Counting again... Option C", 1.0),
     ("mmstar", 1, r1("5"), 0.0),
+    ("mmstar", 0, "Comparing the positions, the final answer is: A", 1.0),
+    ("mmstar", 0, r1("The answer is A"), 1.0),
     ("mathvista", 0, r1("B"), 1.0),
     ("mathvista", 0, "The correct answer is (B) 8/11.", 1.0),
     ("mathvista", 0, "\\boxed{8/1l}", 1.0),       # nearest choice by edit distance
@@ -216,6 +220,8 @@ CASES = [
     ("mathvista", 2, r1("1.4"), 0.0),
     ("mathvista", 3, r1("[2007,2008]"), 1.0),
     ("mathvista", 3, "\\boxed{[2007, 2009]}", 0.0),
+    ("mathvista", 4, "It costs \\boxed{£12}", 1.0),       # the row's unit stripped
+    ("mathvista", 4, r1("£13"), 0.0),
 ]
 
 
@@ -286,6 +292,7 @@ def test_score_batch_sends_all_checks_in_one_pool_call(monkeypatch):
     ("**Final Answer:** $\\frac{1}{2}$", "", "\\frac{1}{2}"),
     ("<think>the answer is 3</think><answer> \\boxed{7} </answer>", "", "7"),
     ("<think>x</think><answer>$12$</answer>", "", "12"),
+    ("<think>x</think><answer>So the answer is B.</answer>", "ABCD", "B"),
     ("blah \\boxed{4} and later the answer is 5", "", "4"),        # a boxed answer wins over a phrase
     ("I compared all options, so D.", "ABCD", "D"),
     ("I compared all options, so D.", "", None),                   # letters only for multiple-choice rows

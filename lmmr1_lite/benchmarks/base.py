@@ -123,6 +123,8 @@ class Benchmark:
 
     def score_batch(self, rows: list[dict], completions: list[str]) -> list[float]:
         """1.0/0.0 per (row, completion); every verifier check of the batch goes through one pool call."""
+        if len(rows) != len(completions):
+            raise ValueError(f"score_batch: {len(rows)} rows but {len(completions)} completions")
         verdicts = [self.judge(row, completion) for row, completion in zip(rows, completions)]
         pairs = [pair for v in verdicts if isinstance(v, Check) for pair in v.pairs]
         checked = iter(verifier.pool().check(pairs) if pairs else [])

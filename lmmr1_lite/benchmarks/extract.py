@@ -1,7 +1,8 @@
 """Answer extraction for benchmark completions, serving both prompt modes in linear time.
 
 Order (first that yields text wins):
-1. the last `<answer>...</answer>` block (lmmr1 mode); a `\\boxed{}` inside it wins over the rest of it;
+1. the last `<answer>...</answer>` block (lmmr1 mode); a `\\boxed{}` inside it wins over the rest of it, then
+   an answer phrase inside it ("<answer>The answer is B</answer>");
 2. the last `\\boxed{...}` anywhere (cot mode, and lmmr1 completions that lost their tags);
 3. the text after the last "answer is" / "answer:" / "answer should be" ("the answer is 5.",
    "Final answer: 5", "final answer is: B", GPQA's "Answer: B"), up to the end of that sentence;
@@ -81,7 +82,7 @@ def extract_answer(completion: str, letters: str = "") -> str | None:
     block = answer_block(completion)
     if block is not None:
         inner = last_boxed(block)
-        found = clean(inner if inner is not None else block)
+        found = clean(inner) if inner is not None else after_phrase(block) or clean(block)
         return found or None
     boxed = last_boxed(completion)
     if boxed is not None and clean(boxed):

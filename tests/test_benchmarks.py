@@ -36,8 +36,9 @@ MATH500 = [
      "level": 1, "unique_id": "test/prealgebra/1.json"},
     {"problem": "Solve $3x = 14$.", "solution": "$x=\\boxed{\\frac{14}{3}}$", "answer": "\\frac{14}{3}",
      "subject": "Algebra", "level": 2, "unique_id": "test/algebra/2.json"},
-    {"problem": "Convert $(0,3)$ to polar coordinates.", "solution": "...", "answer": "\\left( 3, \\frac{\\pi}{2} \\right)",
-     "subject": "Precalculus", "level": 2, "unique_id": "test/precalculus/807.json"},
+    {"problem": "Convert $(0,3)$ to polar coordinates.", "solution": "...",
+     "answer": "\\left( 3, \\frac{\\pi}{2} \\right)", "subject": "Precalculus", "level": 2,
+     "unique_id": "test/precalculus/807.json"},
 ]
 GPQA = [
     {"Question": "Which particle mediates the electromagnetic force?", "Correct Answer": "photon",
@@ -351,7 +352,8 @@ def test_prompts_follow_the_reference_evaluations():
     assert "Therefore, the final answer is: $\\boxed{ANSWER}$" in math.prompt(MATH500[0], "cot")
     choices, gold = gpqa.options(GPQA[0])
     cot = benchmarks.get("gpqa_diamond").prompt(GPQA[0], "cot")
-    assert "'Answer: $LETTER'" in cot and f"{gold}) photon" in cot and all(f"{k}) {v}" in cot for k, v in choices.items())
+    assert "'Answer: $LETTER'" in cot and f"{gold}) photon" in cot
+    assert all(f"{letter}) {text}" in cot for letter, text in choices.items())
     olympiad = benchmarks.get("olympiadbench").prompt(OLYMPIAD[0], "cot")
     assert "So the final answer is \\boxed{multiple answers connected with commas}." in olympiad
     assert "each of them should be a numerical value" in olympiad
@@ -426,7 +428,8 @@ def test_images_decode_lazily_from_every_published_form(tmp_path):
     assert open_descriptors() == before  # every file closed after decoding
     # a {"bytes", "path"} dict (parquet), a PIL image (datasets), a path: all give RGB images
     from_bytes = benchmarks.get("mmstar").to_example(MMSTAR[0]).images[0]
-    from_pil = benchmarks.get("mathvision").to_example(dict(MATHVISION[0], decoded_image=Image.new("L", (5, 6)))).images[0]
+    pil_row = dict(MATHVISION[0], decoded_image=Image.new("L", (5, 6)))
+    from_pil = benchmarks.get("mathvision").to_example(pil_row).images[0]
     assert (from_bytes.size, from_bytes.mode, from_pil.size, from_pil.mode) == ((32, 24), "RGB", (5, 6), "RGB")
     with pytest.raises(ValueError, match="not found"):
         bench.to_example(dict(rows[0], image="images/missing.png"), "cot", tmp_path).images[0]

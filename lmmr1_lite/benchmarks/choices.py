@@ -85,8 +85,11 @@ def inline_options(question: str) -> dict[str, str]:
     body = question[start + len("options:"):]
     found, position = [], 0
     for letter in LETTERS:
-        marks = [f"{letter}:", f"{letter}.", f"({letter})"] if not found else \
-            [f"{sep}{letter}{end}" for sep in ("\n", ", ", " ") for end in (":", ".")] + [f"\n({letter})", f" ({letter})"]
+        if not found:  # the first option opens the list: "A:", "A." or "(A)"
+            marks = [f"{letter}:", f"{letter}.", f"({letter})"]
+        else:  # later ones follow a separator: "\nB:", ", B:", " B.", "\n(B)"...
+            marks = [f"{sep}{letter}{end}" for sep in ("\n", ", ", " ") for end in (":", ".")]
+            marks += [f"\n({letter})", f" ({letter})"]
         hits = [(body.find(m, position), m) for m in marks]
         hits = [(at, m) for at, m in hits if at >= 0 and (found or not body[:at].strip())]
         if not hits:

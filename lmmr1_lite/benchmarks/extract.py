@@ -67,7 +67,8 @@ def final_letter(text: str, letters: str) -> str | None:
     `endswith(f" {c}.")`, `startswith(f"{c}\\n")` and the like)."""
     tail = text[-TAIL_CHARS:].rstrip()
     last_line = tail.rsplit("\n", 1)[-1].strip().strip("*").strip()
-    for match in (_LETTER_TAIL.search(tail), _LETTER_LEAD.match(last_line), _LETTER_FIRST.match(text[:TAIL_CHARS].lstrip())):
+    first_line = text[:TAIL_CHARS].lstrip()
+    for match in (_LETTER_TAIL.search(tail), _LETTER_LEAD.match(last_line), _LETTER_FIRST.match(first_line)):
         if match and match.group(1) in letters:
             return match.group(1)
     return None

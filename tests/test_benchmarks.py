@@ -307,13 +307,15 @@ def test_extraction_rules(completion, letters, expected):
 
 @pytest.mark.parametrize("hostile", [
     "<answer>" * 50000, "x" * 1_000_000, "\\boxed{" * 50000, "the answer is " * 50000,
-    "<answer>" * 50000 + "</answer>" * 50000, "(" * 200000 + " 7",
+    "<answer>" * 50000 + "</answer>" * 50000, "(" * 200000 + " 7", "<answer>" + "1, " * 300000 + "</answer>",
+    "<answer>" + "\\text{" * 100000 + "</answer>", "<answer>" + "up " * 300000 + "</answer>",
 ])
 def test_extraction_and_scoring_are_fast_on_hostile_input(hostile):
+    rows = dict(ROWS, sokoban=[{"level": "#####/#@$.#/#####"}])
     start = time.perf_counter()
     extract_answer(hostile, "ABCD")
-    for name in ("mmstar", "olympiadbench", "mathvista"):
-        assert benchmarks.score(name, ROWS[name][0], hostile) == 0.0
+    for name in ("mmstar", "olympiadbench", "mathvista", "math500", "mathvision", "sokoban"):
+        assert benchmarks.score(name, rows[name][0], hostile) == 0.0, name
     assert time.perf_counter() - start < 1.0
 
 

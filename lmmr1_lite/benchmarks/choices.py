@@ -57,7 +57,7 @@ def resolve(answer: str | None, options: dict[str, str], letters: str = "") -> s
     A letter is accepted alone or leading the answer ("(B) 8/11", "B. 2", "Option B"); otherwise the
     answer must equal exactly one option's text. `letters` are the valid letters when the option texts
     are unknown (a question whose options could not be parsed)."""
-    if not answer:
+    if not answer or len(answer) > 2 * MAX_CHARS:
         return None
     text = _WRAPPERS.sub(r"\1", answer.strip()).strip().strip("*$").strip()
     if not text or len(text) > MAX_CHARS:

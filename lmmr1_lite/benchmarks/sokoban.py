@@ -17,6 +17,8 @@ from pathlib import Path
 from .. import sokoban as game
 from .base import Benchmark
 
+MAX_ANSWER = 2000  # characters; a longer "move list" is not read (as sokoban.sokoban_reward)
+
 INSTRUCTION = ("The image shows a Sokoban puzzle. You are the blue circle, grey cells are walls, brown squares are "
                "boxes and green circles are targets. You can move left, right, up or down, and you push a box by "
                "walking into it (you cannot pull). Push every box onto a target. Give your answer as the sequence "
@@ -54,7 +56,7 @@ class Sokoban(Benchmark):
 
     def judge(self, row: dict, completion: str) -> bool:
         answer = self.extract(row, completion)
-        moves = game.parse_moves(answer.replace("\\text", " ")) if answer else None
+        moves = game.parse_moves(answer.replace("\\text", " ")) if answer and len(answer) < MAX_ANSWER else None
         try:
             return bool(moves) and game.play(level_text(row), moves)
         except ValueError:  # a malformed level scores 0 rather than stopping an evaluation

@@ -1,0 +1,136 @@
+"""What every benchmark shares: prompts in two modes, examples, extraction and batched scoring.
+
+A benchmark module subclasses `Benchmark` and overrides a few hooks: `question` (the prompt body, with
+options), `cot_prompt` (its own chain-of-thought prompt, when the benchmark has one), `gold`, `letters`
+(for multiple-choice rows), `image_refs`, `details` and `judge`. `judge` returns True/False when the rule
+decides alone, or a `Check`: pairs for the math-verify pool plus how to combine their verdicts, so that
+`score_batch` sends the checks of a whole batch through one `verifier.pool().check` call.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import verifier
+from ..config import LMM_R1_SYSTEM_PROMPT, ConfigError
+from ..data import Example
+from ..rewards import _quick_verdict
+from .extract import extract_answer
+from .images import LazyImages, present
+
+MODES = ("lmmr1", "cot")
+# Qwen2.5's maths chain-of-thought instruction, used in cot mode by benchmarks without their own CoT prompt.
+COT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def every(verdicts: list[bool]) -> bool:
+    """All checks passed, and there was at least one."""
+    return bool(verdicts) and all(verdicts)
+
+
+@dataclass
+class Check:
+    """Answer pairs `(predicted, gold)` for the verifier, and how their verdicts make the row's verdict."""
+    pairs: list[tuple[str, str]]
+    combine: Callable[[list[bool]], bool] = every
+
+
+def math_equal(predicted: str | None, gold: str) -> bool | Check:
+    """Maths equivalence: plain numbers and words decided here, anything else by math-verify in the pool."""
+    if not predicted:
+        return False
+    verdict = _quick_verdict(predicted, gold)
+    return Check([(predicted, gold)]) if verdict is None else verdict
+
+
+def stable_hash(text: str) -> str:
+    """A short digest that is the same in every process (Python's hash() is salted per process)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class Benchmark:
+    name: str
+    paper_column: str                    # the Table 1 column this benchmark fills
+    modality: str                        # "text" or "multimodal"
+    hub_id: str | None                   # where `datasets.load_dataset` finds it
+    split: str
+    config: str | None = None
+    required: tuple[str, ...] = ()       # columns every published row has (checked by load_rows)
+    id_column: str | None = None
+    sources: tuple[str, ...] = field(default=())  # the official code the rules follow (repo path)
+
+    # ----- hooks a benchmark overrides ------------------------------------------------------------
+    def question(self, row: dict) -> str:
+        """The prompt body shared by both modes: the question with its options and answer-type hints."""
+        raise NotImplementedError
+
+    def cot_prompt(self, row: dict) -> str:
+        """The cot-mode prompt: the benchmark's own CoT query where it has one, else question + instruction."""
+        return f"{self.question(row)}\n{COT_INSTRUCTION}"
+
+    def gold(self, row: dict) -> str:
+        return str(row["answer"]).strip()
+
+    def letters(self, row: dict) -> str:
+        """Option letters of a multiple-choice row ("" for a free-form row)."""
+        return ""
+
+    def image_refs(self, row: dict) -> list:
+        return []
+
+    def details(self, row: dict) -> dict:
+        """Fields for per-category breakdowns (category, version, subject...)."""
+        return {}
+
+    def judge(self, row: dict, completion: str) -> bool | Check:
+        """The benchmark's rule for one completion (default: maths equivalence with the gold answer)."""
+        return math_equal(self.extract(row, completion), self.gold(row))
+
+    def missing(self, row: dict) -> str | None:
+        """The first required column a row lacks (None when complete); load_rows names it."""
+        return next((column for column in self.required if column not in row or row[column] is None), None)
+
+    # ----- shared API ------------------------------------------------------------------------------
+    def row_id(self, row: dict) -> str:
+        if self.id_column and row.get(self.id_column) not in (None, ""):
+            return str(row[self.id_column])
+        return stable_hash(json.dumps(self.question(row), ensure_ascii=False))
+
+    def prompt(self, row: dict, mode: str) -> str:
+        if mode not in MODES:
+            raise ConfigError(f"benchmark mode {mode!r}: expected one of {', '.join(MODES)}")
+        return self.question(row) if mode == "lmmr1" else self.cot_prompt(row)
+
+    def to_example(self, row: dict, mode: str = "cot", base_dir: str | Path = ".") -> Example:
+        """An Example for generation: prompt text, gold answer, lazily decoded images, and the system
+        prompt of the mode (LMM-R1's in lmmr1 mode; "" in cot mode, so a run's default is not applied)."""
+        prompt = self.prompt(row, mode)
+        images = LazyImages([ref for ref in self.image_refs(row) if present(ref)], base_dir)
+        meta = {"row": row, "benchmark": self.name, "mode": mode, "id": self.row_id(row), **self.details(row)}
+        system = LMM_R1_SYSTEM_PROMPT if mode == "lmmr1" else ""
+        return Example(prompt=prompt, answer=self.gold(row), images=images, system=system, meta=meta)
+
+    def extract(self, row: dict, completion: str) -> str | None:
+        """The answer read from a completion (what the predictions JSONL records)."""
+        return extract_answer(completion, self.letters(row))
+
+    def score(self, row: dict, completion: str) -> float:
+        return self.score_batch([row], [completion])[0]
+
+    def score_batch(self, rows: list[dict], completions: list[str]) -> list[float]:
+        """1.0/0.0 per (row, completion); every verifier check of the batch goes through one pool call."""
+        if len(rows) != len(completions):
+            raise ValueError(f"score_batch: {len(rows)} rows but {len(completions)} completions")
+        verdicts = [self.judge(row, completion) for row, completion in zip(rows, completions)]
+        pairs = [pair for v in verdicts if isinstance(v, Check) for pair in v.pairs]
+        checked = iter(verifier.pool().check(pairs) if pairs else [])
+        scores = []
+        for verdict in verdicts:
+            if isinstance(verdict, Check):
+                verdict = verdict.combine([next(checked)[0] for _ in verdict.pairs])
+            scores.append(1.0 if verdict else 0.0)
+        return scores

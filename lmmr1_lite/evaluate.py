@@ -102,15 +102,24 @@ def markdown_table(rows: list[tuple[str, dict]], data: str, pass_k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_eval(model: str | None, adapters: list[str], data: str, n: int, pass_k: int, out: str | None,
-             sets: dict) -> Path:
-    adapter_paths = [Path(a) for a in adapters]
+def run_eval(args) -> Path:
+    """`eval --data TASK_OR_FILE`: the run's own task (or a data file in a training format), every row unless
+    --limit, scored with the run's configured task reward."""
+    sets = parse_sets(args.sets)
+    if args.max_new_tokens is not None:
+        sets["max_new_tokens"] = args.max_new_tokens
+    model, data, pass_k, out = args.model, args.data, args.pass_k, args.out
+    adapter_paths = [Path(a) for a in args.adapter]
     cfg = run_config(adapter_paths[0] if adapter_paths else None, model, sets)
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
     if data in TASKS:  # the task's held-out split for this seed: the same prompts the run held out
-        test = generate_task(data, 0, n, cfg.seed)[1]
+        test = generate_task(data, 0, args.limit or max(cfg.eval_size, 1), cfg.seed)[1]
     else:
-        test = load_rows(data, options=DataOptions.from_config(cfg))[0][:n]
+        test = load_rows(data, options=DataOptions.from_config(cfg))[0]
+        if args.limit is not None and args.limit < len(test):
+            print(f"--limit {args.limit}: evaluating the first {args.limit} of {len(test)} rows "
+                  f"({len(test) - args.limit} dropped)")
+            test = test[:args.limit]
     test = prepare(test, tokenizer, cfg.system_prompt, cfg.max_prompt_tokens, cfg.min_pixels, cfg.max_pixels,
                    None, cfg.prompt_template)
     if not test:
@@ -157,13 +166,28 @@ def run_export(adapter: str, out: str, merge: bool, model: str | None, dtype: st
 
 
 def add_parsers(sub) -> None:
-    ev = sub.add_parser("eval", help="greedy accuracy of a base model and adapters, as one table")
+    from .benchmarks import NAMES
+
+    ev = sub.add_parser("eval", help="greedy accuracy of a base model and adapters, as one table: on a task or "
+                                     "data file, or on the paper's benchmarks (--benchmark)")
     ev.add_argument("--model", default=None, help="base model (default: the one the first adapter names)")
     ev.add_argument("--adapter", action="append", default=[], help="adapter directory (repeatable)")
-    ev.add_argument("--data", required=True, help="a generated task or a data file")
-    ev.add_argument("--n", type=int, default=100, help="evaluation rows (default 100)")
+    ev.add_argument("--benchmark", default=None, metavar="NAMES",
+                    help=f"comma-separated benchmarks, each scored by its own rule: {', '.join(NAMES)}")
+    ev.add_argument("--data", default=None, help="without --benchmark: a generated task or a data file (required); "
+                    "with it: comma-separated local copies (file, folder) or Hub ids, one per benchmark in order "
+                    "(default: each benchmark's Hub id)")
+    ev.add_argument("--prompt", default="auto", choices=["auto", "lmmr1", "cot"],
+                    help="with --benchmark: lmmr1 (training format), cot (no system prompt, \\boxed{}), auto (cot "
+                         "for the base row, lmmr1 for adapters: the paper's choice)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows (default: every row; "
+                    "what is dropped is printed)")
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help="generation cap (default: 4096 with --benchmark, else the run's max_new_tokens)")
+    ev.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (--benchmark)")
     ev.add_argument("--pass-k", type=int, default=0, help="also sample k completions per prompt for pass@k")
-    ev.add_argument("--out", default=None, help="output directory (default evals/<timestamp>)")
+    ev.add_argument("--out", default=None, help="output directory (default evals/<timestamp>); --benchmark "
+                    "resumes from the predictions already there")
     ev.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ex = sub.add_parser("export", help="save an adapter merged into its base (Hugging Face format)")
     ex.add_argument("--adapter", required=True)
@@ -175,8 +199,17 @@ def add_parsers(sub) -> None:
 
 def run(args) -> int:
     if args.command == "eval":
-        sets = parse_sets(args.sets)
-        run_eval(args.model, args.adapter, args.data, args.n, args.pass_k, args.out, sets)
+        if args.benchmark:
+            from .benchmark_eval import run_benchmarks
+            if args.max_new_tokens is None:
+                args.max_new_tokens = 4096
+            run_benchmarks(args)
+        elif not args.data:
+            raise ConfigError("eval needs --data (a task or data file) or --benchmark NAMES")
+        else:
+            if args.limit is not None and args.limit < 1:
+                raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+            run_eval(args)
     else:
         run_export(args.adapter, args.out, args.merge, args.model, args.dtype)
     return 0

@@ -502,7 +502,9 @@ def test_sokoban_levels_prompts_and_scores(tmp_path, env_files):
     assert len(rows) == 3 and all(row["level"] for row in rows)
     example = bench.to_example(rows[0], "lmmr1")
     level = sokoban.level_text(rows[0])
-    assert example.answer == "sokoban:" + level and "left" in example.prompt
+    assert example.meta["level"] == level and example.answer == rows[0]["solution"] and "left" in example.prompt
+    from lmmr1_lite.rewards import REWARDS
+    assert REWARDS["sokoban"]([r1(rows[0]["solution"]), r1("up")], [example, example]) == [1.0, 0.0]
     assert example.images[0].size == (28 * level.find("/"), 28 * len(level.split("/")))
     completions = [r1(rows[0]["solution"]), f"Plan...\n\\boxed{{{rows[1]['solution']}}}", r1("up"),
                    r1("jump, " + rows[2]["solution"])]

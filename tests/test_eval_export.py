@@ -21,7 +21,7 @@ def two_runs(tmp_path_factory):
 def test_eval_table_for_base_and_two_adapters(two_runs, tmp_path, capsys):
     out = tmp_path / "ev"
     assert main(["eval", "--adapter", str(two_runs / "a" / "adapter"), "--adapter", str(two_runs / "b" / "adapter"),
-                 "--data", "tiny_color_text", "--n", "8", "--pass-k", "2", "--out", str(out)]) == 0
+                 "--data", "tiny_color_text", "--limit", "8", "--pass-k", "2", "--out", str(out)]) == 0
     results = json.loads((out / "eval.json").read_text())["results"]
     assert len(results) == 3 and all(r["n"] == 8 and "pass@2" in r for r in results.values())
     table = (out / "eval.md").read_text()

@@ -190,7 +190,7 @@ def test_adapter_on_a_base_of_another_shape(trained_run, tmp_path, capsys):
     adapter = str(trained_run / "adapter")
     capsys.readouterr()
     one_line_error(capsys, main(["eval", "--model", str(other), "--adapter", adapter, "--data", "tiny_color_text",
-                                 "--n", "2", "--out", str(tmp_path / "ev")]), "does not fit the base model")
+                                 "--limit", "2", "--out", str(tmp_path / "ev")]), "does not fit the base model")
     one_line_error(capsys, main(["export", "--model", str(other), "--adapter", adapter, "--out",
                                  str(tmp_path / "ex")]), "does not fit the base model")
 

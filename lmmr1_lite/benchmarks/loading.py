@@ -67,6 +67,11 @@ def _read_dir(path: Path, split: str) -> list:
 
 def _read_hub(hub_id: str, config: str | None, split: str) -> list:
     """`datasets.load_dataset`; any failure to reach the Hub becomes one line naming the fix."""
+    from .. import hub
+
+    if not hub.offline() and not hub.hub_reachable():  # seconds, not a page of retries
+        raise ConfigError(f"{hub_id}: {hub.endpoint()} cannot be reached; a Hub benchmark needs the network or a "
+                          f"local copy (`hf download {hub_id} --repo-type dataset`, then --data DIR)")
     try:
         from datasets import load_dataset
         dataset = load_dataset(hub_id, config, split=split)

@@ -43,7 +43,14 @@ class Sokoban(Benchmark):
         return f"{INSTRUCTION}\nPlease reason step by step, and put your final answer (the moves) within \\boxed{{}}."
 
     def gold(self, row: dict) -> str:
-        return game.PREFIX + level_text(row)
+        """A reference solution when the row has one; the level itself is the gold (`to_example` puts it in
+        `meta["level"]`, where the training `sokoban` reward reads it)."""
+        return str(row.get("solution") or "")
+
+    def to_example(self, row: dict, mode: str = "cot", base_dir: str | Path = "."):
+        example = super().to_example(row, mode, base_dir)
+        example.meta["level"] = level_text(row)
+        return example
 
     def image_refs(self, row: dict) -> list:
         return [game.render(level_text(row))]

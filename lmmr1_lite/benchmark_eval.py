@@ -1,0 +1,200 @@
+"""`lmmr1-lite eval --benchmark math500,mathvista,...`: the paper's benchmarks, each scored by its own rule,
+for the base model and each adapter, as a table in the shape of LMM-R1's Table 1 beside the paper's rows.
+
+Every row is evaluated unless `--limit N` says otherwise (and says what it dropped). Decoding is greedy, in
+batches, with a progress bar. Each prediction is appended to `predictions/<benchmark>/<model>-<mode>.jsonl`
+as soon as its batch is scored, so an interrupted evaluation resumes where it stopped: rows already there
+are not generated again.
+
+Prompt modes (`--prompt`): `lmmr1` (LMM-R1's system prompt and `<think>/<answer>` format, how the paper
+evaluated its trained models), `cot` (no system prompt; step by step and `\\boxed{}`, how the paper evaluated
+its baseline, because the format prompt hurt the untrained model), `auto` (cot for the base row, lmmr1 for
+adapters: the paper's choice).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import benchmarks, models
+from .config import ConfigError, TrainConfig
+from .data import build_messages, prepare
+from .rollout import generate, stop_token_ids
+
+# LMM-R1 Table 1, Qwen2.5-VL-3B-Instruct (../shared/reference/lmm-r1.md), in %. The paper's "text avg"
+# averages MATH500 and GPQA; its "MM avg" the five columns after it, OlympiadBench included.
+PAPER_ROWS = {
+    "baseline (CoT)": [63.40, 30.30, 46.85, 10.28, 23.59, 34.64, 51.40, 60.70, 36.12],
+    "FRE-Multi": [61.80, 27.27, 44.54, 11.80, 24.74, 38.45, 58.76, 64.20, 38.71],
+    "FRE-Text": [65.40, 36.87, 51.14, 15.62, 25.76, 38.83, 55.15, 61.40, 39.35],
+    "MGT-Geo": [65.80, 32.32, 49.06, 14.63, 26.84, 41.80, 54.39, 59.00, 39.33],
+    "MGT-PerceReason": [63.80, 38.89, 51.35, 15.62, 26.35, 41.55, 58.03, 63.20, 40.95],
+}
+PAPER_COLUMNS = ["MATH500", "GPQA", "text avg", "OlympiadBench", "MathVision", "MathVerse", "MM-Star", "MathVista",
+                 "MM avg"]
+AVERAGES = {"text avg": ("MATH500", "GPQA"),
+            "MM avg": ("OlympiadBench", "MathVision", "MathVerse", "MM-Star", "MathVista")}
+PAPER_SOKOBAN = {"baseline (CoT)": 42.35, "FRE-Text": 44.81}  # agent tasks, MGT-Sokoban: 47.91
+
+
+@dataclass
+class EvalRequest:
+    """What `eval --benchmark` was asked for."""
+    names: list[str]
+    data: list[str | None]       # per benchmark: a local file/dir or Hub id (None: the benchmark's Hub id)
+    model: str | None
+    adapters: list[str]
+    prompt: str = "auto"
+    limit: int | None = None
+    max_new_tokens: int = 4096
+    batch_size: int = 16
+    out: str = "evals/benchmarks"
+    sets: dict | None = None
+
+
+def parse_request(args) -> EvalRequest:
+    names = [n.strip() for n in args.benchmark.split(",") if n.strip()]
+    for name in names:
+        benchmarks.get(name)  # one line naming the choices when unknown
+    data = [d.strip() or None for d in args.data.split(",")] if args.data else [None] * len(names)
+    if len(data) != len(names):
+        raise ConfigError(f"--data: {len(data)} paths for {len(names)} benchmarks; give one per benchmark, in order")
+    if args.prompt not in ("auto",) + benchmarks.MODES:
+        raise ConfigError(f"--prompt must be auto, lmmr1 or cot, got {args.prompt!r}")
+    for flag, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens),
+                        ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    from .config import parse_sets
+    return EvalRequest(names, data, args.model, args.adapter, args.prompt, args.limit, args.max_new_tokens,
+                       args.batch_size, args.out or "evals/benchmarks", parse_sets(args.sets))
+
+
+def model_label(adapter: Path | None) -> str:
+    """A stable, filename-safe name for a model row: `base`, or the adapter's run and a digest of its path."""
+    if adapter is None:
+        return "base"
+    resolved = str(adapter.resolve())
+    name = adapter.parent.name if adapter.name == "adapter" else adapter.name
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
+
+
+def read_predictions(path: Path) -> dict:
+    """Row id -> prediction, from a (possibly interrupted) predictions file; a torn last line is ignored."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                done[record["id"]] = record
+            except (ValueError, KeyError, TypeError):
+                continue
+    return done
+
+
+def evaluate_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict) -> dict:
+    """Greedy predictions of one model on one benchmark's rows, appended to `job["path"]` batch by batch;
+    returns {"accuracy", "n"} over every row (resumed rows included)."""
+    bench, rows, mode, path = job["bench"], job["rows"], job["mode"], job["path"]
+    done = read_predictions(path)
+    todo = [row for row in rows if bench.row_id(row) not in done]
+    stops = stop_token_ids(tokenizer, ["</answer>"] if mode == "lmmr1" else [])
+    image_processor = job["image_processor"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{job['label']} {bench.name} ({mode})",
+               unit="row", dynamic_ncols=True)
+    with path.open("a", encoding="utf-8") as handle:
+        for start in range(0, len(todo), job["batch_size"]):
+            batch_rows = todo[start:start + job["batch_size"]]
+            examples = []
+            for row in batch_rows:  # images decoded and fitted into [min_pixels, max_pixels]; never truncated
+                try:
+                    examples += prepare([bench.to_example(row, mode, job["base_dir"])], tokenizer, "", 10**9,
+                                        cfg.min_pixels, cfg.max_pixels)
+                except (ValueError, OSError) as err:
+                    raise ConfigError(f"{bench.name} row {bench.row_id(row)}: image unreadable ({err})") from None
+            messages = [build_messages(e, "", "{prompt}") for e in examples]
+            out = generate(policy, tokenizer, messages, num_generations=1, max_new_tokens=job["max_new_tokens"],
+                           temperature=1.0, stop_ids=stops, greedy=True, image_processor=image_processor)
+            scores = bench.score_batch(batch_rows, out.texts)
+            for row, text, score in zip(batch_rows, out.texts, scores):
+                record = {"id": bench.row_id(row), "extracted": bench.extract(row, text), "score": score,
+                          "completion": text, **bench.details(row)}
+                handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+                done[record["id"]] = record
+            handle.flush()
+            bar.update(len(batch_rows))
+    bar.close()
+    scores = [done[bench.row_id(row)]["score"] for row in rows]
+    return {"accuracy": sum(scores) / len(scores), "n": len(scores)}
+
+
+def table(results: dict[str, dict[str, dict]], names: list[str]) -> str:
+    """Markdown in the shape of Table 1: a row per model, a column per benchmark (% accuracy) and the
+    paper's averages where all their columns were evaluated; the paper's Qwen2.5-VL-3B rows beside."""
+    columns = [benchmarks.get(n).paper_column for n in names]
+    ordered = [c for c in PAPER_COLUMNS if c in columns or (c in AVERAGES and set(AVERAGES[c]) <= set(columns))]
+    ordered += [c for c in columns if c not in ordered]
+    lines = ["| model | " + " | ".join(ordered) + " |", "|---|" + "---:|" * len(ordered)]
+    for label, per_bench in results.items():
+        values = {benchmarks.get(n).paper_column: 100 * per_bench[n]["accuracy"] for n in names if n in per_bench}
+        for avg, parts in AVERAGES.items():
+            if set(parts) <= set(values):
+                values[avg] = sum(values[p] for p in parts) / len(parts)
+        lines.append(f"| {label} | " + " | ".join(f"{values[c]:.2f}" if c in values else "" for c in ordered) + " |")
+    for name, paper in PAPER_ROWS.items():
+        values = dict(zip(PAPER_COLUMNS, paper))
+        if "Sokoban" in ordered and name in PAPER_SOKOBAN:
+            values["Sokoban"] = PAPER_SOKOBAN[name]
+        lines.append(f"| paper: {name} (LMM-R1, Qwen2.5-VL-3B) | "
+                     + " | ".join(f"{values[c]:.2f}" if c in values else "" for c in ordered) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_benchmarks(args) -> Path:
+    from .evaluate import load_policy, run_config
+
+    request = parse_request(args)
+    loaded = {}
+    for name, data in zip(request.names, request.data):  # every benchmark's rows checked before any model loads
+        rows = benchmarks.load_rows(name, data)
+        if request.limit is not None and request.limit < len(rows):
+            print(f"--limit {request.limit}: {name} evaluated on its first {request.limit} of {len(rows)} rows "
+                  f"({len(rows) - request.limit} dropped)")
+            rows = rows[:request.limit]
+        base_dir = Path(data).parent if data and Path(data).is_file() else Path(data) if data and Path(data).is_dir() \
+            else Path(".")
+        loaded[name] = (rows, base_dir)
+    out = Path(request.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    adapters = [None] + [Path(a) for a in request.adapters]
+    results: dict[str, dict] = {}
+    for adapter in adapters:
+        cfg = run_config(adapter if adapter is not None else (Path(request.adapters[0]) if request.adapters else None),
+                         request.model, request.sets or {})
+        label = model_label(adapter)
+        row_name = f"base ({Path(cfg.model).name})" if adapter is None else label
+        mode_of = request.prompt if request.prompt != "auto" else ("cot" if adapter is None else "lmmr1")
+        tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
+        policy = load_policy(replace(cfg, output_dir=None), adapter)
+        image_processor = models.load_image_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
+        results[f"{row_name}, {mode_of}"] = {}
+        for name in request.names:
+            rows, base_dir = loaded[name]
+            job = {"bench": benchmarks.get(name), "rows": rows, "mode": mode_of, "label": label,
+                   "path": out / "predictions" / name / f"{label}-{mode_of}.jsonl", "base_dir": base_dir,
+                   "batch_size": request.batch_size, "max_new_tokens": request.max_new_tokens,
+                   "image_processor": image_processor}
+            results[f"{row_name}, {mode_of}"][name] = evaluate_benchmark(policy, tokenizer, cfg, job)
+        del policy
+    markdown = table(results, request.names)
+    (out / "eval.md").write_text(markdown)
+    (out / "eval.json").write_text(json.dumps({"benchmarks": request.names, "results": results}, indent=2))
+    print(markdown + f"wrote {out / 'eval.md'}, {out / 'eval.json'} and the predictions under {out / 'predictions'}")
+    return out

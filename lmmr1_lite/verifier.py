@@ -483,8 +483,9 @@ class VerifierPool:
             else:
                 pending.append(i)
         pending.reverse()
+        dead_on_arrival = 0  # workers found dead when handed a job: a few are races, many a broken zygote
         while pending or any(w.job is not None for w in self._workers):
-            if not self._workers:
+            if not self._workers or dead_on_arrival > 2 * self.size + len(pairs):
                 raise RuntimeError("every answer-verifier worker died")
             for worker in list(self._workers):  # hand jobs to idle workers
                 if worker.job is None and pending:
@@ -494,9 +495,12 @@ class VerifierPool:
                         worker.conn.sendall((json.dumps(pairs[job]) + "\n").encode())
                     except OSError:  # it died while idle: a fresh one takes the job
                         worker.job = None
+                        dead_on_arrival += 1
                         pending.append(job)
                         self._replace(worker)
             busy = [w for w in self._workers if w.job is not None]
+            if not busy:  # every idle worker was found dead and replaced: hand the jobs to the new ones
+                continue
             now = time.monotonic()
             wait_for = min([w.started + self.timeout - now for w in busy] + [1.0])
             ready = wait([w.conn for w in busy], timeout=max(0.0, wait_for))

@@ -164,12 +164,12 @@ def accuracy_batch(completions: list[str], answers: list[str]) -> list[float]:
             continue
         verdict = _quick_verdict(predicted, gold)
         if verdict is None:
-            todo.append(i)
+            todo.append((i, predicted))
         else:
             scores[i] = float(verdict)
     if todo:
-        checked = verifier.pool().check([(extract_answer(completions[i]), answers[i]) for i in todo])
-        for i, (equal, _status) in zip(todo, checked):
+        checked = verifier.pool().check([(predicted, answers[i]) for i, predicted in todo])
+        for (i, _predicted), (equal, _status) in zip(todo, checked):
             scores[i] = float(equal)
     return scores
 

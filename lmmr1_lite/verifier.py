@@ -368,15 +368,18 @@ class VerifierPool:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
         # A fresh interpreter (not fork: torch's threads; not multiprocessing's spawn, which re-imports the
-        # user's __main__).
+        # user's __main__), started where it imports this very lmmr1_lite (`-c` puts its directory first).
         command = [sys.executable, "-c", f"from lmmr1_lite.verifier import zygote; zygote({child.fileno()})"]
-        self._zygote = subprocess.Popen(command, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self._zygote = subprocess.Popen(command, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, cwd=here,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         child.close()
         self._control, self._ready = parent, False
 
     def warm_up(self, limit: float = 120.0) -> None:
         """Block until the zygote has imported math-verify (the first start takes seconds), then fork the workers."""
+        if self._control is None:  # closed: start again
+            self._start_zygote()
         if not self._ready:
             self._await_zygote(limit)
         while len(self._workers) < self.size:

@@ -265,12 +265,11 @@ def zygote(fd: int) -> None:
     logging.disable(logging.WARNING)  # math-verify warns that its own timeouts are off: ours are outside
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle; it closes us
     control = socket.socket(fileno=fd)
-    for answer, other in zip(_WARM_UP, _WARM_UP[1:] + _WARM_UP[:1]):
-        for pair in ((answer, answer), (answer, other)):
-            try:
-                equivalent(*pair)
-            except Exception:  # noqa: BLE001
-                pass
+    for pair in zip(_WARM_UP, _WARM_UP[1:] + _WARM_UP[:1]):
+        try:
+            equivalent(*pair)
+        except Exception:  # noqa: BLE001
+            pass
     gc.collect()
     gc.freeze()  # keep the collector off the template's objects: children share those pages copy-on-write
     children: set[int] = set()

@@ -31,20 +31,21 @@ NORMAL = [  # final answers the scan must let through (besides the equivalence t
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def fresh_pool():
-    """A pool of its own (2 workers) for the tests that kill workers and shorten the limit."""
-    pool = verifier.VerifierPool(workers=2, timeout=5.0)
+    """The process-wide pool (its workers get killed and its limit shortened here), restored afterwards."""
+    pool = verifier.pool()
     pool.warm_up()
+    timeout, pool.timeout = pool.timeout, 5.0
     yield pool
-    pool.close()
+    pool.timeout = timeout
 
 
 @pytest.mark.parametrize("answer", HOSTILE)
 def test_scan_rejects_answers_that_stall_sympy(answer):
     start = time.perf_counter()
     assert verifier.too_expensive(answer)
-    assert time.perf_counter() - start < 0.01
+    assert time.perf_counter() - start < 0.1  # microseconds when idle; margin for a preempted test
 
 
 @pytest.mark.parametrize("answer", NORMAL + [p for p, _, e in EQUIVALENCE if e == 1.0])
@@ -121,15 +122,16 @@ def test_workers_killed_mid_batch_are_replaced_at_once(fresh_pool):
 
 
 def test_an_idle_worker_that_died_does_not_cost_a_check(fresh_pool):
+    errors = fresh_pool.stats.errors
     _kill(fresh_pool.pids())
     time.sleep(0.1)
     start = time.perf_counter()
     assert fresh_pool.check([TRIVIAL, ("5", "6+9i")]) == [(True, "ok"), (False, "ok")]
     assert time.perf_counter() - start < 1.0
-    assert fresh_pool.stats.errors == 0
+    assert fresh_pool.stats.errors == errors
 
 
-def test_an_answer_that_kills_its_worker_twice_is_an_error(fresh_pool, monkeypatch):
+def test_an_answer_that_kills_its_worker_twice_is_an_error(fresh_pool):
     """One retry only: an answer whose check crashes the worker each time scores 0, counted as an error."""
     errors = fresh_pool.stats.errors
     stop = threading.Event()

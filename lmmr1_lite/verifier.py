@@ -273,6 +273,7 @@ def zygote(fd: int) -> None:
     gc.collect()
     gc.freeze()  # keep the collector off the template's objects: children share those pages copy-on-write
     children: set[int] = set()
+    me = os.getpid()
     control.sendall(b"ready")
     while True:
         while children:  # reap finished workers (a killed one is a zombie until then, its pid not reused)
@@ -304,6 +305,8 @@ def zygote(fd: int) -> None:
                 try:
                     control.close()
                     _die_with_parent()  # the zygote: if it dies, a worker stuck in sympy goes with it
+                    if os.getppid() != me:  # it died before the line above
+                        raise SystemExit
                     _worker_main(socket.socket(fileno=fds[0]))
                 except BaseException:  # noqa: BLE001
                     code = 1

@@ -73,8 +73,9 @@ def test_accuracy_batch_matches_single_calls_and_counts_timeouts():
     golds = [g for _, g, _ in EQUIVALENCE]
     _, parts, counts = rewards.score(completions, examples(golds), {"accuracy": 1.0})
     assert parts["accuracy"] == [e for _, _, e in EQUIVALENCE]
-    assert counts["reward_timeouts"] >= 2, "the power towers must time out, and be counted"
-    assert counts["reward_rejected"] >= 3, "over-long and brace-unbalanced answers are rejected unparsed"
+    # the power towers are rejected by the verifier's structural scan before any worker sees them (they used
+    # to time out); timeouts are counted in tests/test_verifier_limits.py
+    assert counts["reward_rejected"] >= 6, "power towers, over-long and brace-unbalanced answers are rejected unparsed"
 
 
 @pytest.mark.parametrize("completion,gold,expected", [

@@ -20,6 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 TINY_MODEL_DIR = CONFIG_DIR / "models" / "tiny"  # the embedded tiny model (config + tokenizer)
 STAGES = ("fre", "mgt")
+DATA_PRESETS = ("auto", "plain", "lmmr1", "deepscaler", "vermulti", "vermulti_geo", "sokoban")  # data.PRESETS' names
 
 
 LMM_R1_SYSTEM_PROMPT = (
@@ -115,6 +116,8 @@ class TrainConfig:
     rewards: dict = _f({"format": 0.5, "accuracy": 1.0},
                        "Reward name -> weight; the total reward is the weighted sum (LMM-R1: 0.5 format + 1 acc). "
                        "Built in: format (LMM-R1 tags), format_boxed, accuracy, tags, sokoban.")
+    reward_workers: int = _f(0, "Answer-checking worker processes (math-verify, forked from one warm template); "
+                             "0: the cores this process may use, at most 8.")
     reward_timeout: float = _f(0.8, "Seconds one answer check may take before its worker is killed (scores 0); "
                                "0.8 keeps every reward call under 1 s with process overhead.")
     # --- GRPO ----------------------------------------------------------------------------------
@@ -195,9 +198,10 @@ class TrainConfig:
              "lora_target_modules must be a non-empty list of module names (e.g. [q_proj, v_proj])"),
             (all(isinstance(t, str) and t for t in self.stop_tokens), "stop_tokens must be a list of non-empty strings"),
             (0 < self.reward_timeout <= 60, "reward_timeout must be in (0, 60] seconds"),
+            (self.reward_workers >= 0, "reward_workers must be >= 0 (0: one per core, at most 8)"),
             ("{prompt}" in self.prompt_template, "prompt_template must contain {prompt}"),
             (self.on_bad_row in ("error", "skip"), "on_bad_row must be 'error' or 'skip'"),
-            (self.data_preset in _data_presets(), f"data_preset must be one of {', '.join(_data_presets())}, "
+            (self.data_preset in DATA_PRESETS, f"data_preset must be one of {', '.join(DATA_PRESETS)}, "
              f"got {self.data_preset!r}"),
             (bool(self.data_split.strip()), "data_split must not be empty"),
             (all(v is None or v.strip() for v in (self.data_config, self.prompt_field, self.answer_field,
@@ -217,11 +221,6 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-def _data_presets() -> tuple[str, ...]:
-    from .data import PRESETS  # data.py imports this module: import at call time
-    return tuple(PRESETS)
 
 
 @functools.cache

@@ -34,16 +34,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import hub
-from .config import ConfigError
-
-
-@dataclass
-class Example:
-    prompt: str
-    answer: str
-    images: list = field(default_factory=list)  # PIL images or `ImageRef`s (build_messages gives PIL images)
-    system: str | None = None                   # the row's own system prompt (LMM-R1 rows may carry one)
-    meta: dict = field(default_factory=dict)
+from .config import DATA_PRESETS, ConfigError
+from .example import Example  # noqa: F401  (re-exported)
+from .rewards import gold_parseable
+from .tasks import TASKS, generate
 
 
 class BadRow(ValueError):
@@ -87,6 +81,7 @@ PRESETS: dict[str, RowFormat] = {  # a preset is a row format plus field names (
     "vermulti_geo": RowFormat("lmmr1"),                    # MGT-Geo: LMM-R1 rows with diagrams
     "sokoban": RowFormat("lmmr1", needs_env=True),         # MGT-Sokoban: LMM-R1 rows whose env_path is the level
 }
+assert tuple(PRESETS) == DATA_PRESETS, "config.DATA_PRESETS names the presets, for validation"
 
 
 @dataclass(frozen=True)
@@ -715,7 +710,6 @@ def load_rows(data: str | Path, on_bad_row: str | None = None,
                 item.images = images
                 examples.append(item)
     # gold answers the verifier cannot parse would pay nobody (LMM-R1 pays them 1.0): skip and count
-    from .rewards import gold_parseable
     ok = gold_parseable(examples)
     if ok.count(False):
         report.skipped["gold answer not parseable"] += ok.count(False)
@@ -730,8 +724,6 @@ def load_splits(cfg) -> tuple[list[Example], list[Example], LoadReport]:
     """Train and held-out rows for a TrainConfig (data, train_size, eval_size, seed, on_bad_row and the
     data_* / *_field settings). A task name gives generated train/test splits; data rows are split 90/10
     (test capped at eval_size)."""
-    from .tasks import TASKS, generate
-
     data, options = cfg.data, DataOptions.from_config(cfg)
     train_size, test_size, seed = cfg.train_size, cfg.eval_size, cfg.seed
     if data in TASKS:

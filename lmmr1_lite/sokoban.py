@@ -136,7 +136,7 @@ def render(level: str, cell: int = 28):
 
 def solves(completion: str, level: str) -> float:
     """1.0 when the moves in the completion's answer solve `level`, else 0.0 (also for no or invalid moves)."""
-    from .rewards import extract_answer
+    from .answers import extract_answer
 
     predicted = extract_answer(completion)
     moves = parse_moves(predicted) if predicted and len(predicted) < 2000 else None

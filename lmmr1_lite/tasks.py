@@ -12,7 +12,7 @@ from typing import Callable
 
 import sympy
 
-from .data import Example
+from .example import Example
 
 # ---------------------------------------------------------------------------------------------
 # Tiny demo tasks (fit the tiny tokenizer's vocabulary)

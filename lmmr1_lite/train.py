@@ -188,7 +188,7 @@ def _train(cfg: TrainConfig, run: RunDirectory, init_adapter: Path | None) -> Pa
                               optimizer, math.ceil(cfg.warmup_ratio * total_updates), total_updates)
     ctx = StepContext(policy, tokenizer, cfg, optimizer, scheduler, image_processor,
                       stop_token_ids(tokenizer, cfg.stop_tokens))
-    verifier.pool(cfg.reward_timeout)  # start the answer-checking workers now, not inside step 1
+    verifier.pool(cfg.reward_timeout, cfg.reward_workers or None)  # the answer checkers start now, not in step 1
     log = MetricsLog(run_dir, cfg.report_to, cfg.to_dict())
     sampler = random.Random(cfg.seed)  # which prompts each step sees
     print(f"lmmr1-lite: stage {cfg.stage}, model {cfg.model}{' (random init)' if cfg.random_init else ''}, "

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from lmmr1_lite import rewards, verifier
-from lmmr1_lite.sokoban import sokoban_reward
+from lmmr1_lite.data import Example
+from lmmr1_lite.sokoban import solves
 
 from test_rewards import EQUIVALENCE
 
@@ -64,7 +65,8 @@ def test_a_batch_of_power_towers_scores_zero_fast_and_is_counted():
     verifier.pool().warm_up()
     completions = [f"<think>x</think><answer>${answer}$</answer>" for answer in HOSTILE]
     start = time.perf_counter()
-    _, parts, counts = rewards.score(completions, ["3"] * len(HOSTILE), {"accuracy": 1.0})
+    golds = [Example(prompt="q", answer="3") for _ in HOSTILE]
+    _, parts, counts = rewards.score(completions, golds, {"accuracy": 1.0})
     elapsed = time.perf_counter() - start
     assert parts["accuracy"] == [0.0] * 16
     assert counts["reward_rejected"] == 16 and counts["reward_timeouts"] == 0
@@ -169,7 +171,7 @@ UNCLOSED = ["<answer>" * 50000, "<think>" * 50000, "\\boxed{" * 50000, "<answer>
 
 @pytest.mark.parametrize("completion", UNCLOSED, ids=["answer", "think", "boxed", "answer_x", "boxed_pairs"])
 def test_unclosed_tags_are_extracted_in_linear_time(completion):
-    for fn, gold in ((rewards.accuracy_reward, "3"), (sokoban_reward, "sokoban:#####/#@$.#/#####")):
+    for fn, gold in ((rewards.accuracy_reward, "3"), (solves, "#####/#@$.#/#####")):
         start = time.perf_counter()
         assert fn(completion, gold) == 0.0
         assert time.perf_counter() - start < 1.0, fn.__name__

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from ..rewards import last_boxed
+from ..answers import answer_block, last_boxed
 from ..verifier import MAX_ANSWER_CHARS
 
 # Phrases after which official extractors read the answer: MathVision's evaluate.py tries "the final answer
@@ -28,13 +28,6 @@ TAIL_CHARS = 300  # how far before the end a closing option letter is looked for
 _LETTER_TAIL = re.compile(r"(?:^|[\s(*])\(?([A-J])\)?[\s.*)]*$")     # "... so D." / "(B)"
 _LETTER_LEAD = re.compile(r"\(?([A-J])(?:\)|\.|:)(?:\s|$)")             # a last line "B. 2" / "(B) 2"
 _LETTER_FIRST = re.compile(r"\(?([A-J])\)?\.?[ \t]*(?:\n|$)")            # a first line "B" (MATH-V's startswith)
-
-
-def answer_block(text: str) -> str | None:
-    """Inside of the last closed `<answer>...</answer>` block, else None (an unclosed block does not count)."""
-    end = text.rfind("</answer>")
-    start = text.rfind("<answer>", 0, end) if end >= 0 else -1
-    return text[start + len("<answer>"):end] if start >= 0 else None
 
 
 def clean(answer: str) -> str:

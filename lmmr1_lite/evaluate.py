@@ -141,13 +141,57 @@ def run_eval(args) -> Path:
     return out_dir
 
 
-def run_export(adapter: str, out: str, merge: bool, model: str | None, dtype: str) -> Path:
-    adapter_path, out_dir = Path(adapter), Path(out)
+def model_card(cfg: TrainConfig, adapter: Path, merged: bool) -> str:
+    """A README.md for an exported model or adapter: base model, data, steps and the run's eval table."""
+    run_dir = adapter.parent
+    lines = ["---", f"base_model: {cfg.model}", "library_name: " + ("transformers" if merged else "peft"),
+             "tags: [lmmr1-lite, grpo, lmm-r1, qwen2.5-vl]", "---", "",
+             f"# {'Merged model' if merged else 'LoRA adapter'} trained with lmmr1-lite (stage {cfg.stage.upper()})", "",
+             f"- base model: `{cfg.model}`", f"- data: `{cfg.data}`" + (f" (preset {cfg.data_preset})"
+                                                                       if cfg.data_preset != "auto" else ""),
+             f"- GRPO steps: {cfg.max_steps} x {cfg.prompts_per_step} prompts x {cfg.num_generations} completions, "
+             f"LoRA r={cfg.lora_r}, learning rate {cfg.learning_rate:g}, beta {cfg.beta:g}, loss {cfg.loss_agg}",
+             f"- rewards: {', '.join(f'{w:g} x {n}' for n, w in cfg.rewards.items())}",
+             "- recipe: LMM-R1 (arXiv 2503.07536), two-stage rule-based RL, reproduced on one GPU with LoRA", ""]
+    evaluated = run_dir / "eval.json"
+    if evaluated.is_file():
+        scores = json.loads(evaluated.read_text())
+        if scores.get("before") and scores.get("after"):
+            lines += ["| held-out | accuracy | format |", "|---|---:|---:|"]
+            lines += [f"| {when} | {scores[when]['accuracy']:.3f} | {scores[when]['format']:.3f} |"
+                      for when in ("before", "after")]
+            lines.append("")
+    if merged:
+        lines.append("Load with `AutoModelForImageTextToText.from_pretrained(DIR)` and `AutoProcessor.from_pretrained(DIR)`.")
+    else:
+        lines.append("Load with `peft.AutoPeftModel.from_pretrained(DIR)` (the base class is named in adapter_config.json).")
+    return "\n".join(lines) + "\n"
+
+
+def push_to_hub(out_dir: Path, repo: str) -> None:
+    """Upload an exported directory to the Hub (needs a token: `hf auth login`); one line when it cannot."""
+    from huggingface_hub import HfApi
+
+    if hub.offline() or not hub.hub_reachable():
+        raise ConfigError(f"--push-to-hub {repo}: the Hub cannot be reached; {out_dir} is written, push it later with "
+                          f"`hf upload {repo} {out_dir}`")
+    try:
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(out_dir))
+    except Exception as err:  # noqa: BLE001 - no token, no rights, a name taken: one line, the export stays
+        raise ConfigError(f"--push-to-hub {repo}: {type(err).__name__}: {str(err).splitlines()[0][:160]} "
+                          f"({out_dir} is written)") from None
+    print(f"pushed {out_dir} to https://huggingface.co/{repo}")
+
+
+def run_export(args) -> Path:
+    adapter_path, out_dir, merge = Path(args.adapter), Path(args.out), args.merge
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir}: exists and is not a directory; choose another directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"--out {out_dir} is not empty; choose another directory")
-    cfg = replace(run_config(adapter_path, model, {}), dtype=dtype)
+    cfg = replace(run_config(adapter_path, args.model, {}), dtype=args.dtype)
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
     policy = load_policy(cfg, adapter_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +205,11 @@ def run_export(adapter: str, out: str, merge: bool, model: str | None, dtype: st
     for name in ("preprocessor_config.json", "chat_template.json", "chat_template.jinja"):
         if (source / name).is_file() and not (out_dir / name).exists():
             shutil.copy(source / name, out_dir / name)
-    print(f"{'merged model' if merge else 'adapter'} ({dtype}) with tokenizer and processor config: {out_dir}")
+    (out_dir / "README.md").write_text(model_card(cfg, adapter_path, merge))
+    print(f"{'merged model' if merge else 'adapter'} ({args.dtype}) with tokenizer, processor config and model card: "
+          f"{out_dir}")
+    if args.push_to_hub:
+        push_to_hub(out_dir, args.push_to_hub)
     return out_dir
 
 
@@ -195,6 +243,8 @@ def add_parsers(sub) -> None:
     ex.add_argument("--merge", action="store_true", help="merge the LoRA weights into the base model")
     ex.add_argument("--model", default=None, help="base model (default: the one the adapter names)")
     ex.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ex.add_argument("--push-to-hub", default=None, metavar="REPO",
+                    help="also upload the exported directory to this Hub repository (needs `hf auth login`)")
 
 
 def run(args) -> int:
@@ -211,5 +261,5 @@ def run(args) -> int:
                 raise ConfigError(f"--limit must be >= 1, got {args.limit}")
             run_eval(args)
     else:
-        run_export(args.adapter, args.out, args.merge, args.model, args.dtype)
+        run_export(args)
     return 0

@@ -176,8 +176,13 @@ def add_lora(model, cfg: TrainConfig):
     """Wrap `model` in a peft LoRA on the language model's linear layers; everything else frozen."""
     from peft import LoraConfig, get_peft_model
 
+    # No task type, and the base class named in `auto_mapping`: peft's AutoPeftModelForCausalLM cannot load a
+    # Qwen2.5-VL (AutoModelForCausalLM does not map its config), while `peft.AutoPeftModel.from_pretrained(dir)`
+    # rebuilds exactly this class from the saved adapter_config.json.
+    base_class = type(model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=language_model_lora_pattern(cfg.lora_target_modules), task_type="CAUSAL_LM")
+                      target_modules=language_model_lora_pattern(cfg.lora_target_modules), task_type=None,
+                      auto_mapping={"base_model_class": base_class.__name__, "parent_library": base_class.__module__})
     policy = get_peft_model(model, lora)
     if cfg.gradient_checkpointing:
         # Non-reentrant: with peft's frozen inputs, reentrant checkpointing yields no gradients.

@@ -57,3 +57,15 @@ def test_export_merged_matches_adapter_greedy(two_runs, tmp_path):
                      greedy=True).completion_ids for m in (merged, adapted)]
     assert torch.equal(outs[0], outs[1])
     assert main(["export", "--adapter", str(two_runs / "b" / "adapter"), "--out", str(out)]) == 2, "never overwrites"
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "tiny_color_text" in card and "GRPO steps: 5" in card and "| after |" in card
+
+
+def test_adapter_loads_with_peft_auto_class(two_runs):
+    """peft's AutoPeftModelForCausalLM cannot map a Qwen2.5-VL config; the adapter names its base class, so
+    the generic `AutoPeftModel` rebuilds it from the adapter directory alone."""
+    from peft import AutoPeftModel
+
+    model = AutoPeftModel.from_pretrained(two_runs / "a" / "adapter")
+    assert type(model.get_base_model()).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert any("lora_A" in n for n, _ in model.named_parameters())

@@ -177,17 +177,17 @@ def inverse_cdf_sample(weights: torch.Tensor, uniforms: torch.Tensor, block: int
     """One draw per row from unnormalised non-negative `weights [n, V]` (fp32), with `uniforms [n]`
     (fp64, in [0, 1)). Returns `(tokens [n] int64, total [n] fp64)`, total the row sum of the weights.
 
-    Two levels, so nothing of size V is written: fp64 sums of `block`-token blocks choose the block
-    the uniform falls in, an fp64 cumulative sum inside that block chooses the token. A token of
-    weight 0 is never chosen (its cumulative sum equals its predecessor's, so a `right=True` search
-    stops earlier); a row of all zeros returns token 0 and total 0."""
+    Two levels, so nothing of size V is written: sums of `block`-token blocks (fp32, pairwise, then
+    accumulated in fp64) choose the block the uniform falls in, an fp64 cumulative sum inside that
+    block chooses the token. A token of weight 0 is never chosen (its cumulative sum equals its
+    predecessor's, so a `right=True` search stops earlier); a row of all zeros returns total 0."""
     n, vocab = weights.shape
     block = max(1, min(block, vocab))
     full = vocab // block * block
-    sums = [weights[:, :full].reshape(n, -1, block).sum(-1, dtype=torch.float64)] if full else []
+    sums = [weights[:, :full].reshape(n, -1, block).sum(-1)] if full else []
     if full < vocab:
-        sums.append(weights[:, full:].sum(-1, keepdim=True, dtype=torch.float64))
-    block_cdf = torch.cumsum(torch.cat(sums, dim=1), dim=1)  # [n, blocks]
+        sums.append(weights[:, full:].sum(-1, keepdim=True))
+    block_cdf = torch.cumsum(torch.cat(sums, dim=1).double(), dim=1)  # [n, blocks]
     total = block_cdf[:, -1].contiguous()
     target = (uniforms.to(torch.float64) * total)[:, None]
     chosen = torch.searchsorted(block_cdf, target, right=True)
@@ -198,6 +198,8 @@ def inverse_cdf_sample(weights: torch.Tensor, uniforms: torch.Tensor, block: int
     cols = chosen * block + torch.arange(block, device=weights.device)  # [n, block]
     inside = weights.gather(1, cols.clamp(max=vocab - 1)).to(torch.float64).masked_fill_(cols >= vocab, 0.0)
     inside_cdf = torch.cumsum(inside, dim=1)
+    # the block's fp64 cumulative sum can end a rounding error below its fp32 sum: then the last
+    # token of the block with weight is taken
     offset = torch.searchsorted(inside_cdf, target - before, right=True)
     offset = torch.minimum(offset, torch.searchsorted(inside_cdf, inside_cdf[:, -1:].contiguous(), right=False))
     return (chosen * block + offset.clamp_(max=block - 1)).squeeze(1), total
@@ -236,30 +238,31 @@ def filter_top_k_top_p_(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0
 
 def _next_tokens_chunk(logits, inv_t, greedy, top_k, top_p, suppress, uniforms, block):
     z = logits.float()
-    scaled = z * inv_t
-    full_max = scaled.amax(-1, keepdim=True)
-    held = None
+    scaled = z * inv_t if inv_t != 1.0 else z
+    # the full temperature softmax (no suppression, no filtering): the training pass's distribution.
+    # log(p) of a normal fp32 p is within ~2e-7 of log_softmax; p under 2^-126 is recomputed below.
+    probs = torch.softmax(scaled, dim=-1)
     if greedy:
         tokens = (z.index_fill(1, suppress, float("-inf")) if suppress is not None else z).argmax(-1)
-        full_sum = scaled.sub_(full_max).exp_().sum(-1, dtype=torch.float64)
     else:
-        if suppress is not None:
-            held = scaled.index_select(1, suppress)
-            scaled.index_fill_(1, suppress, float("-inf"))
         filtering = (0 < top_k < scaled.shape[-1]) or top_p < 1.0
-        if filtering:  # the full-vocabulary sum before top-k/top-p remove tokens
-            allowed_sum = torch.exp(scaled - full_max).sum(-1, dtype=torch.float64)
-            filter_top_k_top_p_(scaled, top_k, top_p)
-        top = full_max if held is None and not filtering else scaled.amax(-1, keepdim=True)
-        weights = scaled.sub_(top).exp_()  # unnormalised probabilities of the sampling distribution
+        if filtering:
+            kept = scaled.clone() if suppress is None else scaled.index_fill(1, suppress, float("-inf"))
+            weights = torch.softmax(filter_top_k_top_p_(kept, top_k, top_p), dim=-1)
+        else:  # the full softmax with the suppressed tokens' weight removed: no second pass over V
+            # in place: a suppressed token is never drawn, so `probs` stays right for the tokens drawn
+            weights = probs if suppress is None else probs.index_fill_(1, suppress, 0.0)
         tokens, total = inverse_cdf_sample(weights, uniforms, block)
-        if not filtering:
-            allowed_sum = total * torch.exp((top - full_max).squeeze(1).double())
-        full_sum = allowed_sum
-        if held is not None:
-            full_sum = full_sum + torch.exp(held - full_max).sum(-1, dtype=torch.float64)
-    # log-prob under the full temperature softmax: what the training pass computes for this token
-    logp = (z.gather(1, tokens[:, None]).squeeze(1) * inv_t - full_max.squeeze(1)) - torch.log(full_sum).float()
+        empty = total <= 0  # every allowed token underflowed next to a suppressed one: renormalise
+        if bool(empty.any()):
+            masked = scaled[empty].index_fill(1, suppress, float("-inf"))
+            tokens[empty], _ = inverse_cdf_sample(torch.softmax(masked, dim=-1), uniforms[empty], block)
+    chosen = probs.gather(1, tokens[:, None]).squeeze(1)
+    logp = torch.log(chosen)
+    tiny = chosen < torch.finfo(torch.float32).tiny
+    if bool(tiny.any()):
+        logp[tiny] = (scaled[tiny].gather(1, tokens[tiny, None]).squeeze(1)
+                      - torch.logsumexp(scaled[tiny], dim=-1))
     return tokens, logp
 
 

@@ -16,6 +16,13 @@ DRAWS = 200_000
 CHI2_CRITICAL = {1: 15.14, 2: 18.42, 3: 21.11, 4: 23.51, 5: 25.74, 6: 27.86, 7: 29.88, 8: 31.83, 9: 33.72}
 
 
+def chi2_critical(dof: int) -> float:
+    """The p = 1e-4 critical value: the table, or Wilson-Hilferty's approximation past 9 dof."""
+    if dof in CHI2_CRITICAL:
+        return CHI2_CRITICAL[dof]
+    return dof * (1 - 2 / (9 * dof) + 3.719 * math.sqrt(2 / (9 * dof))) ** 3
+
+
 def hf_probs(logits, temperature=1.0, top_k=0, top_p=1.0, suppress=()):
     """The distribution HF's processors sample from: suppress, temperature, top-k, top-p, softmax."""
     scores = logits.clone()[None].float()
@@ -55,7 +62,7 @@ def test_sampled_frequencies_match_the_softmax(case):
     counts = torch.bincount(tokens, minlength=LOGITS.numel())
     assert (counts[probs == 0] == 0).all(), f"a token outside the support was drawn: {counts.tolist()}"
     stat, dof = chi_square(counts, probs, DRAWS)
-    assert stat < CHI2_CRITICAL[dof], (stat, dof, counts.tolist(), (probs * DRAWS).tolist())
+    assert stat < chi2_critical(dof), (stat, dof, counts.tolist(), (probs * DRAWS).tolist())
     full = torch.log_softmax(LOGITS / case["temperature"], -1)  # unfiltered, unsuppressed
     torch.testing.assert_close(logp, full[tokens], rtol=0, atol=1e-6)
 
@@ -126,3 +133,20 @@ def test_real_vocabulary_cost_is_a_softmax_not_a_multinomial():
     multinomial = best(lambda: torch.multinomial(torch.softmax(logits, -1), 1), 3)
     assert ours < multinomial, (ours, multinomial)
     assert math.isfinite(ours)
+
+
+def test_a_dominant_suppressed_token_and_underflowing_logprobs():
+    """When a suppressed token takes all the fp32 mass, the draw renormalises over the allowed ones,
+    and log-probs below fp32's normal range are still exact."""
+    logits = torch.zeros(4, 50)
+    logits[:, 7] = 1000.0  # suppressed: every other token's softmax probability underflows to 0
+    logits[:, 3] = 1.0
+    tokens, logp = next_tokens(logits, temperature=1.0, suppress=[7], generator=torch.Generator().manual_seed(0))
+    assert (tokens != 7).all()
+    torch.testing.assert_close(logp, torch.log_softmax(logits.double(), -1).gather(1, tokens[:, None]).squeeze(1).float(),
+                               rtol=1e-6, atol=1e-4)
+    counts = torch.bincount(next_tokens(logits[:1].expand(20_000, -1), suppress=[7],
+                                        generator=torch.Generator().manual_seed(1))[0], minlength=50)
+    expected = torch.softmax(logits[0].index_fill(0, torch.tensor([7]), float("-inf")).double(), -1) * 20_000
+    stat, dof = chi_square(counts, expected / 20_000, 20_000)
+    assert stat < chi2_critical(dof), (stat, dof)

@@ -144,7 +144,8 @@ def generation(args) -> dict:
     results = {}
     try:
         for name, case in cases.items():
-            messages = [[{"role": "user", "content": case["prompt"]}], [{"role": "user", "content": case["prompt"][:-40]}]]
+            messages = [[{"role": "user", "content": case["prompt"]}],
+                        [{"role": "user", "content": case["prompt"][:-40]}]]
             kwargs = dict(num_generations=args.generations, max_new_tokens=args.max_new_tokens, temperature=1.0,
                           stop_ids=case["stop_ids"])
             old, new, lengths, sample_share = [], [], [], []

@@ -30,7 +30,6 @@ the training pass computes (`Rollout.logprobs`).
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -143,8 +143,8 @@ def test_a_dominant_suppressed_token_and_underflowing_logprobs():
     logits[:, 3] = 1.0
     tokens, logp = next_tokens(logits, temperature=1.0, suppress=[7], generator=torch.Generator().manual_seed(0))
     assert (tokens != 7).all()
-    torch.testing.assert_close(logp, torch.log_softmax(logits.double(), -1).gather(1, tokens[:, None]).squeeze(1).float(),
-                               rtol=1e-6, atol=1e-4)
+    exact = torch.log_softmax(logits.double(), -1).gather(1, tokens[:, None]).squeeze(1).float()
+    torch.testing.assert_close(logp, exact, rtol=1e-6, atol=1e-4)
     counts = torch.bincount(next_tokens(logits[:1].expand(20_000, -1), suppress=[7],
                                         generator=torch.Generator().manual_seed(1))[0], minlength=50)
     expected = torch.softmax(logits[0].index_fill(0, torch.tensor([7]), float("-inf")).double(), -1) * 20_000

@@ -17,17 +17,18 @@ the Triton kernels are tested against) and the autograd Function; see
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
 from .backend import resolve_backend
 
 
-# Bytes of one fp32 `[rows, vocab]` logits block. CPU: measured on a 2-core machine, vocab 151,936,
-# hidden 256, 1,024 rows (bench/RESULTS.md): 16-row chunks 11.2 s, 64 rows 4.5 s, 256 rows (148 MiB)
-# 2.6 s, 512 rows 2.6 s, 1,024 rows 2.8 s. CUDA: a budget that is small next to the activations of a
-# 3B/7B step and large enough that each chunk's GEMM is compute-bound.
+# Bytes of one fp32 `[rows, vocab]` logits block. CPU: `token_logprobs` of 1,024 rows, vocab 151,936,
+# hidden 256, torch path, on the shared 2-core machine (2026-11-25, wall, median of 3, loaded by other
+# jobs): 16-row chunks 11.2 s, 64 rows 4.5 s, 128 rows 3.3 s, 256 rows (148 MiB) 2.6 s, 512 rows
+# 2.4-2.6 s, 1,024 rows 2.8 s; every chunk reads the whole LM head, so few large chunks win.
+# CUDA: small next to the activations of a 3B/7B step, large enough for a compute-bound GEMM
+# (not measured on a GPU yet).
 DEFAULT_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 256 * 2**20}
 
 

@@ -5,8 +5,8 @@ Part 1 (`micro`): one draw per row from `[rows, 151936]` fp32 logits, median wal
   hf_multinomial     softmax + torch.multinomial (what HF generate's sampling does)
   gumbel_max         argmax(z / T - log(-log U)) with V uniforms per row
   inverse_cdf_full   exp, fp64 cumsum over the whole row, searchsorted (one uniform per row)
-  ours               rollout.next_tokens: exp, fp64 block sums, one block's cumsum (one uniform
-                     per row), plus the token's full-softmax log-prob
+  ours               rollout.next_tokens: softmax, 1024-token block sums, one block's fp64 cumsum
+                     (one uniform per row), plus the token's full-softmax log-prob
   ours_greedy, ours_top_k50_top_p095
 Part 2 (`generate`): a random-init Qwen2.5-VL with the real vocabulary (hidden 256, 4 layers by
 default), B prompts x G completions x max_new_tokens, old path (`rollout.generate_hf`: HF generate)

@@ -16,10 +16,11 @@ a small model's decode forward. The loop below is short and uses only the model'
   * decode: one token per row per step; logits only for the last position (`hidden @ lm_head.T`,
     fp32), never `[tokens, vocab]` for the prompt.
   * sampling (`next_tokens`): temperature, top-k and top-p as HF's warpers define them, vision
-    placeholders suppressed, then an inverse-CDF draw with ONE uniform per row: block sums of the
-    unnormalised probabilities in fp64 pick a 1024-token block, a cumulative sum inside that block
-    picks the token. Its cost is about one softmax; a Gumbel-max draw would need V random numbers per
-    row, which is what makes `multinomial` slow (bench/sampling.py measures both).
+    placeholders suppressed, then an inverse-CDF draw with ONE uniform per row: sums of 1024-token
+    blocks of the softmax (accumulated in fp64) pick a block, an fp64 cumulative sum inside that
+    block picks the token, and the log of the drawn token's softmax entry is its log-prob. Its cost
+    is about one softmax; a Gumbel-max draw needs V random numbers (and two logs) per row, which is
+    what makes `multinomial` (its `exponential_` draw) slow; bench/sampling.py measures all three.
   * finished rows (a stop token, or a stop string that may span several tokens) leave the batch and
     the cache (`batch_select_indices`) at once; the output is padded back to a right-padded `[N, C]`.
 

@@ -191,3 +191,36 @@ def test_grpo_loss_backward_scales_by_upstream_gradient():
     hidden.grad = weight.grad = None
     (grpo_loss(hidden, weight, targets, mask, adv, backend="torch")[0] * -3.0).backward()
     assert torch.allclose(hidden.grad, -3 * unit[0]) and torch.allclose(weight.grad, -3 * unit[1])
+
+
+def test_chunk_rows_follow_the_byte_budget():
+    from lmmr1_kernels.logprobs import DEFAULT_CHUNK_BYTES, chunk_rows_for_bytes
+
+    vocab = 151_936
+    assert chunk_rows_for_bytes(4096, vocab, 256 * 2**20) == 256  # 441 rows fit: rounded down to a power of two
+    assert chunk_rows_for_bytes(4096, vocab, 16 * 2**20) == 16
+    assert chunk_rows_for_bytes(4096, vocab, 1) == 1
+    assert chunk_rows_for_bytes(100, 71, 256 * 2**20) == 100, "never more rows than there are"
+    assert chunk_rows_for_bytes(4096, vocab) == chunk_rows_for_bytes(4096, vocab, DEFAULT_CHUNK_BYTES["cpu"])
+    assert chunk_rows_for_bytes(4096, vocab, device="cuda") * vocab * 4 <= DEFAULT_CHUNK_BYTES["cuda"]
+    with pytest.raises(ValueError):
+        chunk_rows_for_bytes(10, vocab, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_bytes_do_not_change_results(backend):
+    """Log-probs, loss, metrics and gradients are the same whatever the chunk budget."""
+    hidden, weight, targets = make_inputs(3, 11, 16, 257, torch.float32, seed=7)
+    mask = (torch.rand(3, 11, generator=torch.Generator().manual_seed(1)) > 0.2).long()
+    adv = torch.tensor([0.5, -1.0, 2.0])
+    results = []
+    for budget in (257 * 4, 257 * 4 * 5, 257 * 4 * 64, None):  # 1 row, 4 rows, all 33 rows, the default
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        logp = token_logprobs(h, w, targets, 0.9, backend=backend, chunk_bytes=budget)
+        loss, metrics = grpo_loss(h, w, targets, mask, adv, ref_logprobs=logp.detach() - 0.1, beta=0.04,
+                                  temperature=0.9, backend=backend, chunk_bytes=budget)
+        loss.backward()
+        results.append((logp.detach(), loss.detach(), torch.stack(list(metrics.values())), h.grad, w.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -56,3 +56,126 @@ def test_generate_stops_and_masks_after_stop(tiny_policy):
         assert "<|im_end|>" not in text and "<|endoftext|>" not in text
     assert finished > 0, "some random completions must hit a stop token within 30 tokens"
     assert batch.prompt_ids.shape[0] == 64 and torch.equal(batch.prompt_ids[0], batch.prompt_ids[3])
+
+
+# --- the decode loop against HF generate ------------------------------------------------------
+def mixed_prompts(tokenizer):
+    """Image prompts (one with two images, different grids) and text prompts of different lengths."""
+    from lmmr1_lite.data import build_messages
+    from lmmr1_lite.tasks import generate as draw
+
+    images, _ = draw("tiny_color", 2, 0, seed=0)
+    text_only, _ = draw("tiny_compare", 2, 0, seed=0)
+    images[1].images[0] = images[1].images[0].resize((84, 56))
+    images[0].images.append(images[1].images[0].resize((56, 112)))
+    return ([build_messages(e) for e in (images[0], text_only[0], images[1], text_only[1])]
+            + [[{"role": "user", "content": "max(3,7) " * 9}]])
+
+
+def test_greedy_tokens_identical_to_hf_generate(tiny_policy):
+    from lmmr1_lite.rollout import generate_hf
+
+    policy, tokenizer, cfg = tiny_policy
+    processor = models.load_image_processor(cfg.model, 56 * 56, 112 * 112)
+    messages = mixed_prompts(tokenizer) + PROMPTS
+    kwargs = dict(num_generations=4, max_new_tokens=32, temperature=0.7, greedy=True, image_processor=processor)
+    # a random model's greedy rows rarely stop: make two tokens it does produce stop tokens
+    free = generate_hf(policy, tokenizer, messages, stop_ids=[tokenizer.eos_token_id], **kwargs).completion_ids
+    kwargs["stop_ids"] = [tokenizer.eos_token_id, int(free[0, 6]), int(free[2, 15])]
+    ours, theirs = generate(policy, tokenizer, messages, **kwargs), generate_hf(policy, tokenizer, messages, **kwargs)
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    assert torch.equal(ours.completion_mask, theirs.completion_mask)
+    assert ours.texts == theirs.texts and torch.equal(ours.prompt_ids, theirs.prompt_ids)
+    assert 0 < int(theirs.completion_mask.sum(1).min()) < 32, "some rows stop early"
+
+
+def test_one_prefill_per_prompt_expanded_rows_match_hf(tiny_policy):
+    """G rows from one prefill (and one vision-encoder pass per image) give HF's tokens for the prompt
+    repeated G times, and HF's log-probs; also with Qwen2.5-VL's 3-D rotary positions for the images."""
+    from lmmr1_lite.rollout import (decode, encode_prompts, multimodal_token_types, placeholder_ids,
+                                    stack_vision)
+
+    policy, tokenizer, cfg = tiny_policy
+    policy.eval()
+    model = models.unwrap(policy)
+    processor = models.load_image_processor(cfg.model, 56 * 56, 112 * 112)
+    messages = mixed_prompts(tokenizer)
+    stops = stop_token_ids(tokenizer, ["</answer>"])
+    enc, vision = encode_prompts(tokenizer, messages, policy.device, processor)
+    repeated, repeated_vision = encode_prompts(tokenizer, [m for m in messages for _ in range(3)], policy.device,
+                                               processor)
+    patches, by_mode = [], {}
+    hook = model.model.visual.register_forward_pre_hook(lambda mod, args: patches.append(args[0].shape[0]))
+    try:
+        for mrope in (False, True):
+            types = multimodal_token_types(enc["input_ids"], model.config) if mrope else None
+            patches.clear()
+            ids, lengths, logp = decode(policy, enc["input_ids"], enc["attention_mask"], stack_vision(vision), count=3,
+                                        max_new_tokens=25, temperature=1.0, stop_ids=stops,
+                                        pad_id=tokenizer.pad_token_id, greedy=True,
+                                        suppress=placeholder_ids(tokenizer), mm_token_type_ids=types)
+            assert patches == [sum(v["pixel_values"].shape[0] for v in vision if v is not None)], \
+                "each image goes through the vision encoder once, not once per completion"
+            kwargs = dict(repeated, **stack_vision(repeated_vision))
+            if mrope:
+                kwargs["mm_token_type_ids"] = multimodal_token_types(repeated["input_ids"], model.config)
+            out = policy.generate(**kwargs, do_sample=False, max_new_tokens=25, eos_token_id=stops,
+                                  pad_token_id=tokenizer.pad_token_id, suppress_tokens=placeholder_ids(tokenizer),
+                                  return_dict_in_generate=True, output_logits=True)
+            prompt_len = repeated["input_ids"].shape[1]
+            assert torch.equal(ids, out.sequences[:, prompt_len:]), mrope
+            hf_logp = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], 1)
+            hf_logp = hf_logp.gather(2, ids[..., None]).squeeze(2)
+            mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
+            assert (logp - hf_logp).masked_fill(~mask, 0).abs().max() < 1e-5
+            by_mode[mrope] = logp
+        image_rows = torch.tensor([v is not None for v in vision]).repeat_interleave(3)
+        assert not torch.allclose(by_mode[False][image_rows, 0], by_mode[True][image_rows, 0]), \
+            "3-D positions change the image rows (else this test would not test them)"
+        assert torch.equal(by_mode[False][~image_rows], by_mode[True][~image_rows])
+    finally:
+        hook.remove()
+        policy.train()
+
+
+def test_sampled_logprobs_equal_the_training_pass(tiny_policy):
+    from lmmr1_kernels import token_logprobs
+
+    policy, tokenizer, cfg = tiny_policy
+    processor = models.load_image_processor(cfg.model, 56 * 56, 112 * 112)
+    torch.manual_seed(0)
+    batch = generate(policy, tokenizer, mixed_prompts(tokenizer), num_generations=4, max_new_tokens=30,
+                     temperature=0.8, stop_ids=stop_token_ids(tokenizer, ["</answer>"]), image_processor=processor)
+    assert batch.logprobs.shape == batch.completion_ids.shape
+    policy.eval()
+    with torch.no_grad():
+        train_pass = token_logprobs(models.completion_hidden(policy, batch), models.lm_head_weight(policy),
+                                    batch.completion_ids, 0.8)
+    policy.train()
+    mask = batch.completion_mask.bool()
+    assert (batch.logprobs[~mask] == 0).all()
+    assert (batch.logprobs - train_pass)[mask].abs().max() < 1e-5
+    for part in (batch.rows(slice(3, 9)), type(batch).concat([batch.rows(slice(0, 2)), batch.rows(slice(2, 20))],
+                                                            tokenizer.pad_token_id)):
+        assert part.logprobs.shape == part.completion_ids.shape
+
+
+def test_finished_rows_leave_the_decode_batch(tiny_policy):
+    policy, tokenizer, cfg = tiny_policy
+    sizes = []
+    hook = models.backbone(policy).register_forward_pre_hook(
+        lambda mod, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    stops = stop_token_ids(tokenizer, ["</answer>"])
+    torch.manual_seed(0)
+    try:
+        batch = generate(policy, tokenizer, PROMPTS * 4, num_generations=4, max_new_tokens=30, temperature=1.0,
+                         stop_ids=stops)
+    finally:
+        hook.remove()
+    lengths = batch.completion_mask.sum(1)
+    assert sizes[0] == 8, "the prefill runs once per prompt"
+    # decode step s (1-based) feeds the rows still running after s tokens
+    assert sizes[1:] == [int((lengths > s).sum()) for s in range(1, len(sizes))]
+    assert sizes[-1] < 32 and lengths.min() < lengths.max()
+    assert torch.equal(batch.completion_mask, completion_mask(batch.completion_ids, stops))
+    assert batch.completion_ids.shape[1] == int(lengths.max())

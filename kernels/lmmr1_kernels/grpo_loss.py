@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 
 from .backend import resolve_backend
-from .logprobs import (accumulate_input_grads, chunk_buffers, chunk_logits, default_chunk_rows, flatten_inputs,
-                       row_stats, softmax_grad_)
+from .logprobs import (accumulate_input_grads, chunk_buffers, chunk_logits, chunk_rows_for_bytes,
+                       flatten_inputs, row_stats, softmax_grad_)
 
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
@@ -117,7 +117,8 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               ref_logprobs: torch.Tensor | None = None, *, beta: float = 0.0, epsilon_low: float = 0.2,
               epsilon_high: float = 0.2, temperature: float = 1.0, loss_agg: str = "token_mean",
               bias: torch.Tensor | None = None, token_weight: torch.Tensor | None = None,
-              backend: str = "auto", chunk_rows: int | None = None) -> tuple[torch.Tensor, dict]:
+              backend: str = "auto", chunk_rows: int | None = None,
+              chunk_bytes: int | None = None) -> tuple[torch.Tensor, dict]:
     """GRPO loss over completion tokens, straight from hidden states.
 
     hidden [B, T, H] (the positions that predict `targets`); weight [V, H]; targets [B, T];
@@ -125,6 +126,9 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     old_logprobs / ref_logprobs [B, T] float32 or None (ref None or beta == 0: no KL term).
     `token_weight [B, T]` overrides the aggregation weights (used to aggregate one loss over
     several micro-batches); by default they come from `loss_agg` over this call's mask.
+
+    Chunks: `chunk_rows` rows if given, else as many as one fp32 `[rows, V]` block of `chunk_bytes`
+    holds (default `DEFAULT_CHUNK_BYTES` for the device); the result does not depend on it.
 
     Returns `(loss, metrics)`; metrics are masked token means of `kl`, `ratio`, `entropy`,
     `clip_low` / `clip_high` (fraction of tokens whose clipped branch is active), `logp`.
@@ -140,7 +144,7 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     flat_adv = advantages.float()[:, None].expand(targets.shape).reshape(-1).contiguous()
     flatten = lambda x: None if x is None else x.detach().float().reshape(-1).contiguous()  # noqa: E731
     ref = flatten(ref_logprobs) if beta != 0.0 else None
-    rows = chunk_rows or default_chunk_rows(flat_hidden.shape[0], weight.shape[1], weight.shape[0])
+    rows = chunk_rows or chunk_rows_for_bytes(flat_hidden.shape[0], weight.shape[0], chunk_bytes, flat_hidden.device)
     loss, stats = GRPOLossFunction.apply(flat_hidden, weight, bias, flat_targets, weights, flat_adv,
                                          flatten(old_logprobs), ref, float(beta), float(epsilon_low),
                                          float(epsilon_high), float(temperature), rows, backend)

@@ -3,9 +3,11 @@
     logp[n] = log_softmax(hidden[n] @ weight.T / temperature + bias)[targets[n]]
 
 The `[tokens, vocab]` logits (vocab 151,936 for Qwen2.5) are never materialised
-whole: token rows are processed in chunks whose logits block is about the size
-of the hidden states, so peak extra memory is O(chunk * vocab), not
-O(tokens * vocab). Backward recomputes each chunk's logits (one extra GEMM)
+whole: token rows are processed in chunks whose fp32 logits block fits a byte
+budget (`chunk_bytes`, default `DEFAULT_CHUNK_BYTES`), so peak extra memory is
+that budget (twice it on the torch path, which keeps a scratch block), not
+O(tokens * vocab). Every chunk reads the whole LM head weight, so chunks of a
+few hundred rows run much faster than a few dozen. Backward recomputes each chunk's logits (one extra GEMM)
 instead of keeping them; under `torch.no_grad()` nothing is saved at all, which
 is what the old-policy and reference passes need.
 
@@ -15,18 +17,34 @@ the Triton kernels are tested against) and the autograd Function; see
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
 from .backend import resolve_backend
 
 
-def default_chunk_rows(num_rows: int, hidden_size: int, vocab_size: int) -> int:
-    """Rows per chunk so that a chunk's logits hold about as many elements as the hidden states."""
-    rows = max(1, math.ceil(num_rows * hidden_size / vocab_size))
-    rows = 1 << (rows - 1).bit_length()  # power of two: fewer distinct GEMM shapes
-    return max(16, min(rows, 4096, num_rows if num_rows > 0 else 1))
+# Bytes of one fp32 `[rows, vocab]` logits block. CPU: `token_logprobs` of 1,024 rows, vocab 151,936,
+# hidden 256, torch path, on the shared 2-core machine (2026-11-25, wall, median of 3, loaded by other
+# jobs): 16-row chunks 11.2 s, 64 rows 4.5 s, 128 rows 3.3 s, 256 rows (148 MiB) 2.6 s, 512 rows
+# 2.4-2.6 s, 1,024 rows 2.8 s; every chunk reads the whole LM head, so few large chunks win.
+# CUDA: small next to the activations of a 3B/7B step, large enough for a compute-bound GEMM
+# (not measured on a GPU yet).
+DEFAULT_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 256 * 2**20}
+
+
+def chunk_rows_for_bytes(num_rows: int, vocab_size: int, chunk_bytes: int | None = None,
+                         device: torch.device | str | None = None) -> int:
+    """Rows per chunk so that one fp32 `[rows, vocab]` block takes at most `chunk_bytes` (default:
+    DEFAULT_CHUNK_BYTES for the device type): a power of two (fewer distinct GEMM shapes), at least
+    1, and no more than `num_rows` needs."""
+    if chunk_bytes is None:
+        kind = torch.device(device).type if device is not None else "cpu"
+        chunk_bytes = DEFAULT_CHUNK_BYTES.get(kind, DEFAULT_CHUNK_BYTES["cuda"])
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    rows = max(1, chunk_bytes // (4 * max(1, vocab_size)))
+    rows = 1 << (rows.bit_length() - 1)  # round down to a power of two
+    return max(1, min(rows, num_rows))
 
 
 def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -253,14 +271,17 @@ def flatten_inputs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Te
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                    temperature: float = 1.0, bias: torch.Tensor | None = None, *,
-                   backend: str = "auto", chunk_rows: int | None = None) -> torch.Tensor:
+                   backend: str = "auto", chunk_rows: int | None = None,
+                   chunk_bytes: int | None = None) -> torch.Tensor:
     """log_softmax(hidden @ weight.T / temperature)[targets] as float32, shaped like `targets`.
 
     hidden [B, T, H] or [N, H]; weight [V, H]; targets [B, T] or [N] (int64).
     Differentiable w.r.t. `hidden`, and `weight`/`bias` when they require grad.
-    backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton"."""
+    backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+    Chunks: `chunk_rows` rows if given, else as many as one fp32 `[rows, V]` block of `chunk_bytes`
+    holds (default DEFAULT_CHUNK_BYTES for the device). Chunking never changes the result."""
     flat_hidden, flat_targets = flatten_inputs(hidden, targets, weight)
     backend = resolve_backend(backend, flat_hidden)
-    rows = chunk_rows or default_chunk_rows(flat_hidden.shape[0], weight.shape[1], weight.shape[0])
+    rows = chunk_rows or chunk_rows_for_bytes(flat_hidden.shape[0], weight.shape[0], chunk_bytes, flat_hidden.device)
     logp, _ = TokenLogprobsFunction.apply(flat_hidden, weight, bias, flat_targets, float(temperature), rows, backend)
     return logp.view(targets.shape)

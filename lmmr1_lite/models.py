@@ -221,8 +221,20 @@ def lm_head_weight(policy) -> torch.Tensor:
     return unwrap(policy).get_output_embeddings().weight
 
 
+def multimodal_token_types(input_ids: torch.Tensor, config) -> torch.Tensor:
+    """Qwen2.5-VL's `mm_token_type_ids`: 1 at image placeholders, 2 at video placeholders, else 0. Given to the
+    model with the images, it places image tokens by their 3-D (time, height, width) rotary positions as the
+    pretrained model expects; without them every token gets 1-D text positions."""
+    types = torch.zeros_like(input_ids, dtype=torch.int32)
+    types[input_ids == config.image_token_id] = 1
+    types[input_ids == config.video_token_id] = 2
+    return types
+
+
 def hidden_states(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, **vision) -> torch.Tensor:
-    """Last hidden states `[B, L, H]` of the backbone (no logits)."""
+    """Last hidden states `[B, L, H]` of the backbone (no logits); with images, at their 3-D positions."""
+    if vision.get("image_grid_thw") is not None:
+        vision = {**vision, "mm_token_type_ids": multimodal_token_types(input_ids, unwrap(policy).config)}
     out = backbone(policy)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **vision)
     return out.last_hidden_state
 

@@ -347,14 +347,6 @@ def split_stop_strings(tokenizer, stop_strings) -> tuple[list[int], list[str]]:
 # ---------------------------------------------------------------------------------------------
 # The decode loop
 # ---------------------------------------------------------------------------------------------
-def multimodal_token_types(input_ids: torch.Tensor, config) -> torch.Tensor:
-    """Qwen2.5-VL's `mm_token_type_ids`: 1 at image placeholders, 2 at video placeholders, else 0."""
-    types = torch.zeros_like(input_ids, dtype=torch.int32)
-    types[input_ids == config.image_token_id] = 1
-    types[input_ids == config.video_token_id] = 2
-    return types
-
-
 def prefill_positions(model, input_ids, attention_mask, vision: dict, mm_token_type_ids=None) -> torch.Tensor:
     """`[4, B, P]` positions as HF `generate` builds them for Qwen2.5-VL: row 0 the text positions
     (`cumsum(mask) - 1`, 0 on padding), rows 1-3 the rotary (temporal, height, width) positions:
@@ -464,8 +456,11 @@ def generate(policy, tokenizer, messages: list[list[dict]], *, num_generations: 
         enc, vision = encode_prompts(tokenizer, messages, policy.device, image_processor)
         count = 1 if greedy else num_generations
         single, multi = split_stop_strings(tokenizer, stop_strings)
+        images = stack_vision(vision)
+        types = (models.multimodal_token_types(enc["input_ids"], models.unwrap(policy).config)
+                 if images else None)  # 3-D rotary positions for image tokens, as in the training pass
         completion_ids, lengths, logprobs = decode(
-            policy, enc["input_ids"], enc["attention_mask"], stack_vision(vision), count=count,
+            policy, enc["input_ids"], enc["attention_mask"], images, mm_token_type_ids=types, count=count,
             max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=list(stop_ids) + single,
             pad_id=tokenizer.pad_token_id, greedy=greedy, top_k=top_k, top_p=top_p,
             suppress=placeholder_ids(tokenizer), stop_strings=StopStrings(tokenizer, multi), generator=generator)
@@ -490,6 +485,8 @@ def generate_hf(policy, tokenizer, messages: list[list[dict]], *, num_generation
     policy.eval()
     enc, vision = encode_prompts(tokenizer, messages, policy.device, image_processor)
     enc.update(stack_vision(vision))
+    if "image_grid_thw" in enc:  # the same 3-D image positions as `generate` and the training pass
+        enc["mm_token_type_ids"] = models.multimodal_token_types(enc["input_ids"], models.unwrap(policy).config)
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     count = 1 if greedy else num_generations
     if generate_kwargs.get("stop_strings"):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from . import benchmarks, models
 from .config import ConfigError, TrainConfig
 from .data import build_messages, prepare
-from .rollout import generate, stop_token_ids
+from .rollout import generate
 
 # LMM-R1 Table 1, Qwen2.5-VL-3B-Instruct (../shared/reference/lmm-r1.md), in %. The paper's "text avg"
 # averages MATH500 and GPQA; its "MM avg" the five columns after it, OlympiadBench included.
@@ -103,7 +103,7 @@ def evaluate_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict) -> dict:
     bench, rows, mode, path = job["bench"], job["rows"], job["mode"], job["path"]
     done = read_predictions(path)
     todo = [row for row in rows if bench.row_id(row) not in done]
-    stops = stop_token_ids(tokenizer, ["</answer>"] if mode == "lmmr1" else [])
+    stop_strings = ["</answer>"] if mode == "lmmr1" else []  # several tokens in Qwen's vocabulary
     image_processor = job["image_processor"]
     path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{job['label']} {bench.name} ({mode})",
@@ -120,7 +120,8 @@ def evaluate_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict) -> dict:
                     raise ConfigError(f"{bench.name} row {bench.row_id(row)}: image unreadable ({err})") from None
             messages = [build_messages(e, "", "{prompt}") for e in examples]
             out = generate(policy, tokenizer, messages, num_generations=1, max_new_tokens=job["max_new_tokens"],
-                           temperature=1.0, stop_ids=stops, greedy=True, image_processor=image_processor)
+                           temperature=1.0, stop_ids=[tokenizer.eos_token_id], stop_strings=stop_strings,
+                           greedy=True, image_processor=image_processor)
             scores = bench.score_batch(batch_rows, out.texts)
             for row, text, score in zip(batch_rows, out.texts, scores):
                 record = {"id": bench.row_id(row), "extracted": bench.extract(row, text), "score": score,

@@ -110,8 +110,10 @@ class TrainConfig:
     num_generations: int = _f(8, "G: completions sampled per prompt (the group).")
     max_new_tokens: int = _f(1024, "Completion length cap (LMM-R1 uses 4,096-8,192; 1,024 fits 24 GB).")
     temperature: float = _f(1.0, "Sampling temperature for rollouts (also divides logits in the loss).")
-    stop_tokens: list = _f(["</answer>"], "Extra stop strings (besides EOS) that end a completion; used "
-                           "when the tokenizer has them as single tokens, else ignored with a warning.")
+    top_k: int = _f(0, "Sample only from the k most likely tokens (0: off, LMM-R1's setting).")
+    top_p: float = _f(1.0, "Nucleus sampling: the smallest set of tokens holding this probability mass (1.0: off).")
+    stop_tokens: list = _f(["</answer>"], "Strings (besides EOS) that end a completion, one or several tokens each "
+                           "(`</answer>` is three in Qwen's vocabulary); the completion keeps the stop string.")
     # --- rewards -------------------------------------------------------------------------------
     rewards: dict = _f({"format": 0.5, "accuracy": 1.0},
                        "Reward name -> weight; the total reward is the weighted sum (LMM-R1: 0.5 format + 1 acc). "
@@ -140,6 +142,8 @@ class TrainConfig:
     max_tokens_per_micro_batch: int = _f(16384, "Token budget of one micro-batch (sequences x padded length) in the "
                                          "log-prob and training passes; caps micro_batch_size. 0: no budget.")
     generation_batch_size: int = _f(0, "Prompts per generate call (0: all of a step's prompts; halved on OOM).")
+    logprob_chunk_bytes: int = _f(0, "Bytes of one fp32 [rows, vocab] logits chunk in the log-prob and loss kernels "
+                                  "(0: the kernels' default, 256 MiB); larger chunks read the LM head fewer times.")
     logprob_backend: str = _f("auto", "Log-prob kernels: 'auto' (Triton on CUDA, torch on CPU), 'torch', 'triton'.")
 
     def __post_init__(self):
@@ -197,6 +201,9 @@ class TrainConfig:
             (bool(self.lora_target_modules) and all(isinstance(m, str) and m for m in self.lora_target_modules),
              "lora_target_modules must be a non-empty list of module names (e.g. [q_proj, v_proj])"),
             (all(isinstance(t, str) and t for t in self.stop_tokens), "stop_tokens must be a list of non-empty strings"),
+            (self.top_k >= 0, "top_k must be >= 0 (0: off)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.logprob_chunk_bytes >= 0, "logprob_chunk_bytes must be >= 0 (0: the kernels' default, 256 MiB)"),
             (0 < self.reward_timeout <= 60, "reward_timeout must be in (0, 60] seconds"),
             (self.reward_workers >= 0, "reward_workers must be >= 0 (0: one per core, at most 8)"),
             ("{prompt}" in self.prompt_template, "prompt_template must contain {prompt}"),

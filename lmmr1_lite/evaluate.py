@@ -18,7 +18,7 @@ from .config import ConfigError, TrainConfig, coerce, load_yaml, parse_sets
 from .data import DataOptions, build_messages, load_rows, prepare
 from .tasks import TASKS
 from .tasks import generate as generate_task
-from .rollout import generate, stop_token_ids
+from .rollout import generate
 
 
 def adapter_base(adapter: Path) -> str:
@@ -63,14 +63,14 @@ def evaluate_model(policy, tokenizer, examples, cfg: TrainConfig, pass_k: int = 
     the bar a constant guess clears. Empty dict for no examples."""
     if not examples:
         return {}
-    stops = stop_token_ids(tokenizer, cfg.stop_tokens)
+    stops = dict(stop_ids=[tokenizer.eos_token_id], stop_strings=cfg.stop_tokens)  # `</answer>`: several tokens
     task = rewards.task_reward(cfg.rewards)
     messages = [build_messages(e, cfg.system_prompt, cfg.prompt_template) for e in examples]
     answers = [e.answer for e in examples]
     accuracy, formats, texts = [], [], []
     for start in range(0, len(examples), 64):
         batch = generate(policy, tokenizer, messages[start:start + 64], num_generations=1,
-                         max_new_tokens=cfg.max_new_tokens, temperature=1.0, stop_ids=stops, greedy=True,
+                         max_new_tokens=cfg.max_new_tokens, temperature=1.0, **stops, greedy=True,
                          image_processor=image_processor)
         _, parts, _ = rewards.score(batch.texts, examples[start:start + 64], {task: 1.0})
         accuracy += parts[task]
@@ -84,7 +84,8 @@ def evaluate_model(policy, tokenizer, examples, cfg: TrainConfig, pass_k: int = 
         solved = []
         for start in range(0, len(examples), 16):
             batch = generate(policy, tokenizer, messages[start:start + 16], num_generations=pass_k,
-                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stops,
+                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, **stops,
+                             top_k=cfg.top_k, top_p=cfg.top_p,
                              image_processor=image_processor)
             per_row = [e for e in examples[start:start + 16] for _ in range(pass_k)]
             _, parts, _ = rewards.score(batch.texts, per_row, {task: 1.0})

@@ -61,6 +61,8 @@ class Rollout:
     # [N, C] float32 log-prob of each completion token under the full temperature softmax at generation
     # time (0 where the mask is 0), or None when the rollout did not come from `generate`
     logprobs: torch.Tensor | None = None
+    # [N] bool: the row reached max_new_tokens without a stop (TRL's "clipped"), or None when unknown
+    clipped: torch.Tensor | None = None
 
     def vision_kwargs(self) -> dict:
         return stack_vision(self.vision)
@@ -88,12 +90,14 @@ class Rollout:
             torch.cat([pad(p.completion_mask, (0, completion_len - p.completion_mask.shape[1])) for p in parts]),
             [t for p in parts for t in p.texts], [v for p in parts for v in p.vision],
             None if any(p.logprobs is None for p in parts) else
-            torch.cat([pad(p.logprobs, (0, completion_len - p.logprobs.shape[1])) for p in parts]))
+            torch.cat([pad(p.logprobs, (0, completion_len - p.logprobs.shape[1])) for p in parts]),
+            None if any(p.clipped is None for p in parts) else torch.cat([p.clipped for p in parts]))
 
     def rows(self, index: slice) -> "Rollout":
         return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
                        self.completion_mask[index], self.texts[index], self.vision[index],
-                       None if self.logprobs is None else self.logprobs[index])
+                       None if self.logprobs is None else self.logprobs[index],
+                       None if self.clipped is None else self.clipped[index])
 
 
 def stop_token_ids(tokenizer, stop_tokens: list[str]) -> list[int]:
@@ -470,8 +474,16 @@ def generate(policy, tokenizer, messages: list[list[dict]], *, num_generations: 
         warn_once("generate returned no new tokens")
     mask = (torch.arange(completion_ids.shape[1], device=lengths.device)[None, :] < lengths[:, None]).long()
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    clipped = lengths >= max_new_tokens  # at the cap: clipped unless its last token ended it
+    if bool(clipped.any()) and completion_ids.shape[1]:
+        last = completion_ids[:, -1]
+        ended = torch.isin(last, torch.tensor(list(stop_ids) + single, dtype=torch.long, device=last.device))
+        stops = StopStrings(tokenizer, multi)
+        if stops:
+            ended |= stops(completion_ids.cpu()).to(last.device)
+        clipped &= ~ended
     return Rollout(enc["input_ids"].repeat_interleave(count, dim=0), enc["attention_mask"].repeat_interleave(count, dim=0),
-                   completion_ids, mask, texts, [v for v in vision for _ in range(count)], logprobs)
+                   completion_ids, mask, texts, [v for v in vision for _ in range(count)], logprobs, clipped)
 
 
 @torch.no_grad()

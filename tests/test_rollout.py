@@ -180,3 +180,18 @@ def test_finished_rows_leave_the_decode_batch(tiny_policy):
     assert sizes[-1] < 32 and lengths.min() < lengths.max()
     assert torch.equal(batch.completion_mask, completion_mask(batch.completion_ids, stops))
     assert batch.completion_ids.shape[1] == int(lengths.max())
+
+
+def test_clipped_rows_are_those_that_hit_the_cap_without_a_stop(tiny_policy):
+    """`Rollout.clipped` (TRL's completions/clipped_ratio): at max_new_tokens and not ended by a stop; a row
+    whose last allowed token is a stop token is not clipped."""
+    policy, tokenizer, cfg = tiny_policy
+    first = generate(policy, tokenizer, PROMPTS, num_generations=1, max_new_tokens=1, temperature=1.0,
+                     stop_ids=[tokenizer.eos_token_id], greedy=True)
+    tokens = first.completion_ids[:, 0].tolist()
+    assert first.clipped.tolist() == [t != tokenizer.eos_token_id for t in tokens]
+    again = generate(policy, tokenizer, PROMPTS, num_generations=1, max_new_tokens=1, temperature=1.0,
+                     stop_ids=[tokenizer.eos_token_id, tokens[0]], greedy=True)
+    assert not bool(again.clipped[0]), "its one token is a stop: it ended, it was not cut"
+    both = type(first).concat([first, again], tokenizer.pad_token_id)
+    assert both.clipped.shape == (4,) and both.rows(slice(2, 4)).clipped.tolist() == again.clipped.tolist()

@@ -352,5 +352,6 @@ def resume_command(run_dir: Path, dist: Distributed | None) -> str:
     if dist is None:
         return f"lmmr1-lite train --resume {run_dir}"
     nodes = dist.world_size // dist.local_world_size
-    launch = f"torchrun --nproc-per-node {dist.local_world_size}" + (f" --nnodes {nodes} ..." if nodes > 1 else "")
+    launch = (f"torchrun --nnodes {nodes} --nproc-per-node {dist.local_world_size} --rdzv-backend c10d "
+              "--rdzv-endpoint HOST:PORT" if nodes > 1 else f"torchrun --standalone --nproc-per-node {dist.world_size}")
     return f"{launch} $(which lmmr1-lite) train --resume {run_dir}"

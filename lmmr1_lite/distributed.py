@@ -35,7 +35,6 @@ exists, with one line and exit 2 (`init`).
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 

@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> dict:
     from lmmr1_lite import models, verifier
     from lmmr1_lite.config import parse_sets, resolve_config
     from lmmr1_lite.plan import estimate
-    from lmmr1_lite.rollout import stop_token_ids
     from lmmr1_lite.step import StepContext, generate_rollouts, policy_logprobs, score_rollouts, update_policy
     from lmmr1_lite.tasks import generate as draw
     from lmmr1_lite.train import seed_everything
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     verifier.pool(cfg.reward_timeout)
     examples, _ = draw(cfg.data, cfg.prompts_per_step, 0, cfg.seed)
-    ctx = StepContext(policy, tokenizer, cfg, optimizer, scheduler, stop_ids=stop_token_ids(tokenizer, cfg.stop_tokens))
+    ctx = StepContext(policy, tokenizer, cfg, optimizer, scheduler)
     after_load = peak()
     times = {}
 

@@ -7,6 +7,11 @@ sampler's) and the eval before training. It is written into `checkpoint-<step>.t
 into place, and `trainer_state.json` is written last, so a kill at any instant leaves the previous
 checkpoint complete and loadable. (GRPO here keeps no running reward statistics: advantages are
 normalised within each group, so there is no normaliser state to save.)
+
+Under torchrun rank 0 writes the checkpoint, which then also holds `world_size` and `rng_by_rank`: every
+rank's RNG states (python, numpy, torch, CUDA, the prompt sampler's), gathered to rank 0, keyed by rank.
+Resumed at the same world size, each rank gets its own back (bit-exact on CPU); at another world size
+rank 0's states are restored, the prompt order continues, and the other ranks' sampling streams are new.
 """
 from __future__ import annotations
 
@@ -50,6 +55,22 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+def rank_rng_state(sampler: random.Random) -> dict:
+    """One rank's every RNG state, JSON-able (the torch and CUDA generator states as byte lists)."""
+    state = rng_state(sampler)
+    state["torch"] = torch.get_rng_state().tolist()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def restore_rank_rng(state: dict, sampler: random.Random) -> None:
+    restore_rng(state, sampler)
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
 def restore_rng(state: dict, sampler: random.Random) -> None:
     random.setstate(_tuples(state["python"]))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -58,8 +79,9 @@ def restore_rng(state: dict, sampler: random.Random) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, policy, optimizer, scheduler, sampler: random.Random,
-                    extra: dict, keep_last: int) -> Path:
-    """Write checkpoint-<step> atomically, then delete all but the newest `keep_last` complete ones."""
+                    extra: dict, keep_last: int, rng_by_rank: list[dict] | None = None) -> Path:
+    """Write checkpoint-<step> atomically, then delete all but the newest `keep_last` complete ones.
+    `rng_by_rank` (torchrun): every rank's `rank_rng_state`, in rank order."""
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -70,7 +92,9 @@ def save_checkpoint(run_dir: Path, step: int, policy, optimizer, scheduler, samp
     if torch.cuda.is_available():
         tensors["cuda_rng"] = torch.cuda.get_rng_state_all()
     torch.save(tensors, tmp / TENSOR_FILE)
-    state = {"step": step, "rng": rng_state(sampler), **extra}
+    state = {"step": step, "rng": rng_state(sampler), **extra, "world_size": len(rng_by_rank or [None])}
+    if rng_by_rank:
+        state["rng_by_rank"] = {str(rank): rng for rank, rng in enumerate(rng_by_rank)}
     with open(tmp / STATE_FILE, "w") as handle:  # written last: its presence marks a complete checkpoint
         json.dump(state, handle)
         handle.flush()
@@ -146,9 +170,11 @@ def newest_readable_checkpoint(run_dir: Path, warn=print) -> dict | None:
     return None
 
 
-def apply_checkpoint(loaded: dict, policy, optimizer, scheduler, sampler: random.Random) -> dict:
+def apply_checkpoint(loaded: dict, policy, optimizer, scheduler, sampler: random.Random, rank: int = 0,
+                     world_size: int = 1) -> dict:
     """Restore adapter weights, optimizer, scheduler and every RNG from `read_checkpoint`'s result;
-    returns the trainer state."""
+    returns the trainer state. Under torchrun each rank restores its own RNG states when the checkpoint
+    was written at this world size; otherwise rank 0's (the caller reseeds the other ranks' streams)."""
     from peft.utils import set_peft_model_state_dict
 
     tensors = loaded["tensors"]
@@ -159,7 +185,15 @@ def apply_checkpoint(loaded: dict, policy, optimizer, scheduler, sampler: random
     if "cuda_rng" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(tensors["cuda_rng"])
     restore_rng(loaded["state"]["rng"], sampler)
+    by_rank = loaded["state"].get("rng_by_rank") or {}
+    if world_size > 1 and checkpoint_world_size(loaded["state"]) == world_size and str(rank) in by_rank:
+        restore_rank_rng(by_rank[str(rank)], sampler)
     return loaded["state"]
+
+
+def checkpoint_world_size(state: dict) -> int:
+    """The number of processes that wrote a checkpoint (1 for a checkpoint from before torchrun support)."""
+    return int(state.get("world_size", 1))
 
 
 def load_checkpoint(path: Path, policy, optimizer, scheduler, sampler: random.Random) -> dict:

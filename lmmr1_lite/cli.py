@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", default=None, help="YAML config (default: the stage's tiny one)")
     plan.add_argument("--stage", choices=["fre", "mgt"], default=None)
     plan.add_argument("--gpu-gb", type=_positive_gb, default=24.0, help="card size to check against (default: 24)")
+    plan.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (torchrun ranks): the estimate is per "
+                      "GPU, each holding the whole model and prompts_per_step / N of the prompts (default: 1)")
     plan.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                       help="override any config field (repeatable)")
     return parser
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plan":
             from .plan import plan
             cfg = resolve_config(args.stage, args.config, overrides_from(args))
-            print(plan(cfg, args.gpu_gb))
+            print(plan(cfg, args.gpu_gb, args.gpus))
         elif args.command in ("eval", "export"):
             from .evaluate import run
             return run(args)

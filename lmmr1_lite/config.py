@@ -51,6 +51,10 @@ class TrainConfig:
     keep_last: int = _f(2, "Complete checkpoints kept (older ones are deleted after each save); 0 keeps all.")
     overwrite: bool = _f(False, "Replace a run already in output_dir (otherwise refused, nothing touched).")
     max_consecutive_skips: int = _f(5, "Abort after this many consecutive steps with a non-finite loss or gradient.")
+    dist_backend: str = _f("auto", "Process-group backend under torchrun: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' "
+                           "or 'gloo'.")
+    dist_timeout: float = _f(600.0, "Seconds a collective may wait under torchrun before the run ends with one line; "
+                             "raise it if one rank can lag the others by longer (very long generations).")
     report_to: str = _f("none", "Also log metrics to 'tensorboard', 'wandb' or 'trackio' (when installed), or 'none'.")
     run_name: str | None = _f(None, "Name of the run in wandb/trackio/tensorboard. Default: the run directory's name.")
     log_completions_every: int = _f(10, "Every N steps, append the step's prompts, completions and reward parts to "
@@ -191,6 +195,8 @@ class TrainConfig:
             (self.report_to in ("none", "tensorboard", "wandb", "trackio"),
              f"report_to must be none, tensorboard, wandb or trackio, got {self.report_to!r}"),
             (self.log_completions_every >= 0, "log_completions_every must be >= 0"),
+            (self.dist_backend in ("auto", "nccl", "gloo"), f"dist_backend must be auto, nccl or gloo, got {self.dist_backend!r}"),
+            (self.dist_timeout > 0, "dist_timeout must be > 0 seconds"),
             (bool(self.rewards) and all(isinstance(k, str) for k in self.rewards)
              and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
                      for w in self.rewards.values()),

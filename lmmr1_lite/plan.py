@@ -4,10 +4,14 @@ Parameter counts are computed from the model's `config.json` (no weights are loa
 peaks are the generation phase (weights + LoRA state + KV cache) and the training phase (weights +
 LoRA state + checkpointed activations + one layer recomputed + the log-prob chunk); the larger wins.
 These are estimates; `bench/e2e_step.py` measures.
+
+`--gpus N` (data parallelism under torchrun) plans one GPU of N: each holds the whole model, adapter and
+optimizer, and prompts_per_step / N prompts with their G completions; so N GPUs shrink the KV cache and
+the vision working set per card, never the weights.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import TrainConfig
 
@@ -115,9 +119,12 @@ def advice(cfg: TrainConfig, result: dict) -> str:
     return "lower max_tokens_per_micro_batch (or micro_batch_size)"
 
 
-def render(cfg: TrainConfig, model_name: str, result: dict, gpu_gb: float) -> str:
+def render(cfg: TrainConfig, model_name: str, result: dict, gpu_gb: float, gpus: int = 1) -> str:
     counts = result["counts"]
-    lines = [f"memory plan for {model_name}: {counts.total / 1e9:.2f} B parameters "
+    lines = [f"{gpus} GPUs, data parallel: each holds the whole model; {cfg.prompts_per_step} prompts x "
+             f"{cfg.num_generations} completions per GPU per step ({cfg.prompts_per_step * gpus} prompts in all); "
+             "the plan below is per GPU"] if gpus > 1 else []
+    lines += [f"memory plan for {model_name}: {counts.total / 1e9:.2f} B parameters "
              f"({counts.lora / 1e6:.1f} M LoRA), {result['sequences']} sequences of up to "
              f"{result['sequence_tokens']} tokens, micro-batch {result['micro_batch']}, quantization {cfg.quantization}",
              f"{'component':<58}{'GiB':>8}"]
@@ -127,17 +134,24 @@ def render(cfg: TrainConfig, model_name: str, result: dict, gpu_gb: float) -> st
     lines.append(f"{'peak while training (x' + str(FRAGMENTATION) + ' allocator slack)':<58}"
                  f"{result['training_peak'] / GIB:>8.2f}")
     fits = result["peak"] <= gpu_gb * GIB
-    lines.append(f"estimated peak {result['peak'] / GIB:.1f} GiB: {'fits' if fits else 'does NOT fit'} a "
-                 f"{gpu_gb:g} GB card" + ("" if fits else f"; change first: {advice(cfg, result)}"))
+    lines.append(f"estimated peak {result['peak'] / GIB:.1f} GiB: {'fits' if fits else 'does NOT fit'} "
+                 f"{'each' if gpus > 1 else 'a'} {gpu_gb:g} GB card"
+                 + ("" if fits else f"; change first: {advice(cfg, result)}"))
     return "\n".join(lines)
 
 
-def plan(cfg: TrainConfig, gpu_gb: float) -> str:
+def plan(cfg: TrainConfig, gpu_gb: float, gpus: int = 1) -> str:
     from transformers import AutoConfig
 
-    from .config import ConfigError
+    from .config import REPO_ROOT, ConfigError
 
-    from .config import REPO_ROOT
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {gpus}")
+    if cfg.prompts_per_step % gpus:
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by --gpus {gpus}: each GPU takes "
+                          "the same number of prompts (their completions stay on it)")
+    if gpus > 1:  # one GPU's share of a step
+        cfg = replace(cfg, prompts_per_step=cfg.prompts_per_step // gpus)
 
     shipped = {"Qwen/Qwen2.5-VL-3B-Instruct": "qwen2_5_vl_3b", "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl_7b"}
     try:
@@ -147,4 +161,4 @@ def plan(cfg: TrainConfig, gpu_gb: float) -> str:
             raise ConfigError(f"model {cfg.model!r}: cannot read its config ({str(err).splitlines()[0]})") from None
         config = AutoConfig.from_pretrained(REPO_ROOT / "configs" / "models" / shipped[cfg.model])
     has_images = cfg.stage == "mgt"
-    return render(cfg, cfg.model, estimate(cfg, config, has_images), gpu_gb)
+    return render(cfg, cfg.model, estimate(cfg, config, has_images), gpu_gb, gpus)

@@ -56,13 +56,23 @@ class MetricsLog:
             (self.writer.close if hasattr(self.writer, "close") else self.writer.finish)()
 
 
+def completion_records(step: int, scored) -> list[dict]:
+    """One JSON-able object per completion of a step: prompt, gold answer, completion, reward and its parts."""
+    return [{"step": step, "prompt": example.prompt, "answer": example.answer, "completion": text,
+             "reward": float(scored.rewards[i]), **{name: values[i] for name, values in scored.parts.items()}}
+            for i, (example, text) in enumerate(zip(scored.examples, scored.batch.texts))]
+
+
+def write_completions(path: Path, records: list[dict]) -> None:
+    """Append `completion_records` (under torchrun: every rank's, gathered to rank 0 in rank order)."""
+    with path.open("a") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+
+
 def log_completions(path: Path, step: int, scored) -> None:
     """Append one JSON object per completion of a step: prompt, gold answer, completion, reward and its parts."""
-    with path.open("a") as handle:
-        for i, (example, text) in enumerate(zip(scored.examples, scored.batch.texts)):
-            handle.write(json.dumps({"step": step, "prompt": example.prompt, "answer": example.answer,
-                                     "completion": text, "reward": float(scored.rewards[i]),
-                                     **{name: values[i] for name, values in scored.parts.items()}}) + "\n")
+    write_completions(path, completion_records(step, scored))
 
 
 def read_metrics(path: Path) -> list[dict]:

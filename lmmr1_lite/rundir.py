@@ -8,7 +8,8 @@ Guarantees (README "Runs that survive"):
   never overwritten, with or without `--overwrite`;
 - one run at a time: an exclusive `flock` on `.lmmr1-lite.lock` is held while a run writes; a second run
   into the same directory stops with one line;
-- a run that stops before writing anything leaves no directory behind that it created.
+- a run that stops before writing anything leaves no directory behind that it created;
+- under torchrun only rank 0 holds the lock and writes; the other ranks get a `RankView` (the path).
 """
 from __future__ import annotations
 
@@ -131,6 +132,19 @@ class RunDirectory:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._release(failed=exc_type is not None)
+
+
+class RankView:
+    """The run directory as a rank other than 0 sees it under torchrun: its path, nothing more. Rank 0 holds
+    the `RunDirectory` (lock, marker, every write); the other ranks only read what rank 0 wrote there (a
+    random-init base, the checkpoint to resume), so `begin()` does nothing here."""
+
+    def __init__(self, path: Path, resume: bool = False):
+        self.path, self.resume = Path(path), resume
+        self.begun = False
+
+    def begin(self) -> None:
+        self.begun = True
 
 
 def check_output_dir(run_dir: Path, needed_bytes: int) -> None:

@@ -6,6 +6,11 @@
 
 `grpo_step(ctx, examples)` runs the three, with `num_iterations` updates and the out-of-memory back-off,
 and returns the step's metrics under TRL's names where TRL has the quantity.
+
+Under torchrun (`ctx.dist`, see distributed.py) `examples` are this rank's share of the step's prompts;
+the update aggregates the loss with the global denominator (`batch_totals`) and sums the gradients over
+the ranks (one all-reduce), so it equals the one-process update on the same rollouts; the returned
+metrics are merged over the ranks (`merge_rows`). With `ctx.dist` None nothing here talks to anyone.
 """
 from __future__ import annotations
 
@@ -37,11 +42,14 @@ class StepContext:
     optimizer: object = None
     scheduler: object = None
     image_processor: object = None
-    stop_ids: list = field(default_factory=list)
+    stop_ids: list = field(default_factory=list)  # besides cfg.stop_tokens (strings); default: EOS
     generation_batch_size: int = 0
     micro_batch_size: int = 0
+    dist: object = None  # distributed.Distributed under torchrun, else None
 
     def __post_init__(self):
+        if not self.stop_ids and self.tokenizer is not None:
+            self.stop_ids = [self.tokenizer.eos_token_id]
         self.generation_batch_size = self.generation_batch_size or self.cfg.generation_batch_size \
             or self.cfg.prompts_per_step
         self.micro_batch_size = self.micro_batch_size or self.cfg.micro_batch_size
@@ -101,6 +109,7 @@ def generate_rollouts(ctx: StepContext, examples: list[Example]) -> Rollout:
         return Rollout.concat([
             generate(ctx.policy, ctx.tokenizer, messages[i:i + size], num_generations=cfg.num_generations,
                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=ctx.stop_ids,
+                     stop_strings=cfg.stop_tokens, top_k=cfg.top_k, top_p=cfg.top_p,
                      image_processor=ctx.image_processor)
             for i in range(0, len(messages), size)], ctx.tokenizer.pad_token_id)
     batch, ctx.generation_batch_size = halve_on_oom(run, ctx.generation_batch_size, "generation")
@@ -118,7 +127,8 @@ def policy_logprobs(ctx: StepContext, batch: Rollout) -> torch.Tensor:
     for start in range(0, batch.completion_ids.shape[0], rows):
         micro = batch.rows(slice(start, start + rows))
         out.append(token_logprobs(models.completion_hidden(ctx.policy, micro), weight, micro.completion_ids,
-                                  cfg.temperature, backend=cfg.logprob_backend))
+                                  cfg.temperature, backend=cfg.logprob_backend,
+                                  chunk_bytes=cfg.logprob_chunk_bytes or None))
     return torch.cat(out)
 
 
@@ -139,13 +149,43 @@ def score_rollouts(ctx: StepContext, batch: Rollout, examples: list[Example]) ->
     return ScoredRollout(batch, per_row, reward_t, parts, counts, advantages, ref_logp, old_logp)
 
 
-def _loss_sums(ctx: StepContext, scored: ScoredRollout, micro_batch_size: int) -> dict:
-    """Forward + backward over micro-batches; metric sums stay on the device (one sync at the end)."""
+def batch_totals(ctx: StepContext, mask: torch.Tensor) -> dict | None:
+    """The whole batch's counts over every rank, for the loss aggregation's denominators: completion tokens,
+    sequences, and the padded completion length (the longest rank's: the one-process batch is padded to it).
+    None for one process (the batch is the whole batch). One all-gather."""
+    if ctx.dist is None:
+        return None
+    local = torch.tensor([float(mask.sum()), float(mask.shape[0]), float(mask.shape[1])], dtype=torch.float64,
+                         device=mask.device)
+    every = ctx.dist.all_gather_tensor(local, "the token-count exchange")  # [world, 3]
+    return {"tokens": every[:, 0].sum().item(), "sequences": every[:, 1].sum().item(),
+            "length": every[:, 2].max().item()}
+
+
+def global_token_weights(mask: torch.Tensor, loss_agg: str, totals: dict | None) -> torch.Tensor:
+    """`token_weights(mask, loss_agg)` of the whole batch restricted to these rows: the same formulas, with the
+    batch-wide counts of `totals` (one process: `token_weights` itself)."""
+    if totals is None:
+        return token_weights(mask, loss_agg)
+    mask = mask.float()
+    if loss_agg == "token_mean":
+        return mask / max(totals["tokens"], 1.0)
+    if loss_agg == "seq_mean_token_mean":
+        return mask / (mask.sum(1, keepdim=True).clamp(min=1.0) * totals["sequences"])
+    if loss_agg == "seq_mean_token_sum_norm":
+        return mask / (totals["sequences"] * totals["length"])
+    return token_weights(mask, loss_agg)  # raises: an unknown aggregation
+
+
+def _loss_sums(ctx: StepContext, scored: ScoredRollout, micro_batch_size: int, totals: dict | None = None) -> dict:
+    """Forward + backward over micro-batches; metric sums stay on the device (one sync at the end). With
+    `totals` (several ranks) the weights and token shares use the whole batch's counts, so the sums over
+    the ranks of the gradients and of these sums are the whole batch's."""
     cfg, batch = ctx.cfg, scored.batch
     weight = models.lm_head_weight(ctx.policy)
     mask = batch.completion_mask
-    weights_all = token_weights(mask, cfg.loss_agg)  # aggregation over the whole batch, not per micro-batch
-    total_tokens = mask.sum().clamp(min=1)
+    weights_all = global_token_weights(mask, cfg.loss_agg, totals)  # over the whole batch, not per micro-batch
+    total_tokens = mask.sum().clamp(min=1) if totals is None else max(totals["tokens"], 1.0)
     keys = ("kl", "clip_low", "clip_high", "ratio", "entropy")
     sums = {key: torch.zeros((), device=mask.device) for key in ("loss",) + keys}
     size = micro_rows(cfg, batch, micro_batch_size)
@@ -157,7 +197,7 @@ def _loss_sums(ctx: StepContext, scored: ScoredRollout, micro_batch_size: int) -
             scored.advantages[rows], None if scored.old_logp is None else scored.old_logp[rows],
             None if scored.ref_logp is None else scored.ref_logp[rows], beta=cfg.beta,
             epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, temperature=cfg.temperature,
-            token_weight=weights_all[rows], backend=cfg.logprob_backend)
+            token_weight=weights_all[rows], backend=cfg.logprob_backend, chunk_bytes=cfg.logprob_chunk_bytes or None)
         loss.backward()
         share = micro.completion_mask.sum() / total_tokens
         sums["loss"] += loss.detach()
@@ -166,17 +206,33 @@ def _loss_sums(ctx: StepContext, scored: ScoredRollout, micro_batch_size: int) -
     return sums
 
 
+def compute_gradients(ctx: StepContext, scored: ScoredRollout) -> dict:
+    """The GRPO loss's gradient of the whole batch in the LoRA parameters' `.grad` (accumulated over
+    micro-batches, which halve on CUDA out-of-memory), and its metric sums. Several ranks: each rank's
+    share with the global denominators, then one all-reduce of the gradients and the sums together."""
+    policy = ctx.policy
+    lora_params = [p for p in policy.parameters() if p.requires_grad]
+    policy.train()  # train mode: gradient checkpointing on (when configured)
+    totals = batch_totals(ctx, scored.batch.completion_mask)  # before the back-off: a collective runs once
+
+    def run(size: int) -> dict:
+        for p in lora_params:
+            p.grad = None
+        return _loss_sums(ctx, scored, size, totals)
+    sums, ctx.micro_batch_size = halve_on_oom(run, ctx.micro_batch_size, "the training pass")
+    if ctx.dist is not None:
+        keys = list(sums)
+        sums = dict(zip(keys, ctx.dist.all_reduce_gradients(lora_params, [sums[k] for k in keys])))
+    return sums
+
+
 def update_policy(ctx: StepContext, scored: ScoredRollout) -> dict:
     """One optimizer update on the GRPO loss of `scored` (gradients accumulated over micro-batches, which
     halve on CUDA out-of-memory); returns its loss metrics. A non-finite loss or gradient skips the update."""
     policy, optimizer = ctx.policy, ctx.optimizer
     lora_params = [p for p in policy.parameters() if p.requires_grad]
-    policy.train()  # train mode: gradient checkpointing on (when configured)
-
-    def run(size: int) -> dict:
-        optimizer.zero_grad(set_to_none=True)
-        return _loss_sums(ctx, scored, size)
-    sums, ctx.micro_batch_size = halve_on_oom(run, ctx.micro_batch_size, "the training pass")
+    optimizer.zero_grad(set_to_none=True)
+    sums = compute_gradients(ctx, scored)
     grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, ctx.cfg.max_grad_norm)
     out = {key: float(value) for key, value in sums.items()}
     out["skipped"] = not (math.isfinite(float(grad_norm)) and math.isfinite(out["loss"]))
@@ -189,16 +245,15 @@ def update_policy(ctx: StepContext, scored: ScoredRollout) -> dict:
     return out
 
 
-def rollout_metrics(scored: ScoredRollout, cfg: TrainConfig, stop_ids: list[int]) -> dict:
+def rollout_metrics(scored: ScoredRollout, cfg: TrainConfig) -> dict:
     """Reward and completion statistics of a step, under TRL's names where TRL has the quantity:
     `reward_std` is the mean of the per-group standard deviations, `completions/clipped_ratio` the
-    fraction of completions that hit max_new_tokens without a stop token."""
+    fraction of completions that hit max_new_tokens without a stop."""
     grouped = scored.rewards.view(-1, cfg.num_generations)
     group_std = grouped.std(dim=1)
     batch = scored.batch
     lengths = batch.completion_mask.sum(1).float()
-    stopped = (torch.isin(batch.completion_ids, torch.tensor(stop_ids, device=batch.completion_ids.device))
-               & batch.completion_mask.bool()).any(1)
+    clipped = batch.clipped if batch.clipped is not None else lengths >= cfg.max_new_tokens
     row = {"reward": float(scored.rewards.mean()), "reward_std": float(group_std.mean()),
            "frac_reward_zero_std": float((group_std < 1e-6).float().mean())}
     for name, values in scored.parts.items():
@@ -206,12 +261,49 @@ def rollout_metrics(scored: ScoredRollout, cfg: TrainConfig, stop_ids: list[int]
     row.update(scored.counts)
     row.update({"completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
                 "completions/max_length": float(lengths.max()),
-                "completions/clipped_ratio": float((~stopped).float().mean())})
+                "completions/clipped_ratio": float(clipped.float().mean())})
     return row
 
 
+# How `merge_rows` combines one step's metrics over the ranks. Already global (computed after the gradient
+# all-reduce, equal on every rank): taken from rank 0. Counts: summed. Per-group statistics: weighted by the
+# groups of each rank; everything else numeric (rewards, lengths, rates over completions): by completions.
+ALREADY_GLOBAL = ("loss", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio",
+                  "entropy", "grad_norm", "skipped", "lr")
+SUMMED = ("reward_timeouts", "reward_errors", "reward_rejected")
+PER_GROUP = ("reward_std", "frac_reward_zero_std")
+SMALLEST = ("completions/min_length", "micro_batch_size")
+LARGEST = ("completions/max_length", "step_seconds", "generate_seconds")
+
+
+def merge_rows(parts: list[tuple[dict, dict]]) -> dict:
+    """One metrics row from every rank's `(row, weights)`, weights `{"completions", "groups", "tokens"}`:
+    means weighted by counts, sums summed, extremes of extremes; `tokens_per_second` is every rank's
+    tokens over the slowest rank's step time."""
+    rows = [row for row, _ in parts]
+    merged = {}
+    for key, value in rows[0].items():
+        values = [row[key] for row in rows]
+        if key in ALREADY_GLOBAL or not isinstance(value, (int, float)) or isinstance(value, bool):
+            merged[key] = value
+        elif key in SUMMED:
+            merged[key] = sum(values)
+        elif key in SMALLEST:
+            merged[key] = min(values)
+        elif key in LARGEST:
+            merged[key] = max(values)
+        else:
+            weight = "groups" if key in PER_GROUP else "completions"
+            merged[key] = sum(v * w[weight] for v, (_, w) in zip(values, parts)) / sum(w[weight] for _, w in parts)
+    if "tokens_per_second" in merged:
+        merged["tokens_per_second"] = sum(w["tokens"] for _, w in parts) / merged["step_seconds"]
+    return merged
+
+
 def grpo_step(ctx: StepContext, examples: list[Example]) -> tuple[dict, ScoredRollout]:
-    """Generate, score, and `num_iterations` updates for one step's examples; returns (metrics, scored)."""
+    """Generate, score, and `num_iterations` updates for one step's examples; returns (metrics, scored).
+    Under torchrun `examples` are this rank's share, `scored` is this rank's, and the metrics are the
+    whole step's (merged over the ranks; every rank gets them)."""
     start = time.perf_counter()
     batch = generate_rollouts(ctx, examples)
     generated = time.perf_counter()
@@ -222,7 +314,7 @@ def grpo_step(ctx: StepContext, examples: list[Example]) -> tuple[dict, ScoredRo
         any_skipped = any_skipped or sums["skipped"]
     seconds = time.perf_counter() - start
     lengths = batch.completion_mask.sum(1).float()
-    row = rollout_metrics(scored, ctx.cfg, ctx.stop_ids)
+    row = rollout_metrics(scored, ctx.cfg)
     row.update({"loss": sums["loss"], "kl": sums["kl"], "clip_ratio/low_mean": sums["clip_low"],
                 "clip_ratio/high_mean": sums["clip_high"], "clip_ratio/region_mean": sums["clip_low"] + sums["clip_high"],
                 "ratio": sums["ratio"], "entropy": sums["entropy"], "grad_norm": sums["grad_norm"],
@@ -230,4 +322,8 @@ def grpo_step(ctx: StepContext, examples: list[Example]) -> tuple[dict, ScoredRo
                 "micro_batch_size": ctx.micro_batch_size, "step_seconds": seconds,
                 "generate_seconds": generated - start,
                 "tokens_per_second": float(lengths.sum() + batch.prompt_mask.sum()) / seconds})
+    if ctx.dist is not None:
+        weights = {"completions": len(lengths), "groups": len(lengths) // ctx.cfg.num_generations,
+                   "tokens": float(lengths.sum() + batch.prompt_mask.sum())}
+        row = merge_rows(ctx.dist.all_gather_object((row, weights), "the metrics exchange"))
     return row, scored

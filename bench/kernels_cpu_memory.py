@@ -39,11 +39,12 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def run_case(case: str, n: int, h: int, v: int, head_grad: bool) -> dict:
+def run_case(case: str, shape: tuple[int, int, int], head_grad: bool, chunk_bytes: int) -> dict:
     import torch
 
     from lmmr1_kernels import grpo_loss  # imported (triton and all) before the baseline is read
 
+    n, h, v = shape
     torch.manual_seed(0)
     hidden = torch.randn(n, h, requires_grad=True)
     weight = torch.randn(v, h).mul_(0.02).requires_grad_(head_grad)
@@ -58,7 +59,8 @@ def run_case(case: str, n: int, h: int, v: int, head_grad: bool) -> dict:
         ratio = torch.exp(logp - logp.detach())
         loss = -(ratio * advantages).mean()
     else:
-        loss, _ = grpo_loss(hidden[None], weight, targets[None], mask, advantages, backend="torch")
+        loss, _ = grpo_loss(hidden[None], weight, targets[None], mask, advantages, backend="torch",
+                            chunk_bytes=chunk_bytes or None)
     loss.backward()
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
@@ -73,26 +75,32 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "kernels_cpu_memory.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--head-grad", action="store_true", help="also train the LM head (grad_weight in fp32)")
+    parser.add_argument("--chunk-bytes", type=int, default=0,
+                        help="bytes of one fp32 logits chunk (0: the kernels' default, 256 MiB; the config's "
+                             "logprob_chunk_bytes)")
     args = parser.parse_args()
     if args.case:  # child process: one case
-        print(json.dumps(run_case(args.case, args.n, args.h, args.v, args.head_grad)))
+        print(json.dumps(run_case(args.case, (args.n, args.h, args.v), args.head_grad, args.chunk_bytes)))
         return
 
     results = []
     for head_grad in (False, True):
         for case in ("naive", "lmmr1_kernels"):
-            cmd = [sys.executable, __file__, "--case", case, "--n", str(args.n), "--h", str(args.h), "--v", str(args.v)]
+            cmd = [sys.executable, __file__, "--case", case, "--n", str(args.n), "--h", str(args.h), "--v", str(args.v),
+                   "--chunk-bytes", str(args.chunk_bytes)]
             out = subprocess.run(cmd + (["--head-grad"] if head_grad else []), check=True, capture_output=True, text=True)
             results.append({**json.loads(out.stdout.strip().splitlines()[-1]), "head_grad": head_grad})
     report = {"benchmark": "kernels_cpu_memory", "date": str(date.today()), "machine": platform.processor() or platform.machine(),
-              "shape": {"N": args.n, "H": args.h, "V": args.v, "dtype": "float32"}, "results": results}
+              "shape": {"N": args.n, "H": args.h, "V": args.v, "dtype": "float32"},
+              "chunk_bytes": args.chunk_bytes or "kernel default (256 MiB)", "results": results}
     for head_grad in (False, True):
         naive = next(r for r in results if r["case"] == "naive" and r["head_grad"] == head_grad)
         ours = next(r for r in results if r["case"] == "lmmr1_kernels" and r["head_grad"] == head_grad)
         report[f"ratio_head_grad_{head_grad}"] = ours["extra_bytes"] / naive["extra_bytes"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"N={args.n} H={args.h} V={args.v} fp32, forward+backward, peak extra resident memory")
+    print(f"N={args.n} H={args.h} V={args.v} fp32, chunk {report['chunk_bytes']}, forward+backward, peak extra "
+          "resident memory")
     print(f"{'LM head':<14}{'case':<16}{'extra MiB':>12}{'seconds':>10}{'vs naive':>10}")
     for r in results:
         naive = next(x for x in results if x["case"] == "naive" and x["head_grad"] == r["head_grad"])

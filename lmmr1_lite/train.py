@@ -48,6 +48,7 @@ from .checkpoint import (DamagedCheckpoint, apply_checkpoint, checkpoint_world_s
 from .config import ConfigError, TrainConfig, with_absolute_paths
 from .data import load_splits, prepare
 from .distributed import Distributed
+from .evaluate import model_card
 from .report import MetricsLog, completion_records, plot_rewards, write_completions
 from .rundir import RankView, RunDirectory, check_output_dir
 from .step import StepContext, TrainingAborted, grpo_step
@@ -336,6 +337,7 @@ def _train(cfg: TrainConfig, run, init_adapter: Path | None, dist: Distributed |
     if not main:
         return run_dir
     (run_dir / "eval.json").write_text(json.dumps({"before": eval_before, "after": eval_after}, indent=2))
+    (adapter_dir / "README.md").write_text(model_card(cfg, adapter_dir, merged=False))  # over peft's template
     plot = plot_rewards(run_dir / "metrics.jsonl", run_dir / "reward_curve.png",
                         title=f"lmmr1-lite {cfg.stage}: {Path(cfg.model).name} on {cfg.data}")
     log.close()

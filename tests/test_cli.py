@@ -40,6 +40,8 @@ def test_short_run_writes_every_output(tmp_path, capsys):
     assert ev["before"]["n"] == 4 and 0 <= ev["after"]["accuracy"] <= 1
     printed = capsys.readouterr().out
     assert "adapter:" in printed and "reward curve:" in printed
+    card = (out / "adapter" / "README.md").read_text()
+    assert "tiny_color_text" in card and "GRPO steps: 3" in card and "| after |" in card, card
 
     # the adapter is a PEFT adapter over the saved random-init base
     from peft import PeftModel

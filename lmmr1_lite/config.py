@@ -145,6 +145,9 @@ class TrainConfig:
                                "(halved automatically on CUDA out-of-memory).")
     max_tokens_per_micro_batch: int = _f(16384, "Token budget of one micro-batch (sequences x padded length) in the "
                                          "log-prob and training passes; caps micro_batch_size. 0: no budget.")
+    share_prompt: bool = _f(True, "Compute each prompt once per group in the reference, old and training passes, "
+                            "its G completions attending to its keys/values (gradients of all G flow into it); "
+                            "false: every completion recomputes its prompt (same numbers, G times the prompt work).")
     generation_batch_size: int = _f(0, "Prompts per generate call (0: all of a step's prompts; halved on OOM).")
     logprob_chunk_bytes: int = _f(0, "Bytes of one fp32 [rows, vocab] logits chunk in the log-prob and loss kernels "
                                   "(0: the kernels' default, 256 MiB); larger chunks read the LM head fewer times.")

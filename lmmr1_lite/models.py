@@ -7,6 +7,7 @@ weight directly, so the `[tokens, vocab]` logits are never materialised.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from pathlib import Path
@@ -231,6 +232,37 @@ def multimodal_token_types(input_ids: torch.Tensor, config) -> torch.Tensor:
     return types
 
 
+def stack_vision(vision: list) -> dict:
+    """pixel_values / image_grid_thw of these rows' images, in row order (empty for text-only rows)."""
+    rows = [v for v in vision if v is not None]
+    if not rows:
+        return {}
+    return {"pixel_values": torch.cat([v["pixel_values"] for v in rows]),
+            "image_grid_thw": torch.cat([v["image_grid_thw"] for v in rows])}
+
+
+def prefill_positions(model, input_ids, attention_mask, vision: dict, mm_token_type_ids=None) -> torch.Tensor:
+    """`[4, B, P]` positions as HF `generate` builds them for Qwen2.5-VL: row 0 the text positions
+    (`cumsum(mask) - 1`, 0 on padding), rows 1-3 the rotary (temporal, height, width) positions:
+    the 3-D multimodal ones from `get_rope_index` when `mm_token_type_ids` are given with images,
+    else the text positions."""
+    text = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 0)
+    if mm_token_type_ids is not None and vision.get("image_grid_thw") is not None:
+        rope, _ = unwrap(model).model.get_rope_index(
+            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=vision["image_grid_thw"],
+            attention_mask=attention_mask)
+    else:
+        rope = text[None].expand(3, -1, -1)
+    return torch.cat([text[None], rope.to(text.device)], dim=0)
+
+
+def cache_keyword(body) -> str:
+    """The KV-cache argument's name of `body.forward` (`cache` since transformers 5.2x, `past_key_values` before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
 def hidden_states(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, **vision) -> torch.Tensor:
     """Last hidden states `[B, L, H]` of the backbone (no logits); with images, at their 3-D positions."""
     if vision.get("image_grid_thw") is not None:
@@ -239,11 +271,113 @@ def hidden_states(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return out.last_hidden_state
 
 
-def completion_hidden(policy, batch) -> torch.Tensor:
-    """Hidden states at the positions that predict each completion token of a `Rollout`: `[n, C, H]`."""
+def completion_hidden(policy, batch, share_prompt: bool = True) -> torch.Tensor:
+    """Hidden states at the positions that predict each completion token of a `Rollout`: `[n, C, H]`.
+
+    With `share_prompt` and the rows' prompt indices known (`batch.prompt_index`), each prompt of the
+    micro-batch is computed once and its G completions attend to its keys and values
+    (`shared_prompt_hidden`); otherwise every row runs its own copy of the prompt."""
+    if share_prompt and getattr(batch, "prompt_index", None) is not None:
+        return shared_prompt_hidden(policy, batch)
     prompt_len = batch.prompt_ids.shape[1]
     hidden = hidden_states(policy, batch.input_ids, batch.attention_mask, **batch.vision_kwargs())
     return hidden[:, prompt_len - 1: -1]
+
+
+@functools.cache
+def _prompt_kv_classes():
+    from transformers.cache_utils import DynamicLayer
+
+    class PromptKV(DynamicLayer):
+        """One attention layer's keys/values of a micro-batch's prompts, written by the prompt pass. The
+        first write is kept and returned as it is; a checkpointed layer writes again when backward
+        recomputes it, and that write changes nothing."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.device, self.is_initialized = key_states.device, True
+                self.keys, self.values = key_states, value_states
+            return key_states, value_states
+
+    class SharedPromptKV(DynamicLayer):
+        """The completion pass's view of a `PromptKV`: row r attends to its prompt's (`rows[r]`) keys/values
+        followed by its own. Gathered on every call (a recompute sees the same) and never stored; the
+        gather's backward sums the gradients of a prompt's G completions into its one computation."""
+
+        def __init__(self, prompt: PromptKV, rows: torch.Tensor):
+            super().__init__()
+            self.prompt, self.rows, self.is_initialized = prompt, rows, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            return (torch.cat([self.prompt.keys.index_select(0, self.rows), key_states], dim=-2),
+                    torch.cat([self.prompt.values.index_select(0, self.rows), value_states], dim=-2))
+
+        def get_seq_length(self) -> int:
+            return self.prompt.keys.shape[-2]
+
+    return PromptKV, SharedPromptKV
+
+
+class _CacheThroughCheckpointing:
+    """Lets HF's checkpointed decoder layers keep a cache argument (they drop it by default, because a
+    cache that is written to would be written twice when backward recomputes the layer; `PromptKV` is
+    safe to write twice)."""
+
+    def __init__(self, policy):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        self.layers = [m for m in backbone(policy).language_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer._can_checkpoint_with_cache = True
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            del layer._can_checkpoint_with_cache  # back to the class's False
+
+
+def shared_prompt_hidden(policy, batch) -> torch.Tensor:
+    """`completion_hidden` with each prompt computed once per group (Unsloth calls it prefix grouping).
+
+    1. Prompt pass: the distinct prompts of these rows (consecutive rows with one `prompt_index`),
+       columns that are padding in all of them dropped, images through the vision encoder once, at
+       the positions generation gave them; every layer's keys/values kept (`PromptKV`).
+    2. Completion pass: the rows' completion tokens (all but the last, which predicts nothing), at
+       positions continuing their prompt's, attending to their prompt's keys/values and to their own.
+    The hidden state that predicts the first completion token is the prompt's last one. Equal to the
+    unshared computation up to fp32 rounding (tests/test_shared_prompt.py), at B·P + n·C tokens
+    instead of n·(P + C), and with gradient checkpointing still on in the training pass."""
+    from transformers.cache_utils import Cache
+
+    _, row_group, counts = torch.unique_consecutive(batch.prompt_index, return_inverse=True, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts  # first row of each prompt
+    prompt_ids, prompt_mask = batch.prompt_ids[starts], batch.prompt_mask[starts]  # [B, P]
+    first_real = int((prompt_mask.sum(0) > 0).nonzero()[0])  # left padding shared by all of them
+    prompt_ids, prompt_mask = prompt_ids[:, first_real:], prompt_mask[:, first_real:]
+    vision = stack_vision([batch.vision[i] for i in starts.tolist()])
+    config = unwrap(policy).config
+    types = multimodal_token_types(prompt_ids, config) if vision else None
+    positions = prefill_positions(policy, prompt_ids, prompt_mask, vision, types)  # [4, B, P]
+    body = backbone(policy)
+    cache_kw = cache_keyword(body)
+    prompt_kv, shared_kv = _prompt_kv_classes()
+    layers = [prompt_kv() for _ in range(config.get_text_config().num_hidden_layers)]
+    completion_ids, completion_mask = batch.completion_ids, batch.completion_mask  # [n, C]
+    with _CacheThroughCheckpointing(policy):
+        out = body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                   **{cache_kw: Cache(layers=layers)}, **vision)
+        first = out.last_hidden_state[:, -1].index_select(0, row_group)[:, None]  # [n, 1, H]
+        if completion_ids.shape[1] == 1:
+            return first
+        steps = torch.arange(1, completion_ids.shape[1], device=positions.device)
+        later = positions[..., -1:].index_select(1, row_group) + steps  # [4, n, C-1]
+        mask = torch.cat([prompt_mask.index_select(0, row_group), completion_mask[:, :-1]], dim=1)  # [n, P + C-1]
+        # a second cache object: backward's recompute of a prompt-pass layer must still find the writer
+        shared = Cache(layers=[shared_kv(layer, row_group) for layer in layers])
+        out = body(input_ids=completion_ids[:, :-1], attention_mask=mask, position_ids=later, use_cache=True,
+                   **{cache_kw: shared})
+    return torch.cat([first, out.last_hidden_state], dim=1)
 
 
 def save_base_model(model, tokenizer, out_dir: Path, source: str | None = None) -> None:

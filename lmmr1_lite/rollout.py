@@ -30,22 +30,12 @@ the training pass computes (`Rollout.logprobs`).
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
 
 from . import models
 from .models import warn_once
-
-
-def stack_vision(vision: list) -> dict:
-    """pixel_values / image_grid_thw of these rows' images, in row order (empty for text-only rows)."""
-    rows = [v for v in vision if v is not None]
-    if not rows:
-        return {}
-    return {"pixel_values": torch.cat([v["pixel_values"] for v in rows]),
-            "image_grid_thw": torch.cat([v["image_grid_thw"] for v in rows])}
 
 
 @dataclass
@@ -63,9 +53,12 @@ class Rollout:
     logprobs: torch.Tensor | None = None
     # [N] bool: the row reached max_new_tokens without a stop (TRL's "clipped"), or None when unknown
     clipped: torch.Tensor | None = None
+    # [N] int64: which prompt each row continues (consecutive rows of one value share it), or None when
+    # unknown; with it the log-prob passes compute each prompt once (models.shared_prompt_hidden)
+    prompt_index: torch.Tensor | None = None
 
     def vision_kwargs(self) -> dict:
-        return stack_vision(self.vision)
+        return models.stack_vision(self.vision)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -91,13 +84,24 @@ class Rollout:
             [t for p in parts for t in p.texts], [v for p in parts for v in p.vision],
             None if any(p.logprobs is None for p in parts) else
             torch.cat([pad(p.logprobs, (0, completion_len - p.logprobs.shape[1])) for p in parts]),
-            None if any(p.clipped is None for p in parts) else torch.cat([p.clipped for p in parts]))
+            None if any(p.clipped is None for p in parts) else torch.cat([p.clipped for p in parts]),
+            None if any(p.prompt_index is None for p in parts) else torch.cat(offset_prompt_indices(parts)))
 
     def rows(self, index: slice) -> "Rollout":
         return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
                        self.completion_mask[index], self.texts[index], self.vision[index],
                        None if self.logprobs is None else self.logprobs[index],
-                       None if self.clipped is None else self.clipped[index])
+                       None if self.clipped is None else self.clipped[index],
+                       None if self.prompt_index is None else self.prompt_index[index])
+
+
+def offset_prompt_indices(parts: list[Rollout]) -> list[torch.Tensor]:
+    """The parts' `prompt_index` renumbered so that no two parts share a prompt."""
+    out, offset = [], 0
+    for part in parts:
+        out.append(part.prompt_index + offset)
+        offset += int(part.prompt_index.max()) + 1 if part.prompt_index.numel() else 0
+    return out
 
 
 def stop_token_ids(tokenizer, stop_tokens: list[str]) -> list[int]:
@@ -351,26 +355,6 @@ def split_stop_strings(tokenizer, stop_strings) -> tuple[list[int], list[str]]:
 # ---------------------------------------------------------------------------------------------
 # The decode loop
 # ---------------------------------------------------------------------------------------------
-def prefill_positions(model, input_ids, attention_mask, vision: dict, mm_token_type_ids=None) -> torch.Tensor:
-    """`[4, B, P]` positions as HF `generate` builds them for Qwen2.5-VL: row 0 the text positions
-    (`cumsum(mask) - 1`, 0 on padding), rows 1-3 the rotary (temporal, height, width) positions:
-    the 3-D multimodal ones from `get_rope_index` when `mm_token_type_ids` are given with images,
-    else the text positions."""
-    text = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 0)
-    if mm_token_type_ids is not None and vision.get("image_grid_thw") is not None:
-        rope, _ = models.unwrap(model).model.get_rope_index(
-            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=vision["image_grid_thw"],
-            attention_mask=attention_mask)
-    else:
-        rope = text[None].expand(3, -1, -1)
-    return torch.cat([text[None], rope.to(text.device)], dim=0)
-
-
-def _cache_keyword(body) -> str:
-    params = inspect.signature(body.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _output_cache(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
@@ -389,7 +373,7 @@ def decode(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision
     body, weight = models.backbone(policy), models.lm_head_weight(policy)
     bias = getattr(models.unwrap(policy).get_output_embeddings(), "bias", None)
     device = input_ids.device
-    cache_kw = _cache_keyword(body)
+    cache_kw = models.cache_keyword(body)
     rows = input_ids.shape[0] * count
     tokens = torch.full((rows, max(max_new_tokens, 0)), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(tokens.shape, dtype=torch.float32, device=device)
@@ -399,7 +383,7 @@ def decode(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision
     stop_tensor = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     suppress = torch.as_tensor(suppress if suppress is not None else [], dtype=torch.long, device=device)
 
-    positions = prefill_positions(policy, input_ids, attention_mask, vision or {}, mm_token_type_ids)
+    positions = models.prefill_positions(policy, input_ids, attention_mask, vision or {}, mm_token_type_ids)
     out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                **(vision or {}))
     cache, hidden = _output_cache(out), out.last_hidden_state[:, -1]
@@ -460,7 +444,7 @@ def generate(policy, tokenizer, messages: list[list[dict]], *, num_generations: 
         enc, vision = encode_prompts(tokenizer, messages, policy.device, image_processor)
         count = 1 if greedy else num_generations
         single, multi = split_stop_strings(tokenizer, stop_strings)
-        images = stack_vision(vision)
+        images = models.stack_vision(vision)
         types = (models.multimodal_token_types(enc["input_ids"], models.unwrap(policy).config)
                  if images else None)  # 3-D rotary positions for image tokens, as in the training pass
         completion_ids, lengths, logprobs = decode(
@@ -482,8 +466,10 @@ def generate(policy, tokenizer, messages: list[list[dict]], *, num_generations: 
         if stops:
             ended |= stops(completion_ids.cpu()).to(last.device)
         clipped &= ~ended
+    prompt_index = torch.arange(len(messages), device=lengths.device).repeat_interleave(count)
     return Rollout(enc["input_ids"].repeat_interleave(count, dim=0), enc["attention_mask"].repeat_interleave(count, dim=0),
-                   completion_ids, mask, texts, [v for v in vision for _ in range(count)], logprobs, clipped)
+                   completion_ids, mask, texts, [v for v in vision for _ in range(count)], logprobs, clipped,
+                   prompt_index)
 
 
 @torch.no_grad()
@@ -496,7 +482,7 @@ def generate_hf(policy, tokenizer, messages: list[list[dict]], *, num_generation
     was_training = policy.training
     policy.eval()
     enc, vision = encode_prompts(tokenizer, messages, policy.device, image_processor)
-    enc.update(stack_vision(vision))
+    enc.update(models.stack_vision(vision))
     if "image_grid_thw" in enc:  # the same 3-D image positions as `generate` and the training pass
         enc["mm_token_type_ids"] = models.multimodal_token_types(enc["input_ids"], models.unwrap(policy).config)
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)

@@ -126,7 +126,7 @@ def policy_logprobs(ctx: StepContext, batch: Rollout) -> torch.Tensor:
     out = []
     for start in range(0, batch.completion_ids.shape[0], rows):
         micro = batch.rows(slice(start, start + rows))
-        out.append(token_logprobs(models.completion_hidden(ctx.policy, micro), weight, micro.completion_ids,
+        out.append(token_logprobs(models.completion_hidden(ctx.policy, micro, cfg.share_prompt), weight, micro.completion_ids,
                                   cfg.temperature, backend=cfg.logprob_backend,
                                   chunk_bytes=cfg.logprob_chunk_bytes or None))
     return torch.cat(out)
@@ -193,7 +193,7 @@ def _loss_sums(ctx: StepContext, scored: ScoredRollout, micro_batch_size: int, t
         rows = slice(start, start + size)
         micro = batch.rows(rows)
         loss, metrics = grpo_loss(
-            models.completion_hidden(ctx.policy, micro), weight, micro.completion_ids, micro.completion_mask,
+            models.completion_hidden(ctx.policy, micro, cfg.share_prompt), weight, micro.completion_ids, micro.completion_mask,
             scored.advantages[rows], None if scored.old_logp is None else scored.old_logp[rows],
             None if scored.ref_logp is None else scored.ref_logp[rows], beta=cfg.beta,
             epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, temperature=cfg.temperature,

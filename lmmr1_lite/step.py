@@ -265,6 +265,9 @@ def rollout_metrics(scored: ScoredRollout, cfg: TrainConfig) -> dict:
     return row
 
 
+# Metrics that are wall-clock readings: they differ between two runs that are otherwise bit-identical.
+TIMING_METRICS = ("step_seconds", "generate_seconds", "score_seconds", "update_seconds", "tokens_per_second")
+
 # How `merge_rows` combines one step's metrics over the ranks. Already global (computed after the gradient
 # all-reduce, equal on every rank): taken from rank 0. Counts: summed. Per-group statistics: weighted by the
 # groups of each rank; everything else numeric (rewards, lengths, rates over completions): by completions.
@@ -273,7 +276,7 @@ ALREADY_GLOBAL = ("loss", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "
 SUMMED = ("reward_timeouts", "reward_errors", "reward_rejected")
 PER_GROUP = ("reward_std", "frac_reward_zero_std")
 SMALLEST = ("completions/min_length", "micro_batch_size")
-LARGEST = ("completions/max_length", "step_seconds", "generate_seconds")
+LARGEST = ("completions/max_length", "step_seconds", "generate_seconds", "score_seconds", "update_seconds")
 
 
 def merge_rows(parts: list[tuple[dict, dict]]) -> dict:
@@ -300,19 +303,28 @@ def merge_rows(parts: list[tuple[dict, dict]]) -> dict:
     return merged
 
 
+def clock() -> float:
+    """Wall seconds, after the GPU's queued work has finished (phase timings must not end at a launch)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def grpo_step(ctx: StepContext, examples: list[Example]) -> tuple[dict, ScoredRollout]:
     """Generate, score, and `num_iterations` updates for one step's examples; returns (metrics, scored).
     Under torchrun `examples` are this rank's share, `scored` is this rank's, and the metrics are the
     whole step's (merged over the ranks; every rank gets them)."""
-    start = time.perf_counter()
+    start = clock()
     batch = generate_rollouts(ctx, examples)
-    generated = time.perf_counter()
+    generated = clock()
     scored = score_rollouts(ctx, batch, examples)
+    scored_at = clock()
     any_skipped, sums = False, {}
     for _ in range(ctx.cfg.num_iterations):
         sums = update_policy(ctx, scored)
         any_skipped = any_skipped or sums["skipped"]
-    seconds = time.perf_counter() - start
+    end = clock()
+    seconds = end - start
     lengths = batch.completion_mask.sum(1).float()
     row = rollout_metrics(scored, ctx.cfg)
     row.update({"loss": sums["loss"], "kl": sums["kl"], "clip_ratio/low_mean": sums["clip_low"],
@@ -320,7 +332,8 @@ def grpo_step(ctx: StepContext, examples: list[Example]) -> tuple[dict, ScoredRo
                 "ratio": sums["ratio"], "entropy": sums["entropy"], "grad_norm": sums["grad_norm"],
                 "skipped": any_skipped, "lr": ctx.scheduler.get_last_lr()[0],
                 "micro_batch_size": ctx.micro_batch_size, "step_seconds": seconds,
-                "generate_seconds": generated - start,
+                "generate_seconds": generated - start, "score_seconds": scored_at - generated,
+                "update_seconds": end - scored_at,
                 "tokens_per_second": float(lengths.sum() + batch.prompt_mask.sum()) / seconds})
     if ctx.dist is not None:
         weights = {"completions": len(lengths), "groups": len(lengths) // ctx.cfg.num_generations,

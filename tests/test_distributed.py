@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from lmmr1_lite.checkpoint import complete_checkpoints, latest_checkpoint
 from lmmr1_lite.cli import main
 from lmmr1_lite.distributed import merge_evals
-from lmmr1_lite.step import merge_rows
+from lmmr1_lite.step import TIMING_METRICS, merge_rows
 
-TIMING = {"step_seconds", "generate_seconds", "tokens_per_second"}
+TIMING = set(TIMING_METRICS)
 SMALL = ["--eval-size", "4", "--prompts-per-step", "4", "--num-generations", "4", "--set", "beta=0.02",
          "--log-completions-every", "2"]
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")

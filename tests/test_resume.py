@@ -15,7 +15,7 @@ from lmmr1_lite import step as step_module
 from lmmr1_lite.checkpoint import latest_checkpoint
 from lmmr1_lite.cli import main
 
-TIMING = {"step_seconds", "generate_seconds", "tokens_per_second"}
+TIMING = set(step_module.TIMING_METRICS)
 SMALL = ["--eval-size", "4", "--prompts-per-step", "4", "--num-generations", "4", "--set", "beta=0.02"]
 
 

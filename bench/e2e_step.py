@@ -1,15 +1,20 @@
-"""One full GRPO step on a random-init model: peak memory and the time of each phase, as JSON.
+"""One full GRPO step on a random-init model: the memory and time of each phase next to the planner's, as JSON.
 
 Phases, the functions of lmmr1_lite/step.py that train.py runs: generate (B prompts x G completions),
 score (rewards, advantages, and the reference pass when beta > 0), reference pass alone (adapter off, no
 grad), old pass (no grad; measured even when num_iterations is 1, as the cost a second iteration would
-add), train (forward + backward + optimizer step). Random weights rarely
-sample a stop token, so completions run to max_new_tokens: the worst case for memory.
+add), train (forward + backward + optimizer step). Random weights rarely sample a stop token, so
+completions run to max_new_tokens: the worst case for memory.
+
+Memory: on CUDA the allocator's peak per phase; on CPU the peak resident set (VmHWM, reset before each
+phase) above the resident set the phase started from, and the resident set the model load added (the
+weights) and the first update left behind (LoRA gradients and AdamW states). Beside each, the planner's
+figure for the same component (`lmmr1_lite.plan.estimate`, at the measured prompt length).
 
     python bench/e2e_step.py                                         # CPU: the tiny model (seconds)
-    python bench/e2e_step.py --config configs/qwen2_5_vl_3b/fre.yaml --model configs/models/qwen2_5_vl_3b
-                                                                     # GPU: 3B architecture, random weights
-Peak memory: CUDA max_memory_allocated / max_memory_reserved; CPU peak resident set (VmHWM).
+    python bench/e2e_step.py --config configs/qwen2_5_vl_3b/fre.yaml --model configs/models/qwen2_5_vl_3b \\
+        --set tokenizer=QWEN_TOKENIZER_DIR --set dtype=bfloat16 --set prompts_per_step=2 --set num_generations=2 \\
+        --set max_new_tokens=32                                      # the 3B architecture, random weights
 Writes bench/out/e2e_step.json (or --out) and prints it.
 """
 from __future__ import annotations
@@ -24,7 +29,51 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels_cpu_memory import peak_rss_bytes, reset_peak_rss  # noqa: E402
+from kernels_cpu_memory import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+
+GIB = 2**30
+
+
+def release_free_heap() -> None:
+    """glibc keeps freed small blocks in its heap; hand them back so the resident set counts live memory."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PhaseMeter:
+    """Seconds and peak memory of one phase at a time: CUDA allocator peaks, or the CPU's resident set."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.phases = cuda, {}
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def resident(self) -> int:
+        if self.cuda:
+            return torch.cuda.memory_allocated()
+        release_free_heap()
+        return rss_bytes()
+
+    def measure(self, name: str, run):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_peak_rss()
+        before, start = self.resident(), self.now()
+        result = run()
+        seconds = self.now() - start
+        peak = torch.cuda.max_memory_allocated() if self.cuda else peak_rss_bytes()
+        self.phases[name] = {"seconds": seconds, "peak_extra_gib": (peak - before) / GIB,
+                             "left_behind_gib": (self.resident() - before) / GIB}
+        return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,8 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "e2e_step.json"))
     args = parser.parse_args(argv)
 
-    from lmmr1_lite import models, verifier
+    from lmmr1_lite import models
     from lmmr1_lite.config import parse_sets, resolve_config
+    from lmmr1_lite.distributed import start_verifier_pool
     from lmmr1_lite.plan import estimate
     from lmmr1_lite.step import StepContext, generate_rollouts, policy_logprobs, score_rollouts, update_policy
     from lmmr1_lite.tasks import generate as draw
@@ -51,63 +101,70 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(cfg.seed)
     device = models.pick_device()
     cuda = device.type == "cuda"
+    meter = PhaseMeter(cuda)
 
-    def peak() -> dict:
-        if cuda:
-            torch.cuda.synchronize()
-            return {"max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-                    "max_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
-        return {"peak_rss_gib": peak_rss_bytes() / 2**30}
-
-    def clock() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    if not cuda:
-        reset_peak_rss()
+    start_verifier_pool(cfg, None)  # its workers are processes of their own: outside this process's memory
+    examples, _ = draw(cfg.data, cfg.prompts_per_step, 0, cfg.seed)
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
-    policy = models.add_lora(models.load_base_model(cfg, device), cfg)
+    baseline = meter.resident()  # the Python runtime, torch, transformers, the tokenizer
+    policy = meter.measure("load", lambda: models.add_lora(models.load_base_model(cfg, device), cfg))
     optimizer = models.make_optimizer([p for p in policy.parameters() if p.requires_grad], cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    verifier.pool(cfg.reward_timeout)
-    examples, _ = draw(cfg.data, cfg.prompts_per_step, 0, cfg.seed)
     ctx = StepContext(policy, tokenizer, cfg, optimizer, scheduler)
-    after_load = peak()
-    times = {}
 
-    start = clock()
-    batch = generate_rollouts(ctx, examples)
-    times["generate_s"] = clock() - start
-    start = clock()
-    scored = score_rollouts(ctx, batch, examples)  # rewards + advantages, and the reference pass when beta > 0
-    times["score_and_reference_s"] = clock() - start
-    start = clock()
-    with policy.disable_adapter():
-        policy_logprobs(ctx, batch)
-    times["reference_pass_s"] = clock() - start
-    start = clock()
-    policy_logprobs(ctx, batch)
-    times["old_pass_s"] = clock() - start  # measured even when num_iterations is 1: what a second iteration adds
-    start = clock()
-    update_policy(ctx, scored)
-    times["train_s"] = clock() - start
+    batch = meter.measure("generate", lambda: generate_rollouts(ctx, examples))
+    scored = meter.measure("score_and_reference", lambda: score_rollouts(ctx, batch, examples))
+
+    def reference():
+        with policy.disable_adapter():
+            return policy_logprobs(ctx, batch)
+    meter.measure("reference_pass", reference)
+    meter.measure("old_pass", lambda: policy_logprobs(ctx, batch))  # what a second iteration would add
+    meter.measure("train", lambda: update_policy(ctx, scored))  # the first update also creates AdamW's states
 
     config = policy.get_base_model().config
+    prompt_tokens = int(batch.prompt_mask.sum(1).max())
+    plan = estimate(cfg, config, has_images=False, prompt_tokens=prompt_tokens)
+    parts = plan["parts"]
+    lora_weights = sum(p.numel() * p.element_size() for p in policy.parameters() if p.requires_grad) / GIB
+    phases = meter.phases
+    # the planner's components, and what was measured for each (the CUDA context has no CPU counterpart)
+    components = {
+        "weights": {"planner_gib": (parts["quantised language-model linears"]
+                                    + parts["bf16 parts (embeddings, LM head, norms, vision tower)"]) / GIB,
+                    "measured_gib": phases["load"]["left_behind_gib"] - lora_weights},
+        "LoRA + gradients + AdamW states": {  # the weights came with the load, the rest with the first update
+            "planner_gib": parts["LoRA parameters + gradients + optimizer states (fp32)"] / GIB,
+            "measured_gib": phases["train"]["left_behind_gib"] + lora_weights},
+        "generation working set (KV cache)": {"planner_gib": parts["KV cache during generation (bf16)"] / GIB,
+                                              "measured_gib": phases["generate"]["peak_extra_gib"]},
+        "training working set (activations, recomputed layer, log-prob chunk)": {
+            "planner_gib": sum(parts[k] for k in ("activations kept for backward (bf16)",
+                                                  "one layer recomputed in backward (bf16)",
+                                                  "log-prob chunk (logits block + gradient of hidden)")) / GIB,
+            "measured_gib": phases["train"]["peak_extra_gib"] - phases["train"]["left_behind_gib"]},
+    }
+    for row in components.values():
+        row["measured_vs_planner"] = row["measured_gib"] / row["planner_gib"] if row["planner_gib"] else None
     report = {
         "benchmark": "e2e_step", "date": str(date.today()),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "model": cfg.model, "quantization": cfg.quantization, "prompts": cfg.prompts_per_step,
-        "generations": cfg.num_generations, "max_new_tokens": cfg.max_new_tokens,
+        "model": cfg.model, "quantization": cfg.quantization, "dtype": cfg.dtype, "prompts": cfg.prompts_per_step,
+        "generations": cfg.num_generations, "max_new_tokens": cfg.max_new_tokens, "prompt_tokens": prompt_tokens,
         "completion_tokens_mean": float(batch.completion_mask.sum(1).float().mean()),
-        "sequence_tokens": int(batch.input_ids.shape[1]), **times,
-        "memory_after_load": after_load, "memory_peak": peak(),
-        "planner_peak_gib": estimate(cfg, config, has_images=False)["peak"] / 2**30,
+        "share_prompt": cfg.share_prompt, "gradient_checkpointing": cfg.gradient_checkpointing,
+        "runtime_baseline_gib": baseline / GIB, "phases": phases, "components": components,
+        "planner_peak_gib": plan["peak"] / GIB,
         "note": "random weights: completions run to max_new_tokens, the worst case for memory",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+    print(f"\n| component | planner GiB | measured GiB | measured / planner |\n|---|---:|---:|---:|")
+    for name, row in components.items():
+        ratio = row["measured_vs_planner"]
+        print(f"| {name} | {row['planner_gib']:.3f} | {row['measured_gib']:.3f} | "
+              f"{'' if ratio is None else f'{ratio:.2f}'} |")
     return report
 
 

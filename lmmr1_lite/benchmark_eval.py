@@ -71,7 +71,8 @@ def parse_request(args) -> EvalRequest:
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     from .config import parse_sets
-    return EvalRequest(names, data, args.model, args.adapter, args.prompt, args.limit, args.max_new_tokens,
+    max_new_tokens = EvalRequest.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    return EvalRequest(names, data, args.model, args.adapter, args.prompt, args.limit, max_new_tokens,
                        args.batch_size, args.out or "evals/benchmarks", parse_sets(args.sets))
 
 

@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             from .plan import plan
             cfg = resolve_config(args.stage, args.config, overrides_from(args))
             print(plan(cfg, args.gpu_gb, args.gpus))
+        elif args.command == "eval" and args.benchmark:
+            from .benchmark_eval import run_benchmarks
+            run_benchmarks(args)
         elif args.command in ("eval", "export"):
             from .evaluate import run
             return run(args)

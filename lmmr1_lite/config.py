@@ -116,6 +116,10 @@ class TrainConfig:
     temperature: float = _f(1.0, "Sampling temperature for rollouts (also divides logits in the loss).")
     top_k: int = _f(0, "Sample only from the k most likely tokens (0: off, LMM-R1's setting).")
     top_p: float = _f(1.0, "Nucleus sampling: the smallest set of tokens holding this probability mass (1.0: off).")
+    decode_cache: str = _f("dynamic", "KV cache of the rollout decode loop: 'dynamic' (finished rows leave the batch "
+                           "and the cache), 'static' (preallocated, fixed shapes; finished rows stay, masked) or "
+                           "'compiled' (static, and the decode step under torch.compile: CUDA graphs on CUDA, "
+                           "where a small model's step is bound by kernel launches). Not yet measured on a GPU.")
     stop_tokens: list = _f(["</answer>"], "Strings (besides EOS) that end a completion, one or several tokens each "
                            "(`</answer>` is three in Qwen's vocabulary); the completion keeps the stop string.")
     # --- rewards -------------------------------------------------------------------------------
@@ -211,6 +215,8 @@ class TrainConfig:
              "lora_target_modules must be a non-empty list of module names (e.g. [q_proj, v_proj])"),
             (all(isinstance(t, str) and t for t in self.stop_tokens), "stop_tokens must be a list of non-empty strings"),
             (self.top_k >= 0, "top_k must be >= 0 (0: off)"),
+            (self.decode_cache in ("dynamic", "static", "compiled"),
+             f"decode_cache must be dynamic, static or compiled, got {self.decode_cache!r}"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.logprob_chunk_bytes >= 0, "logprob_chunk_bytes must be >= 0 (0: the kernels' default, 256 MiB)"),
             (0 < self.reward_timeout <= 60, "reward_timeout must be in (0, 60] seconds"),

@@ -249,13 +249,8 @@ def add_parsers(sub) -> None:
 
 
 def run(args) -> int:
-    if args.command == "eval":
-        if args.benchmark:
-            from .benchmark_eval import run_benchmarks
-            if args.max_new_tokens is None:
-                args.max_new_tokens = 4096
-            run_benchmarks(args)
-        elif not args.data:
+    if args.command == "eval":  # `eval --benchmark` goes to benchmark_eval.run_benchmarks (cli.py)
+        if not args.data:
             raise ConfigError("eval needs --data (a task or data file) or --benchmark NAMES")
         else:
             if args.limit is not None and args.limit < 1:

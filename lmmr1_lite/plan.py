@@ -12,6 +12,7 @@ the vision working set per card, never the weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from .config import TrainConfig
 
@@ -62,20 +63,30 @@ def image_tokens(max_pixels: int) -> int:
     return max_pixels // (28 * 28)
 
 
-def estimate(cfg: TrainConfig, config, has_images: bool) -> dict:
-    """Bytes per component and the two phase peaks."""
+def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | None = None) -> dict:
+    """Bytes per component and the two phase peaks, for prompts of `prompt_tokens` (default: 256 text
+    tokens plus one image at max_pixels for stage mgt) and completions of max_new_tokens."""
+    from lmmr1_kernels.logprobs import chunk_rows_for_bytes
+
     counts = count_parameters(config, cfg.lora_r, tuple(cfg.lora_target_modules))
     text = config.text_config
     h, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
     head_dim = getattr(text, "head_dim", None) or h // text.num_attention_heads
     weight_bits = {"nf4": NF4_BITS, "int8": 8, "none": 16}[cfg.quantization]
-    prompt = min(cfg.max_prompt_tokens, 256 + (image_tokens(cfg.max_pixels) if has_images else 0))
+    prompt = prompt_tokens or min(cfg.max_prompt_tokens, 256 + (image_tokens(cfg.max_pixels) if has_images else 0))
     seq = prompt + cfg.max_new_tokens
     sequences = cfg.prompts_per_step * cfg.num_generations
     micro = cfg.micro_batch_size
-    if cfg.max_tokens_per_micro_batch:
+    if cfg.max_tokens_per_micro_batch:  # as step.micro_rows caps it
         micro = min(micro, max(1, cfg.max_tokens_per_micro_batch // seq))
-    micro_tokens = micro * seq
+    micro = min(micro, sequences)
+    # tokens one training micro-batch runs through the model: with share_prompt each of its prompts once
+    # (`micro` rows that are not whole groups can straddle one group more), else every row's own copy
+    whole, spill = divmod(micro, cfg.num_generations)
+    groups = min(cfg.prompts_per_step, whole + (2 if spill else 0))
+    micro_tokens = groups * prompt + micro * cfg.max_new_tokens if cfg.share_prompt else micro * seq
+    scored = micro * cfg.max_new_tokens  # completion positions the log-prob kernels score
+    chunk_rows = chunk_rows_for_bytes(scored, vocab, cfg.logprob_chunk_bytes or None, "cuda")
     optimizer_bytes = 2 if cfg.optim == "paged_adamw_8bit" else 8
     vision_act = 0
     if has_images:  # one image per prompt through the vision tower, no grad (frozen), its blocks' working set
@@ -94,7 +105,9 @@ def estimate(cfg: TrainConfig, config, has_images: bool) -> dict:
             h if cfg.gradient_checkpointing else 12 * h + 4 * text.intermediate_size),
         "one layer recomputed in backward (bf16)":
             micro_tokens * 2 * (12 * h + 4 * text.intermediate_size) if cfg.gradient_checkpointing else 0,
-        "log-prob chunk (logits block + gradient of hidden)": max(16, micro_tokens * h // vocab) * vocab * 4 + micro_tokens * h * 4,
+        # one fp32 [rows, vocab] logits block (its gradient written in place) and the fp32 gradient of the
+        # scored hidden states
+        "log-prob chunk (logits block + gradient of hidden)": chunk_rows * vocab * 4 + scored * h * 4,
         "vision encoder working set": vision_act,
         "CUDA context and workspaces": CUDA_CONTEXT,
     }
@@ -103,7 +116,7 @@ def estimate(cfg: TrainConfig, config, has_images: bool) -> dict:
     training = static + sum(parts[k] for k in list(parts)[4:7])
     return {"parts": parts, "generation_peak": generation * FRAGMENTATION, "training_peak": training * FRAGMENTATION,
             "peak": max(generation, training) * FRAGMENTATION, "counts": counts, "sequence_tokens": seq,
-            "micro_batch": micro, "sequences": sequences}
+            "prompt_tokens": prompt, "micro_batch": micro, "micro_batch_tokens": micro_tokens, "sequences": sequences}
 
 
 def advice(cfg: TrainConfig, result: dict) -> str:
@@ -153,12 +166,16 @@ def plan(cfg: TrainConfig, gpu_gb: float, gpus: int = 1) -> str:
     if gpus > 1:  # one GPU's share of a step
         cfg = replace(cfg, prompts_per_step=cfg.prompts_per_step // gpus)
 
+    from . import hub
+
     shipped = {"Qwen/Qwen2.5-VL-3B-Instruct": "qwen2_5_vl_3b", "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl_7b"}
-    try:
-        config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
-        if cfg.model not in shipped:  # offline: the shipped architecture description of a known model will do
-            raise ConfigError(f"model {cfg.model!r}: cannot read its config ({str(err).splitlines()[0]})") from None
+    if cfg.model in shipped and not Path(cfg.model).exists():  # the shipped copy of its architecture: no network
         config = AutoConfig.from_pretrained(REPO_ROOT / "configs" / "models" / shipped[cfg.model])
+    else:
+        hub.check_model_source(cfg.model)  # offline with a Hub id: one line now, not retries
+        try:
+            config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model {cfg.model!r}: cannot read its config ({str(err).splitlines()[0]})") from None
     has_images = cfg.stage == "mgt"
     return render(cfg, cfg.model, estimate(cfg, config, has_images), gpu_gb, gpus)

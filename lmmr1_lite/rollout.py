@@ -360,16 +360,85 @@ def _output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
+class StaticDecodeStep:
+    """The decode step over a preallocated `StaticCache`: the same shapes every step (`[rows, 1]` tokens,
+    a `[rows, prompt + max_new_tokens]` mask), so `torch.compile` can trace it once and, on CUDA with
+    `mode="reduce-overhead"`, replay it as a CUDA graph: a step of a small model on a GPU is bound by
+    kernel launches, not arithmetic. The price: finished rows stay in the batch (their tokens are
+    masked afterwards), where the dynamic cache lets them leave. The cache length is rounded up to a
+    multiple of `LENGTH_QUANTUM`, and one instance (its cache, mask buffer and compiled step) is kept
+    per (rows, length), so a run whose steps have the same batch shape compiles once."""
+
+    LENGTH_QUANTUM = 128
+    _instances: dict = {}
+
+    def __init__(self, policy, rows: int, max_len: int, compiled: bool):
+        from transformers import StaticCache
+
+        self.body = models.backbone(policy)
+        self.cache_kw = models.cache_keyword(self.body)
+        self.cache = StaticCache(config=models.unwrap(policy).config, max_cache_len=max_len)
+        self.mask = None
+        self.length = 0
+        cuda = policy.device.type == "cuda"
+        self.forward = (torch.compile(self._forward, mode="reduce-overhead" if cuda else "default", dynamic=False)
+                        if compiled else self._forward)
+
+    @classmethod
+    def for_batch(cls, policy, prefilled, attention_mask: torch.Tensor, max_new_tokens: int, compiled: bool):
+        """The step for this batch, its cache holding the prefilled (and row-expanded) `prefilled` cache."""
+        rows, prompt_len = attention_mask.shape
+        max_len = -(-(prompt_len + max_new_tokens) // cls.LENGTH_QUANTUM) * cls.LENGTH_QUANTUM
+        # keyed by the backbone, which each instance holds: its id cannot be reused while the entry exists
+        key = (id(models.backbone(policy)), rows, max_len, compiled)
+        if key not in cls._instances:
+            cls._instances = {k: v for k, v in cls._instances.items() if k[0] == key[0]}  # another model's: dropped
+            cls._instances[key] = cls(policy, rows, max_len, compiled)
+        step = cls._instances[key]
+        step.load(prefilled, attention_mask)
+        return step
+
+    def load(self, prefilled, attention_mask: torch.Tensor) -> None:
+        prompt_len = attention_mask.shape[1]
+        for layer, source in zip(self.cache.layers, prefilled.layers):
+            if not layer.is_initialized:
+                layer.lazy_initialization(source.keys, source.values)
+            layer.keys.zero_()
+            layer.values.zero_()
+            layer.keys[:, :, :prompt_len].copy_(source.keys)
+            layer.values[:, :, :prompt_len].copy_(source.values)
+            layer.cumulative_length.fill_(prompt_len)
+        if self.mask is None:
+            self.mask = attention_mask.new_zeros(attention_mask.shape[0], self.cache.layers[0].max_cache_len)
+        self.mask.zero_()
+        self.mask[:, :prompt_len] = attention_mask
+        self.length = prompt_len
+
+    def _forward(self, input_ids, attention_mask, position_ids):
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=True, **{self.cache_kw: self.cache})
+        return out.last_hidden_state[:, -1]
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden state `[rows, H]` after feeding one token per row at `position_ids [4, rows, 1]`."""
+        self.mask[:, self.length] = 1
+        self.length += 1
+        return self.forward(input_ids, self.mask, position_ids).clone()  # a CUDA graph reuses its output
+
+
 @torch.no_grad()
 def decode(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: dict | None = None, *,
            count: int, max_new_tokens: int, temperature: float, stop_ids, pad_id: int, greedy: bool = False,
            top_k: int = 0, top_p: float = 1.0, suppress=None, stop_strings: StopStrings | None = None,
-           mm_token_type_ids: torch.Tensor | None = None, generator: torch.Generator | None = None):
+           mm_token_type_ids: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           cache_mode: str = "dynamic"):
     """Generate `count` continuations of each left-padded prompt row (row i*count + j: prompt i).
 
     Returns `(tokens [N, C], lengths [N], logprobs [N, C])`: tokens right-padded with `pad_id` after
     each row's end, `lengths` the tokens up to and including the stop (C if none), `logprobs` of
-    the kept tokens (0 after the end); C is the longest row's length, at most `max_new_tokens`."""
+    the kept tokens (0 after the end); C is the longest row's length, at most `max_new_tokens`.
+    `cache_mode` (see `StaticDecodeStep`): 'dynamic' (finished rows leave the batch and the cache),
+    'static' or 'compiled' (a preallocated cache and fixed shapes; finished rows stay, masked)."""
     body, weight = models.backbone(policy), models.lm_head_weight(policy)
     bias = getattr(models.unwrap(policy).get_output_embeddings(), "bias", None)
     device = input_ids.device
@@ -394,6 +463,9 @@ def decode(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision
         attention_mask = attention_mask.repeat_interleave(count, dim=0)
         last_position = last_position.repeat_interleave(count, dim=1)
     active = torch.arange(rows, device=device)  # the output row of each row of the batch
+    static = None if cache_mode == "dynamic" else StaticDecodeStep.for_batch(
+        policy, cache, attention_mask, max_new_tokens, compiled=cache_mode == "compiled")
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
     steps = 0
     for step in range(max_new_tokens):
         logits = torch.nn.functional.linear(hidden, weight, bias)
@@ -406,6 +478,14 @@ def decode(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision
         finished = torch.isin(chosen, stop_tensor)
         if stop_strings:
             finished |= stop_strings(tokens[active, : step + 1].cpu()).to(device)
+        if static is not None:  # every row stays; a row's first stop sets its length
+            lengths[finished & ~done] = step + 1
+            done |= finished
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            last_position = last_position + 1
+            hidden = static(chosen[:, None], last_position)
+            continue
         if bool(finished.any()):
             lengths[active[finished]] = step + 1
             keep = (~finished).nonzero().squeeze(1)
@@ -431,7 +511,7 @@ def decode(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision
 def generate(policy, tokenizer, messages: list[list[dict]], *, num_generations: int, max_new_tokens: int,
              temperature: float, stop_ids: list[int], greedy: bool = False, image_processor=None,
              top_k: int = 0, top_p: float = 1.0, stop_strings: list[str] | tuple = (),
-             generator: torch.Generator | None = None) -> Rollout:
+             generator: torch.Generator | None = None, cache_mode: str = "dynamic") -> Rollout:
     """Sample `num_generations` completions for each prompt (greedy: one, argmax).
 
     Each prompt is prefilled once (images through the vision encoder once) and its KV cache shared
@@ -451,7 +531,8 @@ def generate(policy, tokenizer, messages: list[list[dict]], *, num_generations: 
             policy, enc["input_ids"], enc["attention_mask"], images, mm_token_type_ids=types, count=count,
             max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=list(stop_ids) + single,
             pad_id=tokenizer.pad_token_id, greedy=greedy, top_k=top_k, top_p=top_p,
-            suppress=placeholder_ids(tokenizer), stop_strings=StopStrings(tokenizer, multi), generator=generator)
+            suppress=placeholder_ids(tokenizer), stop_strings=StopStrings(tokenizer, multi), generator=generator,
+            cache_mode=cache_mode)
     finally:
         policy.train(was_training)
     if completion_ids.shape[1] == 0:

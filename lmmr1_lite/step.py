@@ -110,7 +110,7 @@ def generate_rollouts(ctx: StepContext, examples: list[Example]) -> Rollout:
             generate(ctx.policy, ctx.tokenizer, messages[i:i + size], num_generations=cfg.num_generations,
                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=ctx.stop_ids,
                      stop_strings=cfg.stop_tokens, top_k=cfg.top_k, top_p=cfg.top_p,
-                     image_processor=ctx.image_processor)
+                     image_processor=ctx.image_processor, cache_mode=cfg.decode_cache)
             for i in range(0, len(messages), size)], ctx.tokenizer.pad_token_id)
     batch, ctx.generation_batch_size = halve_on_oom(run, ctx.generation_batch_size, "generation")
     return batch

@@ -1,5 +1,6 @@
 """4-bit base + LoRA on the tiny model, gradient checkpointing, token-budget micro-batches, the planner."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -141,6 +142,27 @@ def test_planner_arithmetic_and_advice():
     full = resolve_config(None, str(REPO_ROOT / "configs" / "qwen2_5_vl_3b" / "fre.yaml"),
                           {"quantization": "none", "gradient_checkpointing": "false"})
     assert estimate(full, config, False)["peak"] > result["peak"] + 10 * GIB
+
+
+def test_planner_counts_each_prompt_once_per_group_and_the_chunk_budget():
+    cfg = resolve_config(None, str(REPO_ROOT / "configs" / "qwen2_5_vl_3b" / "mgt.yaml"),
+                         {"micro_batch_size": 8, "num_generations": 8, "max_tokens_per_micro_batch": 0})
+    config = AutoConfig.from_pretrained(REPO_ROOT / "configs" / "models" / "qwen2_5_vl_3b")
+    shared = estimate(cfg, config, has_images=True, prompt_tokens=1000)
+    unshared = estimate(replace(cfg, share_prompt=False), config, has_images=True, prompt_tokens=1000)
+    assert shared["prompt_tokens"] == 1000
+    assert shared["micro_batch_tokens"] == 1000 + 8 * cfg.max_new_tokens  # one group: its prompt once
+    assert unshared["micro_batch_tokens"] == 8 * (1000 + cfg.max_new_tokens)
+    key = "activations kept for backward (bf16)"
+    ratio = shared["parts"][key] / unshared["parts"][key]
+    assert ratio == shared["micro_batch_tokens"] / unshared["micro_batch_tokens"]
+    vocab, hidden = config.text_config.vocab_size, config.text_config.hidden_size
+    rows = 256 * 2**20 // (4 * vocab)
+    rows = 1 << (rows.bit_length() - 1)  # the kernels' default block: 256 MiB of fp32 logits, power-of-two rows
+    assert shared["parts"]["log-prob chunk (logits block + gradient of hidden)"] == \
+        rows * vocab * 4 + 8 * cfg.max_new_tokens * hidden * 4
+    odd = estimate(replace(cfg, micro_batch_size=5), config, has_images=True, prompt_tokens=1000)
+    assert odd["micro_batch_tokens"] == 2 * 1000 + 5 * cfg.max_new_tokens, "5 rows can straddle two groups"
 
 
 def test_plan_command_prints_the_table(capsys):

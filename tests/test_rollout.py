@@ -1,4 +1,5 @@
 """Generation: KV cache on, stops at EOS / stop tokens, masks after the stop."""
+import pytest
 import torch
 
 from lmmr1_lite import models
@@ -194,3 +195,55 @@ def test_clipped_rows_are_those_that_hit_the_cap_without_a_stop(tiny_policy):
     assert not bool(again.clipped[0]), "its one token is a stop: it ended, it was not cut"
     both = type(first).concat([first, again], tokenizer.pad_token_id)
     assert both.clipped.shape == (4,) and both.rows(slice(2, 4)).clipped.tolist() == again.clipped.tolist()
+
+
+def test_static_cache_decode_gives_the_dynamic_tokens(tiny_policy):
+    """decode_cache 'static': a preallocated cache, fixed shapes, finished rows kept in the batch. Greedy tokens
+    equal the dynamic cache's (whose rows leave), for text and image prompts; sampled rows keep the training
+    pass's log-probs and their masks end at the stop; a second call reuses the same cache object."""
+    from lmmr1_kernels import token_logprobs
+    from lmmr1_lite.rollout import StaticDecodeStep
+
+    policy, tokenizer, cfg = tiny_policy
+    StaticDecodeStep._instances.clear()
+    processor = models.load_image_processor(cfg.model, 56 * 56, 112 * 112)
+    messages = mixed_prompts(tokenizer)
+    kwargs = dict(num_generations=1, max_new_tokens=25, temperature=1.0, greedy=True, image_processor=processor)
+    unstopped = generate(policy, tokenizer, messages, stop_ids=[-1], **kwargs).completion_ids
+    kwargs["stop_ids"] = [int(unstopped[0, 4])]  # a token the greedy rows reach at different steps (or never)
+    dynamic = generate(policy, tokenizer, messages, **kwargs)
+    static = generate(policy, tokenizer, messages, cache_mode="static", **kwargs)
+    assert dynamic.completion_mask.sum(1).unique().numel() > 1, "rows of different lengths"
+    assert torch.equal(dynamic.completion_ids, static.completion_ids)
+    assert torch.equal(dynamic.completion_mask, static.completion_mask)
+    assert len(StaticDecodeStep._instances) == 1
+    cache = next(iter(StaticDecodeStep._instances.values())).cache
+    torch.manual_seed(0)
+    stops = stop_token_ids(tokenizer, ["</answer>"])
+    sampled = generate(policy, tokenizer, messages * 2, num_generations=3, max_new_tokens=25, temperature=1.0,
+                       stop_ids=stops, image_processor=processor, cache_mode="static")
+    lengths = sampled.completion_mask.sum(1)
+    assert lengths.unique().numel() > 1
+    for ids, length in zip(sampled.completion_ids, lengths):
+        assert (ids[length:] == tokenizer.pad_token_id).all()
+        assert length == 25 or int(ids[length - 1]) in stops
+    policy.eval()
+    with torch.no_grad():
+        train_pass = token_logprobs(models.completion_hidden(policy, sampled), models.lm_head_weight(policy),
+                                    sampled.completion_ids)
+    mask = sampled.completion_mask.bool()
+    assert (sampled.logprobs - train_pass)[mask].abs().max() < 1e-5
+    again = generate(policy, tokenizer, messages, cache_mode="static", **kwargs)
+    assert torch.equal(again.completion_ids, dynamic.completion_ids)
+    assert any(step.cache is cache for step in StaticDecodeStep._instances.values()), "the cache is reused"
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_dynamic_tokens(tiny_policy):
+    """decode_cache 'compiled' (torch.compile of the static step; inductor on CPU, CUDA graphs on CUDA)."""
+    policy, tokenizer, _ = tiny_policy
+    stops = stop_token_ids(tokenizer, ["</answer>"])
+    kwargs = dict(num_generations=1, max_new_tokens=12, temperature=1.0, stop_ids=stops, greedy=True)
+    dynamic = generate(policy, tokenizer, PROMPTS * 3, **kwargs)
+    compiled = generate(policy, tokenizer, PROMPTS * 3, cache_mode="compiled", **kwargs)
+    assert torch.equal(dynamic.completion_ids, compiled.completion_ids)

@@ -131,16 +131,16 @@ def main(argv: list[str] | None = None) -> dict:
     # the planner's components, and what was measured for each (the CUDA context has no CPU counterpart)
     components = {
         "weights": {"planner_gib": (parts["quantised language-model linears"]
-                                    + parts["bf16 parts (embeddings, LM head, norms, vision tower)"]) / GIB,
+                                    + parts["unquantised parts in dtype (embeddings, LM head, norms, vision)"]) / GIB,
                     "measured_gib": phases["load"]["left_behind_gib"] - lora_weights},
         "LoRA + gradients + AdamW states": {  # the weights came with the load, the rest with the first update
             "planner_gib": parts["LoRA parameters + gradients + optimizer states (fp32)"] / GIB,
             "measured_gib": phases["train"]["left_behind_gib"] + lora_weights},
-        "generation working set (KV cache)": {"planner_gib": parts["KV cache during generation (bf16)"] / GIB,
+        "generation working set (KV cache)": {"planner_gib": parts["KV cache during generation"] / GIB,
                                               "measured_gib": phases["generate"]["peak_extra_gib"]},
         "training working set (activations, recomputed layer, log-prob chunk)": {
-            "planner_gib": sum(parts[k] for k in ("activations kept for backward (bf16)",
-                                                  "one layer recomputed in backward (bf16)",
+            "planner_gib": sum(parts[k] for k in ("activations kept for backward",
+                                                  "one layer recomputed in backward",
                                                   "log-prob chunk (logits block + gradient of hidden)")) / GIB,
             "measured_gib": phases["train"]["peak_extra_gib"] - phases["train"]["left_behind_gib"]},
     }

@@ -72,7 +72,8 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
     text = config.text_config
     h, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
     head_dim = getattr(text, "head_dim", None) or h // text.num_attention_heads
-    weight_bits = {"nf4": NF4_BITS, "int8": 8, "none": 16}[cfg.quantization]
+    elt = 4 if cfg.dtype == "float32" else 2  # bytes per value in `dtype` ('auto' is bf16 on a GPU)
+    weight_bits = {"nf4": NF4_BITS, "int8": 8, "none": 8 * elt}[cfg.quantization]
     prompt = prompt_tokens or min(cfg.max_prompt_tokens, 256 + (image_tokens(cfg.max_pixels) if has_images else 0))
     seq = prompt + cfg.max_new_tokens
     sequences = cfg.prompts_per_step * cfg.num_generations
@@ -91,20 +92,20 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
     vision_act = 0
     if has_images:  # one image per prompt through the vision tower, no grad (frozen), its blocks' working set
         patches = cfg.max_pixels // (14 * 14)
-        vision_act = cfg.prompts_per_step * patches * config.vision_config.hidden_size * 2 * 6
+        vision_act = cfg.prompts_per_step * patches * config.vision_config.hidden_size * elt * 6
     parts = {
         "quantised language-model linears": counts.language_linear * weight_bits / 8,
-        "bf16 parts (embeddings, LM head, norms, vision tower)":
-            2 * (counts.embeddings + counts.lm_head + counts.language_other + counts.vision),
+        "unquantised parts in dtype (embeddings, LM head, norms, vision)":
+            elt * (counts.embeddings + counts.lm_head + counts.language_other + counts.vision),
         "LoRA parameters + gradients + optimizer states (fp32)": counts.lora * (4 + 4 + optimizer_bytes),
-        "KV cache during generation (bf16)":
-            2 * layers * text.num_key_value_heads * head_dim * 2 * sequences * seq,
+        "KV cache during generation":
+            2 * layers * text.num_key_value_heads * head_dim * elt * sequences * seq,
         # with checkpointing one hidden state per layer is kept and one layer's working set is rebuilt in
         # backward; without it every layer keeps its whole working set
-        "activations kept for backward (bf16)": micro_tokens * 2 * layers * (
+        "activations kept for backward": micro_tokens * elt * layers * (
             h if cfg.gradient_checkpointing else 12 * h + 4 * text.intermediate_size),
-        "one layer recomputed in backward (bf16)":
-            micro_tokens * 2 * (12 * h + 4 * text.intermediate_size) if cfg.gradient_checkpointing else 0,
+        "one layer recomputed in backward":
+            micro_tokens * elt * (12 * h + 4 * text.intermediate_size) if cfg.gradient_checkpointing else 0,
         # one fp32 [rows, vocab] logits block (its gradient written in place) and the fp32 gradient of the
         # scored hidden states
         "log-prob chunk (logits block + gradient of hidden)": chunk_rows * vocab * 4 + scored * h * 4,
@@ -112,7 +113,7 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
         "CUDA context and workspaces": CUDA_CONTEXT,
     }
     static = sum(parts[k] for k in list(parts)[:3]) + parts["CUDA context and workspaces"]
-    generation = static + parts["KV cache during generation (bf16)"] + parts["vision encoder working set"]
+    generation = static + parts["KV cache during generation"] + parts["vision encoder working set"]
     training = static + sum(parts[k] for k in list(parts)[4:7])
     return {"parts": parts, "generation_peak": generation * FRAGMENTATION, "training_peak": training * FRAGMENTATION,
             "peak": max(generation, training) * FRAGMENTATION, "counts": counts, "sequence_tokens": seq,
@@ -123,7 +124,7 @@ def advice(cfg: TrainConfig, result: dict) -> str:
     """The setting to change first when the plan does not fit."""
     parts = result["parts"]
     if result["generation_peak"] >= result["training_peak"]:
-        return (f"generation holds {parts['KV cache during generation (bf16)'] / GIB:.1f} GiB of KV cache: lower "
+        return (f"generation holds {parts['KV cache during generation'] / GIB:.1f} GiB of KV cache: lower "
                 "generation_batch_size (prompts per generate call), num_generations or max_new_tokens")
     if not cfg.gradient_checkpointing:
         return "turn gradient_checkpointing on"

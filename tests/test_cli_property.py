@@ -32,7 +32,30 @@ ROWS = [
     json.dumps({"prompt": "x", "answer": "\\frac{" * 500}).encode(),
     b"\xff\xfe\x00garbage",
     b"[1, 2, 3]",
+    json.dumps({"prompt": "x", "answer": "1", "images": ["bomb.png"]}).encode(),
+    json.dumps({"prompt": "x", "answer": "1", "images": ["truncated.png"]}).encode(),
 ]
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def write_bad_images(root: Path) -> None:
+    """`bomb.png`: a header claiming 20,000 x 20,000 pixels (a decompression bomb to PIL); `truncated.png`:
+    a real PNG cut in half."""
+    import struct
+
+    from PIL import Image
+
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)
+    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IEND", b""))
+    Image.new("RGB", (64, 64), "red").save(root / "whole.png")
+    whole = (root / "whole.png").read_bytes()
+    (root / "truncated.png").write_bytes(whole[: len(whole) // 2])
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
@@ -53,6 +76,7 @@ def files(path: Path) -> dict:
 def test_cli_never_tracebacks_and_never_removes_foreign_files(flags, rows, skip, foreign_config, overwrite):
     root = Path(tempfile.mkdtemp())
     try:
+        write_bad_images(root)
         data = root / "data.jsonl"
         data.write_bytes(b"\n".join(rows + [GOOD_ROW.encode()] * 4) + b"\n")
         out = root / "out"
@@ -83,6 +107,7 @@ def test_cli_never_tracebacks_and_never_removes_foreign_files(flags, rows, skip,
 def test_data_validate_never_tracebacks(rows, skip):
     root = Path(tempfile.mkdtemp())
     try:
+        write_bad_images(root)
         data = root / "data.jsonl"
         data.write_bytes(b"\n".join(rows) + b"\n")
         code, err = run_cli(["data", "validate", str(data), "--on-bad-row", "skip" if skip else "error"])

@@ -135,13 +135,18 @@ def test_planner_arithmetic_and_advice():
     parts, counts = result["parts"], result["counts"]
     text = config.text_config
     kv = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 2
-    assert parts["KV cache during generation (bf16)"] == kv * 64 * result["sequence_tokens"]
+    assert parts["KV cache during generation"] == kv * 64 * result["sequence_tokens"]
     assert parts["LoRA parameters + gradients + optimizer states (fp32)"] == counts.lora * 16
     assert 0.5 * counts.language_linear < parts["quantised language-model linears"] < 0.53 * counts.language_linear
     assert result["peak"] < 20 * GIB, "the shipped FRE config is planned to fit a 24 GB card with room"
     full = resolve_config(None, str(REPO_ROOT / "configs" / "qwen2_5_vl_3b" / "fre.yaml"),
                           {"quantization": "none", "gradient_checkpointing": "false"})
     assert estimate(full, config, False)["peak"] > result["peak"] + 10 * GIB
+    fp32 = estimate(replace(cfg, dtype="float32"), config, False)["parts"]  # the planner sizes `dtype` too
+    for key in ("KV cache during generation", "activations kept for backward",
+                "unquantised parts in dtype (embeddings, LM head, norms, vision)"):
+        assert fp32[key] == 2 * parts[key]
+    assert fp32["quantised language-model linears"] == parts["quantised language-model linears"]
 
 
 def test_planner_counts_each_prompt_once_per_group_and_the_chunk_budget():
@@ -153,7 +158,7 @@ def test_planner_counts_each_prompt_once_per_group_and_the_chunk_budget():
     assert shared["prompt_tokens"] == 1000
     assert shared["micro_batch_tokens"] == 1000 + 8 * cfg.max_new_tokens  # one group: its prompt once
     assert unshared["micro_batch_tokens"] == 8 * (1000 + cfg.max_new_tokens)
-    key = "activations kept for backward (bf16)"
+    key = "activations kept for backward"
     ratio = shared["parts"][key] / unshared["parts"][key]
     assert ratio == shared["micro_batch_tokens"] / unshared["micro_batch_tokens"]
     vocab, hidden = config.text_config.vocab_size, config.text_config.hidden_size

@@ -1,4 +1,5 @@
 """`eval` (base vs adapters, one table) and `export --merge` round trip, on tiny runs."""
+import importlib.util
 import json
 
 import pytest
@@ -69,3 +70,38 @@ def test_adapter_loads_with_peft_auto_class(two_runs):
     model = AutoPeftModel.from_pretrained(two_runs / "a" / "adapter")
     assert type(model.get_base_model()).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def exported(two_runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exported") / "merged"
+    assert main(["export", "--adapter", str(two_runs / "a" / "adapter"), "--out", str(out), "--merge"]) == 0
+    return out
+
+
+def test_exported_directory_loads_with_the_standard_auto_classes(exported):
+    """What the harnesses load by path: the model, the tokenizer with its chat template, the image processor."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    model = AutoModelForImageTextToText.from_pretrained(exported)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration" and model.dtype == torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color"}]}]
+    assert "<|image_pad|>" in tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    pixels = AutoImageProcessor.from_pretrained(exported)(images=[Image.new("RGB", (112, 112))], return_tensors="pt")
+    assert pixels["image_grid_thw"].tolist() == [[1, 8, 8]]
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels["pixel_values"].to(model.dtype), pixels["image_grid_thw"])
+    assert torch.cat(features.pooler_output).shape[0] == 16, "64 patches merged 2x2: 16 image tokens"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                    reason="transformers 5's Qwen2.5-VL video processor, which AutoProcessor builds, needs torchvision")
+def test_exported_directory_loads_with_auto_processor(exported):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(exported)
+    text = "<|vision_start|><|image_pad|><|vision_end|>what color"
+    assert processor(text=[text], images=[Image.new("RGB", (112, 112))], return_tensors="pt")["input_ids"].shape[1] > 16

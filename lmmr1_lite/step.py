@@ -45,6 +45,7 @@ class StepContext:
     stop_ids: list = field(default_factory=list)  # besides cfg.stop_tokens (strings); default: EOS
     generation_batch_size: int = 0
     micro_batch_size: int = 0
+    logprob_batch_size: int = 0  # rows per forward of the no-grad passes once an out-of-memory halved it; 0: any
     dist: object = None  # distributed.Distributed under torchrun, else None
 
     def __post_init__(self):
@@ -119,17 +120,25 @@ def generate_rollouts(ctx: StepContext, examples: list[Example]) -> Rollout:
 @torch.no_grad()
 def policy_logprobs(ctx: StepContext, batch: Rollout) -> torch.Tensor:
     """Per-token log-probs `[N, C]` of a rollout's completions under the current policy (or, inside
-    `disable_adapter()`, the reference), micro-batched, no graph kept."""
+    `disable_adapter()`, the reference), no graph kept. No backward follows, so `micro_batch_size` (sized
+    for one) does not apply: as many rows per forward as the token budget allows (all of them without
+    one), each forward's completions scored in one kernel call; halved on CUDA out-of-memory."""
     cfg = ctx.cfg
     weight = models.lm_head_weight(ctx.policy)
-    rows = micro_rows(cfg, batch, ctx.micro_batch_size)
-    out = []
-    for start in range(0, batch.completion_ids.shape[0], rows):
-        micro = batch.rows(slice(start, start + rows))
-        out.append(token_logprobs(models.completion_hidden(ctx.policy, micro, cfg.share_prompt), weight, micro.completion_ids,
-                                  cfg.temperature, backend=cfg.logprob_backend,
-                                  chunk_bytes=cfg.logprob_chunk_bytes or None))
-    return torch.cat(out)
+
+    def run(size: int) -> torch.Tensor:
+        out = []
+        for start in range(0, batch.completion_ids.shape[0], size):
+            micro = batch.rows(slice(start, start + size))
+            out.append(token_logprobs(models.completion_hidden(ctx.policy, micro, cfg.share_prompt), weight,
+                                      micro.completion_ids, cfg.temperature, backend=cfg.logprob_backend,
+                                      chunk_bytes=cfg.logprob_chunk_bytes or None))
+        return torch.cat(out)
+    rows = micro_rows(cfg, batch, ctx.logprob_batch_size or batch.completion_ids.shape[0])
+    logp, worked = halve_on_oom(run, rows, "a log-prob pass")
+    if worked < rows:
+        ctx.logprob_batch_size = worked
+    return logp
 
 
 def score_rollouts(ctx: StepContext, batch: Rollout, examples: list[Example]) -> ScoredRollout:

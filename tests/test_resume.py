@@ -174,6 +174,21 @@ def test_oom_halves_the_micro_batch_and_gives_up_at_one(tmp_path, monkeypatch, c
     assert "even at batch size 1" in capsys.readouterr().err
 
 
+def test_oom_in_a_log_prob_pass_halves_its_rows_once(tmp_path, monkeypatch, capsys):
+    real = step_module.token_logprobs
+
+    def tight(hidden, *args, **kwargs):
+        if hidden.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(step_module, "token_logprobs", tight)
+    assert main(["train", "--output-dir", str(tmp_path / "oom"), "--max-steps", "3"] + SMALL) == 0
+    err = capsys.readouterr().err
+    # 16 rows (4 prompts x 4) -> 8 -> 4 -> 2 in the first reference pass; later passes start at 2
+    assert err.count("out of GPU memory in a log-prob pass") == 3, err
+
+
 def test_overwrite_only_when_asked(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--output-dir", str(run), "--max-steps", "1"] + SMALL) == 0

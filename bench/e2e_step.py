@@ -3,17 +3,19 @@
 Phases, the functions of lmmr1_lite/step.py that train.py runs: generate (B prompts x G completions),
 score (rewards, advantages, and the reference pass when beta > 0), reference pass alone (adapter off, no
 grad), old pass (no grad; measured even when num_iterations is 1, as the cost a second iteration would
-add), train (forward + backward + optimizer step). Random weights rarely sample a stop token, so
+add), backward (the gradient pass alone: forward + backward over the micro-batches), train (the whole
+first update: gradients again, clipping, the optimizer step). Random weights rarely sample a stop token, so
 completions run to max_new_tokens: the worst case for memory.
 
 Memory: on CUDA the allocator's peak per phase; on CPU the peak resident set (VmHWM, reset before each
-phase) above the resident set the phase started from, and the resident set the model load added (the
-weights) and the first update left behind (LoRA gradients and AdamW states). Beside each, the planner's
+phase) above the resident set the phase started from (large blocks mapped directly, so it counts live
+tensors: `map_large_blocks_directly`), and the resident set the model load added (the weights) and the
+first update left behind (LoRA gradients and AdamW states). Beside each, the planner's
 figure for the same component (`lmmr1_lite.plan.estimate`, at the measured prompt length).
 
     python bench/e2e_step.py                                         # CPU: the tiny model (seconds)
     python bench/e2e_step.py --config configs/qwen2_5_vl_3b/fre.yaml --model configs/models/qwen2_5_vl_3b \\
-        --set tokenizer=QWEN_TOKENIZER_DIR --set dtype=bfloat16 --set prompts_per_step=2 --set num_generations=2 \\
+        --set tokenizer=QWEN_TOKENIZER_DIR --set dtype=float32 --set prompts_per_step=2 --set num_generations=2 \\
         --set max_new_tokens=32                                      # the 3B architecture, random weights
 Writes bench/out/e2e_step.json (or --out) and prints it.
 """
@@ -34,6 +36,23 @@ from kernels_cpu_memory import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa
 GIB = 2**30
 
 
+def map_large_blocks_directly(threshold: int = 64 * 1024) -> None:
+    """CPU only. glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, so the
+    step's many multi-MiB transients (a layer's activations, a KV cache grown by one token per step) end
+    up in its heap, where freed blocks of one size cannot serve the next, larger request: measured on a
+    10-layer slice of the 3B, generation's peak resident set was 0.34-0.38 GiB above the start with the
+    default, 0.13 GiB with this. Fixing the threshold (mallopt M_MMAP_THRESHOLD, which also turns the
+    adjustment off) maps every block above it directly and unmaps it when freed, so the peak resident set
+    counts the tensors alive at once, which is what the planner sizes (CUDA's caching allocator has a
+    fragmentation of its own, the planner's FRAGMENTATION margin)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def release_free_heap() -> None:
     """glibc keeps freed small blocks in its heap; hand them back so the resident set counts live memory."""
     import ctypes
@@ -42,6 +61,34 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def file_backed_rss_bytes() -> int:
+    """The part of the resident set that maps files (RssFile + RssShmem), as opposed to anonymous memory."""
+    total = 0
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(("RssFile:", "RssShmem:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def into_process_memory(model):
+    """CPU only. transformers maps the checkpoint file and leaves unquantised tensors backed by it, and
+    the pages it read while quantising the rest stay in the resident set (page cache the kernel may
+    reclaim, not the model's memory). Copying every parameter and buffer into memory of the process's
+    own drops the mapping, so the resident set counts the weights and nothing else."""
+    import gc
+
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                param.data = param.data.clone()
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = buffer.clone()
+    gc.collect()
+    return model
 
 
 class PhaseMeter:
@@ -73,6 +120,8 @@ class PhaseMeter:
         peak = torch.cuda.max_memory_allocated() if self.cuda else peak_rss_bytes()
         self.phases[name] = {"seconds": seconds, "peak_extra_gib": (peak - before) / GIB,
                              "left_behind_gib": (self.resident() - before) / GIB}
+        if not self.cuda:
+            self.phases[name]["file_backed_after_gib"] = file_backed_rss_bytes() / GIB
         return result
 
 
@@ -89,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     from lmmr1_lite.config import parse_sets, resolve_config
     from lmmr1_lite.distributed import start_verifier_pool
     from lmmr1_lite.plan import estimate
-    from lmmr1_lite.step import StepContext, generate_rollouts, policy_logprobs, score_rollouts, update_policy
+    from lmmr1_lite.step import (StepContext, compute_gradients, generate_rollouts, policy_logprobs, score_rollouts,
+                                 update_policy)
     from lmmr1_lite.tasks import generate as draw
     from lmmr1_lite.train import seed_everything
 
@@ -101,13 +151,18 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(cfg.seed)
     device = models.pick_device()
     cuda = device.type == "cuda"
+    if not cuda:
+        map_large_blocks_directly()
     meter = PhaseMeter(cuda)
 
     start_verifier_pool(cfg, None)  # its workers are processes of their own: outside this process's memory
     examples, _ = draw(cfg.data, cfg.prompts_per_step, 0, cfg.seed)
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
     baseline = meter.resident()  # the Python runtime, torch, transformers, the tokenizer
-    policy = meter.measure("load", lambda: models.add_lora(models.load_base_model(cfg, device), cfg))
+    def load():
+        policy = models.add_lora(models.load_base_model(cfg, device), cfg)
+        return policy if cuda else into_process_memory(policy)
+    policy = meter.measure("load", load)
     optimizer = models.make_optimizer([p for p in policy.parameters() if p.requires_grad], cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     ctx = StepContext(policy, tokenizer, cfg, optimizer, scheduler)
@@ -120,7 +175,11 @@ def main(argv: list[str] | None = None) -> dict:
             return policy_logprobs(ctx, batch)
     meter.measure("reference_pass", reference)
     meter.measure("old_pass", lambda: policy_logprobs(ctx, batch))  # what a second iteration would add
-    meter.measure("train", lambda: update_policy(ctx, scored))  # the first update also creates AdamW's states
+    # the gradient pass alone (its peak above the gradients it leaves is the backward's working set), then
+    # the whole first update from zero gradients (it leaves the gradients and creates AdamW's states)
+    meter.measure("backward", lambda: compute_gradients(ctx, scored))
+    optimizer.zero_grad(set_to_none=True)
+    meter.measure("train", lambda: update_policy(ctx, scored))
 
     config = policy.get_base_model().config
     prompt_tokens = int(batch.prompt_mask.sum(1).max())
@@ -131,19 +190,22 @@ def main(argv: list[str] | None = None) -> dict:
     # the planner's components, and what was measured for each (the CUDA context has no CPU counterpart)
     components = {
         "weights": {"planner_gib": (parts["quantised language-model linears"]
-                                    + parts["unquantised parts in dtype (embeddings, LM head, norms, vision)"]) / GIB,
+                                    + parts["unquantised parts (embeddings, LM head, norms, vision)"]) / GIB,
                     "measured_gib": phases["load"]["left_behind_gib"] - lora_weights},
         "LoRA + gradients + AdamW states": {  # the weights came with the load, the rest with the first update
             "planner_gib": parts["LoRA parameters + gradients + optimizer states (fp32)"] / GIB,
             "measured_gib": phases["train"]["left_behind_gib"] + lora_weights},
-        "generation working set (KV cache)": {"planner_gib": parts["KV cache during generation"] / GIB,
-                                              "measured_gib": phases["generate"]["peak_extra_gib"]},
-        "training working set (activations, recomputed layer, log-prob chunk)": {
-            "planner_gib": sum(parts[k] for k in ("activations kept for backward",
-                                                  "one layer recomputed in backward",
-                                                  "log-prob chunk (logits block + gradient of hidden)")) / GIB,
-            "measured_gib": phases["train"]["peak_extra_gib"] - phases["train"]["left_behind_gib"]},
+        "generation working set (KV cache, prefill layer, dequantised weight)": {
+            "planner_gib": plan["generation_working_set"] / GIB,
+            "measured_gib": phases["generate"]["peak_extra_gib"]},
+        "training working set (activations; the log-prob chunk or the recomputed layer; dequantised weight)": {
+            "planner_gib": plan["training_working_set"] / GIB,
+            "measured_gib": phases["backward"]["peak_extra_gib"] - phases["backward"]["left_behind_gib"]},
     }
+    if cuda:  # AdamW's foreach step; on CPU torch's AdamW loops over the parameters, one small temporary each
+        components["optimizer step scratch"] = {
+            "planner_gib": parts["optimizer step scratch"] / GIB,
+            "measured_gib": phases["train"]["peak_extra_gib"] - phases["train"]["left_behind_gib"]}
     for row in components.values():
         row["measured_vs_planner"] = row["measured_gib"] / row["planner_gib"] if row["planner_gib"] else None
     report = {

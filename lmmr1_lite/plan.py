@@ -89,19 +89,24 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
     scored = micro * cfg.max_new_tokens  # completion positions the log-prob kernels score
     chunk_rows = chunk_rows_for_bytes(scored, vocab, cfg.logprob_chunk_bytes or None, "cuda")
     optimizer_bytes = 2 if cfg.optim == "paged_adamw_8bit" else 8
+    # elements of the largest language-model linear (the MLP's, or q_proj's if wider)
+    largest_linear = max(h * text.num_attention_heads * head_dim, h * text.intermediate_size)
     vision_act = 0
     if has_images:  # one image per prompt through the vision tower, no grad (frozen), its blocks' working set
         patches = cfg.max_pixels // (14 * 14)
         vision_act = cfg.prompts_per_step * patches * config.vision_config.hidden_size * elt * 6
     parts = {
         "quantised language-model linears": counts.language_linear * weight_bits / 8,
-        "unquantised parts in dtype (embeddings, LM head, norms, vision)":
+        "unquantised parts (embeddings, LM head, norms, vision)":
             elt * (counts.embeddings + counts.lm_head + counts.language_other + counts.vision),
         "LoRA parameters + gradients + optimizer states (fp32)": counts.lora * (4 + 4 + optimizer_bytes),
         "KV cache during generation":
             2 * layers * text.num_key_value_heads * head_dim * elt * sequences * seq,
         # with checkpointing one hidden state per layer is kept and one layer's working set is rebuilt in
         # backward; without it every layer keeps its whole working set
+        # the prefill runs each prompt once (no grad): one layer's transients at a time over all prompt tokens
+        "prefill working set (one layer, no grad)":
+            cfg.prompts_per_step * prompt * elt * (3 * text.intermediate_size + 4 * h),
         "activations kept for backward": micro_tokens * elt * layers * (
             h if cfg.gradient_checkpointing else 12 * h + 4 * text.intermediate_size),
         "one layer recomputed in backward":
@@ -110,12 +115,27 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
         # scored hidden states
         "log-prob chunk (logits block + gradient of hidden)": chunk_rows * vocab * 4 + scored * h * 4,
         "vision encoder working set": vision_act,
+        # a 4/8-bit linear is dequantised to `dtype` for its matmul, forward and backward, one at a time
+        "dequantised weight of the largest linear": 0 if cfg.quantization == "none" else largest_linear * elt,
+        # torch's AdamW on CUDA tensors takes its foreach path, whose step builds one fp32 temporary the size
+        # of the parameters (the square root of the second moments); it runs after the activations are freed
+        "optimizer step scratch": 4 * counts.lora if cfg.optim == "adamw_torch" else 0,
         "CUDA context and workspaces": CUDA_CONTEXT,
     }
-    static = sum(parts[k] for k in list(parts)[:3]) + parts["CUDA context and workspaces"]
-    generation = static + parts["KV cache during generation"] + parts["vision encoder working set"]
-    training = static + sum(parts[k] for k in list(parts)[4:7])
-    return {"parts": parts, "generation_peak": generation * FRAGMENTATION, "training_peak": training * FRAGMENTATION,
+    static = sum(parts[k] for k in (
+        "quantised language-model linears", "unquantised parts (embeddings, LM head, norms, vision)",
+        "LoRA parameters + gradients + optimizer states (fp32)", "CUDA context and workspaces"))
+    dequantised = parts["dequantised weight of the largest linear"]
+    generating = dequantised + sum(parts[k] for k in (
+        "KV cache during generation", "prefill working set (one layer, no grad)", "vision encoder working set"))
+    # the logits block is freed before the backward reaches the layers, so it and the recomputed layer are
+    # never alive together
+    backward = dequantised + parts["activations kept for backward"] + max(
+        parts["log-prob chunk (logits block + gradient of hidden)"], parts["one layer recomputed in backward"])
+    generation = static + generating
+    training = static + max(backward, parts["optimizer step scratch"])
+    return {"parts": parts, "generation_working_set": generating, "training_working_set": backward,
+            "generation_peak": generation * FRAGMENTATION, "training_peak": training * FRAGMENTATION,
             "peak": max(generation, training) * FRAGMENTATION, "counts": counts, "sequence_tokens": seq,
             "prompt_tokens": prompt, "micro_batch": micro, "micro_batch_tokens": micro_tokens, "sequences": sequences}
 

@@ -20,16 +20,24 @@ def tiny_cfg():
 
 
 @pytest.fixture
-def tiny_policy(tiny_cfg):
+def build_tiny_policy(tiny_cfg):
+    """`build(**overrides) -> (policy, tokenizer, cfg)`: the tiny base with LoRA, seeded."""
     from lmmr1_lite import models
 
-    torch.manual_seed(0)
-    cfg = tiny_cfg(gradient_checkpointing=False)
-    tokenizer = models.load_tokenizer(cfg.model)
-    policy = models.add_lora(models.load_base_model(cfg, torch.device("cpu")), cfg)
-    # LoRA B starts at zero; give the adapter a non-zero effect so "adapter off" is distinguishable.
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return policy, tokenizer, cfg
+    def build(**overrides):
+        torch.manual_seed(0)
+        cfg = tiny_cfg(**overrides)
+        tokenizer = models.load_tokenizer(cfg.model)
+        policy = models.add_lora(models.load_base_model(cfg, torch.device("cpu")), cfg)
+        # LoRA B starts at zero; give the adapter a non-zero effect so "adapter off" is distinguishable.
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        return policy, tokenizer, cfg
+    return build
+
+
+@pytest.fixture
+def tiny_policy(build_tiny_policy):
+    return build_tiny_policy(gradient_checkpointing=False)

@@ -32,7 +32,7 @@ def test_e2e_step_bench_on_the_tiny_model(tmp_path):
                     "--set", "prompts_per_step=4", "--set", "beta=0.01"], check=True, capture_output=True, text=True)
     report = json.loads(out.read_text())
     phases = report["phases"]
-    assert set(phases) == {"load", "generate", "score_and_reference", "reference_pass", "old_pass", "train"}
+    assert set(phases) == {"load", "generate", "score_and_reference", "reference_pass", "old_pass", "backward", "train"}
     assert all(p["seconds"] > 0 and p["peak_extra_gib"] >= 0 for p in phases.values())
     assert phases["load"]["left_behind_gib"] > 0, "the model's weights stay resident"
     for row in report["components"].values():

@@ -144,9 +144,34 @@ def test_planner_arithmetic_and_advice():
     assert estimate(full, config, False)["peak"] > result["peak"] + 10 * GIB
     fp32 = estimate(replace(cfg, dtype="float32"), config, False)["parts"]  # the planner sizes `dtype` too
     for key in ("KV cache during generation", "activations kept for backward",
-                "unquantised parts in dtype (embeddings, LM head, norms, vision)"):
+                "unquantised parts (embeddings, LM head, norms, vision)"):
         assert fp32[key] == 2 * parts[key]
     assert fp32["quantised language-model linears"] == parts["quantised language-model linears"]
+
+
+def test_planner_working_sets_of_each_phase():
+    """What bench/e2e_step.py measured on the 3B (bench/RESULTS.md): a 4-bit linear is dequantised one at a
+    time, the prefill holds one layer's transients, and the logits block is gone before the backward reaches
+    the recomputed layer; AdamW's foreach step needs one fp32 copy of the LoRA parameters."""
+    cfg = resolve_config(None, str(REPO_ROOT / "configs" / "qwen2_5_vl_3b" / "fre.yaml"))
+    config = AutoConfig.from_pretrained(REPO_ROOT / "configs" / "models" / "qwen2_5_vl_3b")
+    text = config.text_config
+    result = estimate(cfg, config, has_images=False, prompt_tokens=100)
+    parts = result["parts"]
+    assert parts["dequantised weight of the largest linear"] == text.hidden_size * text.intermediate_size * 2
+    assert estimate(replace(cfg, quantization="none"), config, False)["parts"][
+        "dequantised weight of the largest linear"] == 0
+    assert parts["prefill working set (one layer, no grad)"] == \
+        cfg.prompts_per_step * 100 * 2 * (3 * text.intermediate_size + 4 * text.hidden_size)
+    assert result["generation_working_set"] == sum(parts[k] for k in (
+        "KV cache during generation", "prefill working set (one layer, no grad)", "vision encoder working set",
+        "dequantised weight of the largest linear"))
+    alternatives = (parts["log-prob chunk (logits block + gradient of hidden)"], parts["one layer recomputed in backward"])
+    assert min(alternatives) > 0
+    assert result["training_working_set"] == parts["activations kept for backward"] + max(alternatives) + \
+        parts["dequantised weight of the largest linear"]
+    assert parts["optimizer step scratch"] == 4 * result["counts"].lora
+    assert estimate(replace(cfg, optim="paged_adamw_8bit"), config, False)["parts"]["optimizer step scratch"] == 0
 
 
 def test_planner_counts_each_prompt_once_per_group_and_the_chunk_budget():

@@ -89,15 +89,8 @@ def lora_gradients(policy, batch, share, rows_per_micro):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("kind", ["text", "images"])
-def test_shared_prompt_lora_gradients_equal_unshared(tiny_cfg, kind, checkpointing):
-    torch.manual_seed(0)
-    cfg = tiny_cfg(gradient_checkpointing=checkpointing)
-    tokenizer = models.load_tokenizer(cfg.model)
-    policy = models.add_lora(models.load_base_model(cfg, torch.device("cpu")), cfg)
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+def test_shared_prompt_lora_gradients_equal_unshared(build_tiny_policy, kind, checkpointing):
+    policy, tokenizer, cfg = build_tiny_policy(gradient_checkpointing=checkpointing)
     processor = models.load_image_processor(cfg.model, 56 * 56, 112 * 112) if kind == "images" else None
     batch = rollout(policy, tokenizer, text_examples() if kind == "text" else image_examples(), processor)
     reference = lora_gradients(policy, batch, share=False, rows_per_micro=12)

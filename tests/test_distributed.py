@@ -291,8 +291,7 @@ def test_a_dead_rank_takes_the_others_down(tmp_path):
     assert "lmmr1-lite: aborted: rank 0: lost the other ranks" in out, out[-3000:]
 
 
-# ---- learning at 2 ranks (slow) --------------------------------------------------------------------
-@pytest.mark.slow
+# ---- learning at 2 ranks -------------------------------------------------------------------------
 @linux_only
 def test_two_ranks_learn_like_one(tmp_path):
     """The tiny FRE default at 2 ranks x 8 prompts (16 per step, as at 1 rank) learns as it does at 1 rank."""

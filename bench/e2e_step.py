@@ -109,12 +109,13 @@ class PhaseMeter:
         return rss_bytes()
 
     def measure(self, name: str, run):
+        before = self.resident()  # first: on CPU it hands freed heap back, which must not count as this phase's peak
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         else:
             reset_peak_rss()
-        before, start = self.resident(), self.now()
+        start = self.now()
         result = run()
         seconds = self.now() - start
         peak = torch.cuda.max_memory_allocated() if self.cuda else peak_rss_bytes()

@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 TINY_MODEL_DIR = CONFIG_DIR / "models" / "tiny"  # the embedded tiny model (config + tokenizer)
 STAGES = ("fre", "mgt")
-DATA_PRESETS = ("auto", "plain", "lmmr1", "deepscaler", "vermulti", "vermulti_geo", "sokoban")  # data.PRESETS' names
+DATA_PRESETS = ("auto", "plain", "lmmr1", "deepscaler", "vermulti", "vermulti_geo", "sokoban", "gsm8k")  # data.PRESETS' names
 
 
 LMM_R1_SYSTEM_PROMPT = (
@@ -87,11 +87,13 @@ class TrainConfig:
     data: str = _f("tiny_max", "A generated task (see `lmmr1_lite.tasks.TASKS`), a JSONL/JSON/parquet file, a folder of "
                    "them, a save_to_disk dataset, or a Hugging Face Hub dataset id org/name.")
     train_size: int = _f(2000, "Rows generated for a task's train split (ignored for files).")
+    task_level: int = _f(1, "Difficulty of a generated task, 1-3 (operand sizes, steps; ignored for files).")
     data_preset: str = _f("auto", "Row format and field names of `data`: 'auto' (a row with 'message' is LMM-R1, "
                           "else prompt/answer/images), 'plain', 'lmmr1', or a preset for the paper's sets: "
                           "'deepscaler' (FRE-Text, DeepScaleR-Preview: problem/answer), 'vermulti' and "
                           "'vermulti_geo' (MGT: LMM-R1 message/answer rows with images), 'sokoban' (LMM-R1 "
-                          "message rows whose env_path names the level). prompt_field etc. override its fields.")
+                          "message rows whose env_path names the level), 'gsm8k' (openai/gsm8k: question, answer ending in "#### N"; "
+                          "the gold is N). prompt_field etc. override its fields.")
     data_split: str = _f("train", "Split to read from a Hub dataset, a save_to_disk DatasetDict, or a folder whose "
                          "data files are named by split (train.jsonl, train-00000-of-00001.parquet).")
     data_config: str | None = _f(None, "Hub dataset configuration (load_dataset's `name`), when it has several.")
@@ -172,6 +174,7 @@ class TrainConfig:
             (self.save_every >= 0, "save_every must be >= 0"),
             (self.eval_size >= 0, "eval_size must be >= 0 (0 skips the held-out evaluation)"),
             (self.train_size >= 1, "train_size must be >= 1"),
+            (1 <= self.task_level <= 3, "task_level must be 1, 2 or 3"),
             (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
             (self.num_generations >= 2, "num_generations must be >= 2: group-normalised advantages need a group"),
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),

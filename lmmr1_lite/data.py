@@ -70,6 +70,7 @@ class RowFormat:
     answer_field: str = "answer"
     image_field: str = "images"
     needs_env: bool = False   # Sokoban: every row must name its level in env_path
+    gold_after: str | None = None  # the gold is the text after the last occurrence of this marker (GSM8K: ####)
 
 
 PRESETS: dict[str, RowFormat] = {  # a preset is a row format plus field names (config: data_preset)
@@ -80,6 +81,7 @@ PRESETS: dict[str, RowFormat] = {  # a preset is a row format plus field names (
     "vermulti": RowFormat("lmmr1"),                        # MGT-PerceReason: LMM-R1 rows with images
     "vermulti_geo": RowFormat("lmmr1"),                    # MGT-Geo: LMM-R1 rows with diagrams
     "sokoban": RowFormat("lmmr1", needs_env=True),         # MGT-Sokoban: LMM-R1 rows whose env_path is the level
+    "gsm8k": RowFormat("plain", prompt_field="question", gold_after="####"),  # openai/gsm8k: question/answer
 }
 assert tuple(PRESETS) == DATA_PRESETS, "config.DATA_PRESETS names the presets, for validation"
 
@@ -279,6 +281,15 @@ def _answer_of(row: dict, where: str, key: str) -> str:
     return str(answer)
 
 
+def _gold_after(answer: str, marker: str, where: str, key: str) -> str:
+    """GSM8K's gold: the number after the solution's last `####`, without thousands separators."""
+    position = answer.rfind(marker)
+    gold = answer[position + len(marker):].strip().replace(",", "") if position >= 0 else ""
+    if not gold:
+        raise BadRow(f"{where}: field '{key}' has no final '{marker} N' line", f"field '{key}' without {marker}")
+    return gold
+
+
 def _sokoban_level(row: dict, where: str, base_dir: Path) -> str:
     """The level an LMM-R1 Sokoban row's env_path names, as text rows joined by '/': gym-sokoban's
     saved `room_state` (.npy: 0 wall, 1 floor, 2 target, 3 box on target, 4 box, 5 player) or text."""
@@ -396,6 +407,8 @@ def _parse(row, where: str, base_dir: Path, fmt: RowFormat) -> tuple[Example, li
             meta["level"], answer = row["level"], str(row.get(fmt.answer_field) or "")
         else:
             answer = _answer_of(row, where, fmt.answer_field)
+        if fmt.gold_after is not None:
+            answer = _gold_after(answer, fmt.gold_after, where, fmt.answer_field)
         value, name = row.get(fmt.image_field), fmt.image_field
         if value is None:
             images = []
@@ -727,7 +740,7 @@ def load_splits(cfg) -> tuple[list[Example], list[Example], LoadReport]:
     data, options = cfg.data, DataOptions.from_config(cfg)
     train_size, test_size, seed = cfg.train_size, cfg.eval_size, cfg.seed
     if data in TASKS:
-        train, test = generate(data, train_size, test_size, seed)
+        train, test = generate(data, train_size, test_size, seed, cfg.task_level)
         return train, test, LoadReport(rows=len(train) + len(test))
     if not Path(data).exists() and not looks_like_hub_id(data):
         raise ConfigError(f"data: {data!r} is neither a task ({', '.join(TASKS)}) nor an existing file or directory "

@@ -140,8 +140,14 @@ MATHVISTA = [
     mathvista_row("4", "Between which two years was the peak?", "[2007, 2008]", answer_type="list"),
     mathvista_row("5", "How much does the toy cost? (Unit: £)", "12", unit="£"),
 ]
+GSM8K = [  # openai/gsm8k rows: question, answer ending in "#### N"
+    {"question": "Ali has 3 boxes of 12 pens and gives away 5 pens. How many pens are left?",
+     "answer": "3 * 12 = <<3*12=36>>36 pens.\n36 - 5 = <<36-5=31>>31\n#### 31"},
+    {"question": "A car costs $12,500 and a bike $1,250. What do both cost together, in dollars?",
+     "answer": "12,500 + 1,250 = <<12500+1250=13750>>13,750\n#### 13,750"},
+]
 ROWS = {"math500": MATH500, "gpqa_diamond": GPQA, "olympiadbench": OLYMPIAD, "mathvision": MATHVISION,
-        "mathverse": MATHVERSE, "mmstar": MMSTAR, "mathvista": MATHVISTA}
+        "mathverse": MATHVERSE, "mmstar": MMSTAR, "mathvista": MATHVISTA, "gsm8k": GSM8K}
 
 
 def gpqa_letter(row, text):
@@ -151,6 +157,12 @@ def gpqa_letter(row, text):
 
 # (benchmark, row index, completion, expected score): right and wrong, lmmr1 and cot styles
 CASES = [
+    ("gsm8k", 0, "36 - 5 = 31, so \\boxed{31}", 1.0),
+    ("gsm8k", 0, "He keeps 31 pens in the end.", 1.0),               # prose: the last number
+    ("gsm8k", 0, "36 pens, 5 given away: 31. That is 2 boxes left.", 0.0),
+    ("gsm8k", 1, r1("13,750"), 1.0),
+    ("gsm8k", 1, "Together they cost $13,750.", 1.0),
+    ("gsm8k", 1, "\\boxed{13,700}", 0.0),
     ("math500", 0, "Adding gives 5. Therefore the answer is $5$.", 1.0),
     ("math500", 0, r1("$5$"), 1.0),
     ("math500", 0, "So it is \\boxed{6}.", 0.0),
@@ -236,13 +248,13 @@ def warm_verifier():
 # ------------------------------------------------------------------------------------------------
 def test_registry_names_columns_and_sources():
     assert set(benchmarks.NAMES) == {"math500", "gpqa_diamond", "olympiadbench", "mathvision", "mathverse", "mmstar",
-                                     "mathvista", "sokoban"}
+                                     "mathvista", "sokoban", "gsm8k"}
     columns = {name: benchmarks.get(name).paper_column for name in benchmarks.NAMES}
     assert columns == {"math500": "MATH500", "gpqa_diamond": "GPQA", "olympiadbench": "OlympiadBench",
                        "mathvision": "MathVision", "mathverse": "MathVerse", "mmstar": "MM-Star",
-                       "mathvista": "MathVista", "sokoban": "Sokoban"}
+                       "mathvista": "MathVista", "sokoban": "Sokoban", "gsm8k": "GSM8K"}
     assert {name for name in benchmarks.NAMES if benchmarks.get(name).modality == "text"} == \
-        {"math500", "gpqa_diamond", "olympiadbench"}
+        {"math500", "gpqa_diamond", "olympiadbench", "gsm8k"}
     assert (benchmarks.get("math500").hub_id, benchmarks.get("math500").split) == ("HuggingFaceH4/MATH-500", "test")
     assert benchmarks.get("gpqa_diamond").config == "gpqa_diamond"
     assert benchmarks.get("olympiadbench").config == "OE_TO_maths_en_COMP"

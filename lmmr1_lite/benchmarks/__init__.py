@@ -12,11 +12,11 @@ official code it follows.
 """
 from __future__ import annotations
 
-from . import gpqa, math500, mathverse, mathvision, mathvista, mmstar, olympiadbench, sokoban
+from . import gpqa, gsm8k, math500, mathverse, mathvision, mathvista, mmstar, olympiadbench, sokoban
 from .base import MODES, Benchmark, Check
 from .loading import load_rows
 
-_MODULES = (math500, gpqa, olympiadbench, mathvision, mathverse, mmstar, mathvista, sokoban)
+_MODULES = (math500, gpqa, olympiadbench, mathvision, mathverse, mmstar, mathvista, sokoban, gsm8k)
 BENCHMARKS: dict[str, Benchmark] = {module.BENCHMARK.name: module.BENCHMARK for module in _MODULES}
 NAMES: tuple[str, ...] = tuple(BENCHMARKS)
 

@@ -33,7 +33,8 @@ def reward(name: str):
 # nothing between the two blocks. Surrounding whitespace is tolerated (tokenizers add it).
 FORMAT_RE = re.compile(r"^\s*<think>((?!</think>).)*</think>\s*<answer>((?!</answer>).)*</answer>\s*$", re.DOTALL)
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-BOXED_FORMAT_RE = re.compile(r"^(?:(?!\\boxed\{).)*\\boxed\{.+\}\s*(?:\.\s*)?$", re.DOTALL)
+# the one \boxed{} ends the completion; math delimiters or bold closing it ("$\boxed{5}$.", "\(\boxed{5}\)") allowed
+BOXED_FORMAT_RE = re.compile(r"^(?:(?!\\boxed\{).)*\\boxed\{.+\}\s*(?:\$\$?|\\\)|\\\]|\*\*)?\s*(?:\.\s*)?$", re.DOTALL)
 
 
 def task_reward(weights: dict) -> str:

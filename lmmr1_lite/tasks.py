@@ -124,6 +124,66 @@ def word_problem(rng: random.Random, level: int) -> Example:
     return Example(prompt=prompt, answer=str(answer))
 
 
+NAMES = ["Ann", "Ben", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kofi", "Lena"]
+
+
+def multi_step(rng: random.Random, level: int) -> Example:
+    """GSM8K-style word problems of two to four steps (money and change, discounts, rates, schedules,
+    ages, recipes), written here: none is a GSM8K problem. Integer answers. `level` scales the numbers."""
+    name, other = rng.sample(NAMES, 2)
+    k = rng.randrange(8)
+    scale = level
+    if k == 0:
+        price, count, paid = rng.randint(2, 9 * scale), rng.randint(2, 6), 0
+        paid = (price * count // 10 + 1 + rng.randint(0, 3)) * 10
+        prompt = (f"{name} buys {count} notebooks at ${price} each and pays with ${paid}. "
+                  f"How much change, in dollars, does {name} get back?")
+        answer = paid - price * count
+    elif k == 1:
+        price, off = rng.randint(2, 20 * scale) * 10, rng.choice([10, 20, 25, 50])
+        count = rng.randint(2, 4)
+        prompt = (f"A jacket costs ${price}. It is on sale for {off}% off. {name} buys {count} of them. "
+                  "How many dollars does {0} spend?").format(name)
+        answer = price * (100 - off) // 100 * count
+        if price * (100 - off) % 100:
+            return multi_step(rng, level)
+    elif k == 2:
+        per_day, days, weeks = rng.randint(2, 12 * scale), rng.randint(3, 6), rng.randint(2, 5)
+        prompt = (f"{name} reads {per_day} pages a day, {days} days a week. How many pages does {name} read "
+                  f"in {weeks} weeks?")
+        answer = per_day * days * weeks
+    elif k == 3:
+        age, diff, years = rng.randint(5, 15 * scale), rng.randint(2, 30), rng.randint(2, 10)
+        prompt = (f"{name} is {age} years old. {other} is {diff} years older than {name}. How old will "
+                  f"{other} be in {years} years?")
+        answer = age + diff + years
+    elif k == 4:
+        cups, batches, bag = rng.randint(2, 5), rng.randint(3, 9 * scale), rng.randint(2, 4)
+        prompt = (f"A recipe needs {cups} cups of flour per batch. {name} bakes {batches} batches and already "
+                  f"has {bag} cups of flour. How many more cups of flour does {name} need?")
+        answer = cups * batches - bag
+        if answer <= 0:
+            return multi_step(rng, level)
+    elif k == 5:
+        speed, hours, back = rng.randint(20, 60 * scale), rng.randint(2, 5), rng.randint(1, 3)
+        prompt = (f"{name} drives at {speed} miles per hour for {hours} hours, then walks {back} miles back. "
+                  f"How far from the start, in miles, is {name} now?")
+        answer = speed * hours - back
+    elif k == 6:
+        boxes, per_box, broken, sold = rng.randint(3, 9), rng.randint(6, 12 * scale), rng.randint(1, 5), 0
+        sold = rng.randint(1, boxes * per_box - broken)
+        prompt = (f"A shop receives {boxes} boxes of {per_box} cups. {broken} cups are broken and thrown away, "
+                  f"and {sold} cups are sold. How many cups are left?")
+        answer = boxes * per_box - broken - sold
+    else:
+        wage, hours, bonus, spend = rng.randint(8, 20 * scale), rng.randint(4, 10), rng.randint(5, 50), 0
+        spend = rng.randint(1, wage * hours)
+        prompt = (f"{name} earns ${wage} an hour and works {hours} hours, then gets a ${bonus} bonus and "
+                  f"spends ${spend} on groceries. How many dollars does {name} have left from this pay?")
+        answer = wage * hours + bonus - spend
+    return Example(prompt=prompt, answer=str(answer))
+
+
 # ---------------------------------------------------------------------------------------------
 # MGT: image + text. Large, high-contrast drawings that a small vision tower can read.
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +277,7 @@ TASKS: dict[str, Callable[[random.Random, int], Example]] = {
     "tiny_max": tiny_max, "tiny_compare": tiny_compare, "tiny_color": tiny_color,
     "tiny_color_text": tiny_color_text,
     "arithmetic": arithmetic, "fractions": fractions, "linear_equation": linear_equation, "word_problem": word_problem,
+    "multi_step": multi_step,
     "geometry": geometry, "chart": chart, "count_shapes": count_shapes, "sokoban": sokoban,
 }
 IMAGE_TASKS = {"tiny_color", "geometry", "chart", "count_shapes", "sokoban"}

@@ -124,16 +124,68 @@ def evaluate_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict) -> dict:
                            temperature=1.0, stop_ids=[tokenizer.eos_token_id], stop_strings=stop_strings,
                            greedy=True, image_processor=image_processor)
             scores = bench.score_batch(batch_rows, out.texts)
-            for row, text, score in zip(batch_rows, out.texts, scores):
+            lengths = out.completion_mask.sum(1).tolist()
+            for row, text, score, tokens, clipped in zip(batch_rows, out.texts, scores, lengths, out.clipped.tolist()):
                 record = {"id": bench.row_id(row), "extracted": bench.extract(row, text), "score": score,
+                          "format": answer_format(text, mode), "tokens": int(tokens), "clipped": bool(clipped),
                           "completion": text, **bench.details(row)}
                 handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
                 done[record["id"]] = record
             handle.flush()
             bar.update(len(batch_rows))
     bar.close()
-    scores = [done[bench.row_id(row)]["score"] for row in rows]
-    return {"accuracy": sum(scores) / len(scores), "n": len(scores)}
+    records = [done[bench.row_id(row)] for row in rows]
+    result = {"accuracy": sum(r["score"] for r in records) / len(records), "n": len(records)}
+    measured = [r for r in records if "tokens" in r]  # predictions written before these fields lack them
+    if measured:
+        result.update({"format": sum(r["format"] for r in measured) / len(measured),
+                       "mean_length": sum(r["tokens"] for r in measured) / len(measured),
+                       "clipped_ratio": sum(r["clipped"] for r in measured) / len(measured)})
+    result["scores"] = {r["id"]: r["score"] for r in records}
+    return result
+
+
+def answer_format(completion: str, mode: str) -> float:
+    """The format the mode's prompt asks for: LMM-R1's tags (lmmr1) or one final `\\boxed{}` (cot)."""
+    from .rewards import boxed_format_reward, format_reward
+
+    return (format_reward if mode == "lmmr1" else boxed_format_reward)(completion)
+
+
+def completion_table(results: dict[str, dict[str, dict]], names: list[str]) -> str:
+    """Per model and benchmark: accuracy, answer format, mean completion tokens, clipped ratio (hit the cap),
+    and, for each row after the first, the problems it solves that the first row does not (gained) and the
+    reverse (lost): the paired count behind a difference of accuracies."""
+    lines = ["| model | benchmark | accuracy | format | mean tokens | clipped | gained / lost vs first row |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    first = next(iter(results.values()), {})
+    for index, (label, per_bench) in enumerate(results.items()):
+        for name in names:
+            r = per_bench.get(name)
+            if r is None:
+                continue
+            paired = ""
+            if index and name in first:
+                base = first[name]["scores"]
+                gained = sum(1 for k, v in r["scores"].items() if v and not base.get(k))
+                lost = sum(1 for k, v in base.items() if v and not r["scores"].get(k))
+                paired = f"+{gained} / -{lost}"
+            cells = [f"{100 * r['accuracy']:.1f}"] + ([f"{100 * r['format']:.1f}", f"{r['mean_length']:.0f}",
+                                                       f"{100 * r['clipped_ratio']:.1f}"] if "format" in r else [""] * 3)
+            lines.append(f"| {label} | {name} | " + " | ".join(cells) + f" | {paired} |")
+    return "\n".join(lines) + "\n"
+
+
+def rules(request: EvalRequest) -> str:
+    """What each number comes from: per benchmark, its scoring rule and how it differs from the paper's."""
+    lines = ["Rules:"]
+    for name in request.names:
+        bench = benchmarks.get(name)
+        rule = getattr(bench, "rule", None)
+        lines.append(f"- {name}: {rule or 'see lmmr1_lite/benchmarks/' + name + '.py'}")
+    lines.append(f"Greedy decoding, at most {request.max_new_tokens} new tokens; prompt mode {request.prompt} "
+                 "(cot: the benchmark's chain-of-thought prompt, no system prompt; lmmr1: LMM-R1's).")
+    return "\n".join(lines) + "\n"
 
 
 def table(results: dict[str, dict[str, dict]], names: list[str]) -> str:
@@ -195,7 +247,7 @@ def run_benchmarks(args) -> Path:
                    "image_processor": image_processor}
             results[f"{row_name}, {mode_of}"][name] = evaluate_benchmark(policy, tokenizer, cfg, job)
         del policy
-    markdown = table(results, request.names)
+    markdown = table(results, request.names) + "\n" + completion_table(results, request.names) + "\n" + rules(request)
     (out / "eval.md").write_text(markdown)
     (out / "eval.json").write_text(json.dumps({"benchmarks": request.names, "results": results}, indent=2))
     print(markdown + f"wrote {out / 'eval.md'}, {out / 'eval.json'} and the predictions under {out / 'predictions'}")

@@ -88,7 +88,10 @@ def test_two_grpo_steps_on_real_completions(trained_run, model_dir, tokenizer):
     metrics = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["kl"] >= 0 and m["completions/mean_length"] > 0 for m in metrics)
-    assert metrics[1]["kl"] > 0  # the adapter moved the policy away from the reference
+    # The adapter moves the policy away from the reference exactly when step 1 had a learning signal (with 16
+    # tokens every reward can be 0 on another CPU's numerics: CI saw that; then nothing moves, and KL is 0).
+    moved = metrics[0]["grad_norm"] > 0 and not metrics[0].get("skipped")
+    assert (metrics[1]["kl"] > 0) == moved
     records = [json.loads(line) for line in (trained_run / "completions.jsonl").read_text().splitlines()]
     assert len(records) == 8  # 2 steps x 2 prompts x 2 completions
     from lmmr1_lite.rewards import format_reward
@@ -103,7 +106,8 @@ def test_two_grpo_steps_on_real_completions(trained_run, model_dir, tokenizer):
     from transformers import AutoModelForImageTextToText
 
     weights = load_file(adapter / "adapter_model.safetensors")
-    assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items())  # LoRA B starts at zero
+    updated = any(m["grad_norm"] > 0 and not m.get("skipped") for m in metrics)
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items()) == updated  # B starts at zero
     base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, adapter)
     loaded = {k: v for k, v in reloaded.state_dict().items() if "lora_B" in k}
@@ -111,7 +115,7 @@ def test_two_grpo_steps_on_real_completions(trained_run, model_dir, tokenizer):
                           if k.replace(".default", "") in weights)
 
 
-def test_grpo_step_changes_lora_only_and_masks_after_the_stop(model_dir, tokenizer):
+def test_grpo_step_changes_lora_only_and_masks_after_the_stop(model_dir, tokenizer, monkeypatch):
     from dataclasses import replace
 
     from lmmr1_lite import models
@@ -130,15 +134,28 @@ def test_grpo_step_changes_lora_only_and_masks_after_the_stop(model_dir, tokeniz
     # The real model echoes a tagged answer when asked: the stop string `</answer>` (3 tokens) ends the row
     echo = [[{"role": "user", "content": "Reply with exactly this and nothing else: <answer>7</answer> and then "
                                          "a long poem"}]]
+    free = generate(policy, tokenizer, echo, num_generations=1, max_new_tokens=24, temperature=1.0,
+                    stop_ids=[tokenizer.eos_token_id], greedy=True)
+    # `</answer>` when this CPU's greedy answer holds it (it does here; CI's CPU answered otherwise), else a
+    # multi-token stop string cut from the model's own greedy answer: either way the stop is met mid-row
+    stop = "</answer>"
+    if stop not in free.texts[0]:
+        stop = tokenizer.decode(free.completion_ids[0, 4:7])
     out = generate(policy, tokenizer, echo, num_generations=1, max_new_tokens=24, temperature=1.0,
-                   stop_ids=[tokenizer.eos_token_id], stop_strings=["</answer>"], greedy=True)
+                   stop_ids=[tokenizer.eos_token_id], stop_strings=[stop], greedy=True)
     length = int(out.completion_mask[0].sum())
-    assert out.texts[0].rstrip().endswith("</answer>") and length < 24
-    assert tokenizer.decode(out.completion_ids[0, :length]).endswith("</answer>")
+    assert out.texts[0].endswith(stop) and length < 24
+    assert tokenizer.decode(out.completion_ids[0, :length]).endswith(stop)
     assert (out.completion_ids[0, length:] == tokenizer.pad_token_id).all()
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    ctx = StepContext(policy, tokenizer, replace(cfg, rewards={"format": 0.5, "accuracy": 1.0}), optimizer, scheduler)
+    # 12 tokens rarely reach an answer, so format and accuracy can all be 0 (no signal: CI saw it); a reward
+    # on the completion's length in characters differs between two sampled texts and guarantees a step
+    from lmmr1_lite.rewards import REWARDS
+
+    monkeypatch.setitem(REWARDS, "test_length", lambda completions, examples: [len(c) / 100 for c in completions])
+    rewards = {"format": 0.5, "accuracy": 1.0, "test_length": 1.0}
+    ctx = StepContext(policy, tokenizer, replace(cfg, rewards=rewards), optimizer, scheduler)
     examples = [Example(prompt=q, answer=a) for q, a in zip(QUESTIONS, ["72", "42"])]
     metrics, scored = grpo_step(ctx, examples)
     assert len(scored.batch.texts) == 4 and metrics["grad_norm"] > 0 and not metrics["skipped"]

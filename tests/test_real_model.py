@@ -141,6 +141,7 @@ def test_grpo_step_changes_lora_only_and_masks_after_the_stop(model_dir, tokeniz
     stop = "</answer>"
     if stop not in free.texts[0]:
         stop = tokenizer.decode(free.completion_ids[0, 4:7])
+        assert stop.strip() and int(free.completion_mask[0].sum()) >= 7  # a real, multi-token stop mid-row
     out = generate(policy, tokenizer, echo, num_generations=1, max_new_tokens=24, temperature=1.0,
                    stop_ids=[tokenizer.eos_token_id], stop_strings=[stop], greedy=True)
     length = int(out.completion_mask[0].sum())
@@ -150,11 +151,12 @@ def test_grpo_step_changes_lora_only_and_masks_after_the_stop(model_dir, tokeniz
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     # 12 tokens rarely reach an answer, so format and accuracy can all be 0 (no signal: CI saw it); a reward
-    # on the completion's length in characters differs between two sampled texts and guarantees a step
+    # of 1 for every second completion of a group (groups are contiguous) guarantees a non-zero advantage
     from lmmr1_lite.rewards import REWARDS
 
-    monkeypatch.setitem(REWARDS, "test_length", lambda completions, examples: [len(c) / 100 for c in completions])
-    rewards = {"format": 0.5, "accuracy": 1.0, "test_length": 1.0}
+    monkeypatch.setitem(REWARDS, "test_alternate", lambda completions, examples: [i % 2 for i in
+                                                                                   range(len(completions))])
+    rewards = {"format": 0.5, "accuracy": 1.0, "test_alternate": 1.0}
     ctx = StepContext(policy, tokenizer, replace(cfg, rewards=rewards), optimizer, scheduler)
     examples = [Example(prompt=q, answer=a) for q, a in zip(QUESTIONS, ["72", "42"])]
     metrics, scored = grpo_step(ctx, examples)

@@ -2,14 +2,16 @@
 for the base model and each adapter, as a table in the shape of LMM-R1's Table 1 beside the paper's rows.
 
 Every row is evaluated unless `--limit N` says otherwise (and says what it dropped). Decoding is greedy, in
-batches, with a progress bar. Each prediction is appended to `predictions/<benchmark>/<model>-<mode>.jsonl`
-as soon as its batch is scored, so an interrupted evaluation resumes where it stopped: rows already there
-are not generated again.
+batches, with a progress bar. Each prediction is appended to
+`predictions/<benchmark>/<model>-<prompt>-<cap>.jsonl` as soon as its batch is scored, so an interrupted
+evaluation resumes where it stopped: rows already there are not generated again (and a file is reused only at
+its own prompt and generation cap).
 
 Prompt modes (`--prompt`): `lmmr1` (LMM-R1's system prompt and `<think>/<answer>` format, how the paper
 evaluated its trained models), `cot` (no system prompt; step by step and `\\boxed{}`, how the paper evaluated
 its baseline, because the format prompt hurt the untrained model), `auto` (cot for the base row, lmmr1 for
-adapters: the paper's choice).
+adapters: the paper's choice), `run` (every row under the adapter's own run's system prompt, template, stop
+strings and format reward; the base row under the first adapter's, so before and after see one prompt).
 """
 from __future__ import annotations
 
@@ -65,7 +67,9 @@ def parse_request(args) -> EvalRequest:
     if len(data) != len(names):
         raise ConfigError(f"--data: {len(data)} paths for {len(names)} benchmarks; give one per benchmark, in order")
     if args.prompt not in ("auto",) + benchmarks.MODES:
-        raise ConfigError(f"--prompt must be auto, lmmr1 or cot, got {args.prompt!r}")
+        raise ConfigError(f"--prompt must be auto, {', '.join(benchmarks.MODES)}, got {args.prompt!r}")
+    if args.prompt == "run" and not args.adapter:
+        raise ConfigError("--prompt run scores under a training run's own prompt: give that run's --adapter")
     for flag, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens),
                         ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
@@ -85,6 +89,37 @@ def model_label(adapter: Path | None) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
 
 
+@dataclass(frozen=True)
+class PromptSpec:
+    """How one row's model is prompted: a benchmark mode, and in `run` mode the run's own system prompt,
+    template, stop strings and format reward."""
+    mode: str
+    system: str = ""
+    template: str = "{prompt}"
+    stop_strings: tuple[str, ...] = ()
+    format_reward: str = ""
+
+    @classmethod
+    def of(cls, mode: str, cfg: TrainConfig) -> "PromptSpec":
+        if mode != "run":
+            return cls(mode, stop_strings=("</answer>",) if mode == "lmmr1" else ())  # several tokens in Qwen's vocab
+        reward = "format_boxed" if "format_boxed" in cfg.rewards else "format"
+        return cls(mode, cfg.system_prompt, cfg.prompt_template, tuple(cfg.stop_tokens), reward)
+
+    @property
+    def name(self) -> str:
+        """For file names and table rows: the mode, and in run mode a digest of the prompt."""
+        if self.mode != "run":
+            return self.mode
+        digest = hashlib.sha256(json.dumps([self.system, self.template, self.stop_strings]).encode()).hexdigest()
+        return f"run{digest[:8]}"
+
+    def describe(self) -> str:
+        if self.mode != "run":
+            return self.mode
+        return f"{self.name} (system {self.system!r}, template {self.template!r}, stop {list(self.stop_strings)!r})"
+
+
 def read_predictions(path: Path) -> dict:
     """Row id -> prediction, from a (possibly interrupted) predictions file; a torn last line is ignored."""
     done = {}
@@ -101,13 +136,13 @@ def read_predictions(path: Path) -> dict:
 def evaluate_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict) -> dict:
     """Greedy predictions of one model on one benchmark's rows, appended to `job["path"]` batch by batch;
     returns {"accuracy", "n"} over every row (resumed rows included)."""
-    bench, rows, mode, path = job["bench"], job["rows"], job["mode"], job["path"]
+    bench, rows, spec, path = job["bench"], job["rows"], job["prompt"], job["path"]
+    mode = spec.mode
     done = read_predictions(path)
     todo = [row for row in rows if bench.row_id(row) not in done]
-    stop_strings = ["</answer>"] if mode == "lmmr1" else []  # several tokens in Qwen's vocabulary
     image_processor = job["image_processor"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{job['label']} {bench.name} ({mode})",
+    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{job['label']} {bench.name} ({spec.name})",
                unit="row", dynamic_ncols=True)
     with path.open("a", encoding="utf-8") as handle:
         for start in range(0, len(todo), job["batch_size"]):
@@ -119,15 +154,15 @@ def evaluate_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict) -> dict:
                                         cfg.min_pixels, cfg.max_pixels)
                 except (ValueError, OSError) as err:
                     raise ConfigError(f"{bench.name} row {bench.row_id(row)}: image unreadable ({err})") from None
-            messages = [build_messages(e, "", "{prompt}") for e in examples]
+            messages = [build_messages(e, spec.system, spec.template) for e in examples]
             out = generate(policy, tokenizer, messages, num_generations=1, max_new_tokens=job["max_new_tokens"],
-                           temperature=1.0, stop_ids=[tokenizer.eos_token_id], stop_strings=stop_strings,
+                           temperature=1.0, stop_ids=[tokenizer.eos_token_id], stop_strings=list(spec.stop_strings),
                            greedy=True, image_processor=image_processor)
             scores = bench.score_batch(batch_rows, out.texts)
             lengths = out.completion_mask.sum(1).tolist()
             for row, text, score, tokens, clipped in zip(batch_rows, out.texts, scores, lengths, out.clipped.tolist()):
                 record = {"id": bench.row_id(row), "extracted": bench.extract(row, text), "score": score,
-                          "format": answer_format(text, mode), "tokens": int(tokens), "clipped": bool(clipped),
+                          "format": answer_format(text, spec), "tokens": int(tokens), "clipped": bool(clipped),
                           "completion": text, **bench.details(row)}
                 handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
                 done[record["id"]] = record
@@ -145,46 +180,52 @@ def evaluate_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict) -> dict:
     return result
 
 
-def answer_format(completion: str, mode: str) -> float:
-    """The format the mode's prompt asks for: LMM-R1's tags (lmmr1) or one final `\\boxed{}` (cot)."""
+def answer_format(completion: str, spec: PromptSpec) -> float:
+    """The format the prompt asks for: LMM-R1's tags (lmmr1), one final `\\boxed{}` (cot), or in run mode the
+    run's own format reward."""
     from .rewards import boxed_format_reward, format_reward
 
-    return (format_reward if mode == "lmmr1" else boxed_format_reward)(completion)
+    name = spec.format_reward or ("format" if spec.mode == "lmmr1" else "format_boxed")
+    return (format_reward if name == "format" else boxed_format_reward)(completion)
 
 
 def completion_table(results: dict[str, dict[str, dict]], names: list[str]) -> str:
     """Per model and benchmark: accuracy, answer format, mean completion tokens, clipped ratio (hit the cap),
-    and, for each row after the first, the problems it solves that the first row does not (gained) and the
-    reverse (lost): the paired count behind a difference of accuracies."""
-    lines = ["| model | benchmark | accuracy | format | mean tokens | clipped | gained / lost vs first row |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    and, for each row after the first, the problems it solves that the first row does not (gained), the
+    reverse (lost), and the exact two-sided sign test's p on those discordant problems."""
+    from .report import paired
+
+    lines = ["| model | benchmark | accuracy | format | mean tokens | clipped | gained / lost vs first row | "
+             "sign-test p |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     first = next(iter(results.values()), {})
     for index, (label, per_bench) in enumerate(results.items()):
         for name in names:
             r = per_bench.get(name)
             if r is None:
                 continue
-            paired = ""
+            counts = ""
             if index and name in first:
-                base = first[name]["scores"]
-                gained = sum(1 for k, v in r["scores"].items() if v and not base.get(k))
-                lost = sum(1 for k, v in base.items() if v and not r["scores"].get(k))
-                paired = f"+{gained} / -{lost}"
+                pair = paired(first[name]["scores"], r["scores"])
+                counts = f"+{pair['gained']} / -{pair['lost']} | {pair['p']:.3g}"
             cells = [f"{100 * r['accuracy']:.1f}"] + ([f"{100 * r['format']:.1f}", f"{r['mean_length']:.0f}",
                                                        f"{100 * r['clipped_ratio']:.1f}"] if "format" in r else [""] * 3)
-            lines.append(f"| {label} | {name} | " + " | ".join(cells) + f" | {paired} |")
+            lines.append(f"| {label} | {name} | " + " | ".join(cells) + f" | {counts or ' | '} |")
     return "\n".join(lines) + "\n"
 
 
-def rules(request: EvalRequest) -> str:
-    """What each number comes from: per benchmark, its scoring rule and how it differs from the paper's."""
+def rules(request: EvalRequest, prompts: dict[str, "PromptSpec"] | None = None) -> str:
+    """What each number comes from: per benchmark, its scoring rule and how it differs from the paper's;
+    the prompt each row was generated with."""
     lines = ["Rules:"]
     for name in request.names:
         bench = benchmarks.get(name)
         rule = getattr(bench, "rule", None)
         lines.append(f"- {name}: {rule or 'see lmmr1_lite/benchmarks/' + name + '.py'}")
     lines.append(f"Greedy decoding, at most {request.max_new_tokens} new tokens; prompt mode {request.prompt} "
-                 "(cot: the benchmark's chain-of-thought prompt, no system prompt; lmmr1: LMM-R1's).")
+                 "(cot: the benchmark's chain-of-thought prompt, no system prompt; lmmr1: LMM-R1's; run: the "
+                 "adapter's own run's system prompt and template).")
+    for label, spec in (prompts or {}).items():
+        lines.append(f"- prompt of {label}: {spec.describe()}")
     return "\n".join(lines) + "\n"
 
 
@@ -229,25 +270,29 @@ def run_benchmarks(args) -> Path:
         raise ConfigError(f"--out {out}: exists and is not a directory")
     adapters = [None] + [Path(a) for a in request.adapters]
     results: dict[str, dict] = {}
+    prompts: dict[str, PromptSpec] = {}
     for adapter in adapters:
         cfg = run_config(adapter if adapter is not None else (Path(request.adapters[0]) if request.adapters else None),
                          request.model, request.sets or {})
         label = model_label(adapter)
         row_name = f"base ({Path(cfg.model).name})" if adapter is None else label
         mode_of = request.prompt if request.prompt != "auto" else ("cot" if adapter is None else "lmmr1")
+        spec = PromptSpec.of(mode_of, cfg)  # run mode: the base row takes the first adapter's run config
         tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
         policy = load_policy(replace(cfg, output_dir=None), adapter)
         image_processor = models.load_image_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
-        results[f"{row_name}, {mode_of}"] = {}
+        row_label = f"{row_name}, {spec.name}"
+        results[row_label], prompts[row_label] = {}, spec
         for name in request.names:
             rows, base_dir = loaded[name]
-            job = {"bench": benchmarks.get(name), "rows": rows, "mode": mode_of, "label": label,
-                   "path": out / "predictions" / name / f"{label}-{mode_of}.jsonl", "base_dir": base_dir,
+            job = {"bench": benchmarks.get(name), "rows": rows, "prompt": spec, "label": label,
+                   "path": out / "predictions" / name / f"{label}-{spec.name}-{request.max_new_tokens}.jsonl",
+                   "base_dir": base_dir,
                    "batch_size": request.batch_size, "max_new_tokens": request.max_new_tokens,
                    "image_processor": image_processor}
-            results[f"{row_name}, {mode_of}"][name] = evaluate_benchmark(policy, tokenizer, cfg, job)
+            results[row_label][name] = evaluate_benchmark(policy, tokenizer, cfg, job)
         del policy
-    markdown = table(results, request.names) + "\n" + completion_table(results, request.names) + "\n" + rules(request)
+    markdown = table(results, request.names) + "\n" + completion_table(results, request.names) + "\n" + rules(request, prompts)
     (out / "eval.md").write_text(markdown)
     (out / "eval.json").write_text(json.dumps({"benchmarks": request.names, "results": results}, indent=2))
     print(markdown + f"wrote {out / 'eval.md'}, {out / 'eval.json'} and the predictions under {out / 'predictions'}")

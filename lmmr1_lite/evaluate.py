@@ -226,9 +226,10 @@ def add_parsers(sub) -> None:
     ev.add_argument("--data", default=None, help="without --benchmark: a generated task or a data file (required); "
                     "with it: comma-separated local copies (file, folder) or Hub ids, one per benchmark in order "
                     "(default: each benchmark's Hub id)")
-    ev.add_argument("--prompt", default="auto", choices=["auto", "lmmr1", "cot"],
+    ev.add_argument("--prompt", default="auto", choices=["auto", "lmmr1", "cot", "run"],
                     help="with --benchmark: lmmr1 (training format), cot (no system prompt, \\boxed{}), auto (cot "
-                         "for the base row, lmmr1 for adapters: the paper's choice)")
+                         "for the base row, lmmr1 for adapters: the paper's choice), run (the adapter's own run's system "
+                         "prompt, template and stop strings, for the base row too)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows (default: every row; "
                     "what is dropped is printed)")
     ev.add_argument("--max-new-tokens", type=int, default=None,

@@ -79,16 +79,44 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_rewards(metrics_path: Path, out_path: Path, title: str = "") -> Path:
-    """Reward, accuracy and format rate per step (raw and a moving average) as a PNG."""
+def sign_test_p(gained: int, lost: int) -> float:
+    """Exact two-sided sign test on the discordant pairs of a paired comparison: the probability, if a
+    discordant problem is equally likely to go either way, of a split at least as uneven as gained/lost."""
+    from math import comb
+
+    n, k = gained + lost, min(gained, lost)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired(base_scores: dict, scores: dict) -> dict:
+    """Problems one model solves and the other does not, over the ids both scored: gained (solved now, not by
+    the base), lost (the reverse), the exact sign-test p on those, and the accuracy difference in points."""
+    common = [k for k in base_scores if k in scores]
+    gained = sum(1 for k in common if scores[k] and not base_scores[k])
+    lost = sum(1 for k in common if base_scores[k] and not scores[k])
+    difference = 100.0 * (gained - lost) / len(common) if common else float("nan")
+    return {"n": len(common), "gained": gained, "lost": lost, "p": sign_test_p(gained, lost),
+            "difference": difference}
+
+
+def plot_rewards(metrics_path: Path, out_path: Path, title: str = "", terms: list[str] | None = None) -> Path:
+    """The total reward and each reward term the run weighted (`terms`: the config's reward names; default,
+    every `rewards/<name>/mean` logged), raw and a moving average, over whole steps, as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_metrics(metrics_path)
     steps = [r["step"] for r in rows]
+    if terms is None:
+        terms = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")})
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, color in (("reward", "C0"), ("rewards/accuracy/mean", "C2"), ("rewards/format/mean", "C1")):
+    keys = ["reward"] + [f"rewards/{name}/mean" for name in terms]
+    for index, key in enumerate(keys):
+        color = f"C{index}"
         values = [r.get(key, float("nan")) for r in rows]
         window = max(1, len(values) // 20)
         smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
@@ -102,6 +130,7 @@ def plot_rewards(metrics_path: Path, out_path: Path, title: str = "") -> Path:
         twin.set_ylabel("mean completion length (tokens)")
         twin.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean over the step's completions")
     ax.set_title(title or "GRPO training rewards")
     ax.grid(alpha=0.3)

@@ -339,7 +339,7 @@ def _train(cfg: TrainConfig, run, init_adapter: Path | None, dist: Distributed |
     (run_dir / "eval.json").write_text(json.dumps({"before": eval_before, "after": eval_after}, indent=2))
     (adapter_dir / "README.md").write_text(model_card(cfg, adapter_dir, merged=False))  # over peft's template
     plot = plot_rewards(run_dir / "metrics.jsonl", run_dir / "reward_curve.png",
-                        title=f"lmmr1-lite {cfg.stage}: {Path(cfg.model).name} on {cfg.data}")
+                        title=f"lmmr1-lite {cfg.stage}: {Path(cfg.model).name} on {cfg.data}", terms=list(cfg.rewards))
     log.close()
     if eval_after:
         print(f"eval after:  accuracy {eval_after['accuracy']:.3f} (before {eval_before['accuracy']:.3f}; "

@@ -71,13 +71,74 @@ def test_every_benchmark_end_to_end_with_table_predictions_and_resume(setup, tmp
     assert {"id", "extracted", "score", "completion"} <= set(record) and record["score"] in (0.0, 1.0)
 
     # an interrupted evaluation: the last prediction of one file is lost; only that row is generated again
-    victim = out / "predictions" / "math500" / "base-cot.jsonl"
+    victim = out / "predictions" / "math500" / "base-cot-3.jsonl"  # <model>-<prompt>-<cap>
     lines = victim.read_text().splitlines()
     victim.write_text("\n".join(lines[:-1]) + "\n")
     generated.clear()
     assert evaluate(run, files, out) == 0
     assert generated == [1], "resumed: rows already predicted are not generated again"
     assert len(victim.read_text().splitlines()) == len(lines)
+
+
+def test_run_prompt_mode_uses_the_adapters_own_prompt_for_both_rows(setup, tmp_path, monkeypatch):
+    """--prompt run: the base and the adapter see the run's own system prompt, template and stop strings (a copy
+    of the tiny run whose config names its own), and eval.md names that prompt per row."""
+    import shutil
+
+    import yaml
+
+    from lmmr1_lite.config import load_yaml
+
+    trained, files = setup
+    run = tmp_path / "own_prompt_run"
+    shutil.copytree(trained, run)
+    cfg = {**load_yaml(run / "config.yaml"), "system_prompt": "be brief", "prompt_template": "{prompt} ? \\boxed{}",
+           "stop_tokens": ["</answer>", "red"]}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    seen = []
+    real = benchmark_eval.generate
+
+    def recording(policy, tokenizer, messages, **kwargs):
+        seen.append((messages, kwargs["stop_strings"]))
+        return real(policy, tokenizer, messages, **kwargs)
+    monkeypatch.setattr(benchmark_eval, "generate", recording)
+    out = tmp_path / "run_mode"
+    assert main(["eval", "--benchmark", "math500", "--data", files[0], "--adapter", str(run / "adapter"),
+                 "--prompt", "run", "--max-new-tokens", "2", "--out", str(out)]) == 0
+    assert len(seen) == 2, "the base row and the adapter row"
+    row = benchmarks.get("math500")
+    question = row.question(ROWS["math500"][0])
+    for messages, stops in seen:
+        system, user = messages[0][0], messages[0][-1]
+        assert system["role"] == "system" and cfg["system_prompt"] in str(system["content"])
+        assert f"{question} ? \\boxed{{}}" in str(user["content"]) and "step by step" not in str(user["content"])
+        assert stops == list(cfg["stop_tokens"])
+    spec = benchmark_eval.PromptSpec.of("run", benchmark_eval.TrainConfig(**{**cfg, "output_dir": None}))
+    table = (out / "eval.md").read_text()
+    assert f"base (base_model), {spec.name}" in table and f"prompt of base (base_model), {spec.name}:" in table
+    assert len(list((out / "predictions" / "math500").glob(f"*-{spec.name}-2.jsonl"))) == 2
+    # another cap is another file: predictions are never reused across caps
+    assert main(["eval", "--benchmark", "math500", "--data", files[0], "--adapter", str(run / "adapter"),
+                 "--prompt", "run", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    assert len(seen) == 4 and len(list((out / "predictions" / "math500").glob(f"*-{spec.name}-3.jsonl"))) == 2
+
+
+def test_run_prompt_mode_needs_an_adapter(tmp_path, capsys):
+    assert main(["eval", "--benchmark", "math500", "--model", "x", "--prompt", "run", "--out", str(tmp_path)]) == 2
+    assert "give that run's --adapter" in capsys.readouterr().err
+
+
+def test_sign_test_and_paired_counts():
+    from lmmr1_lite.report import paired, sign_test_p
+
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(3, 3) == 1.0
+    assert sign_test_p(10, 5) == pytest.approx(0.30176, abs=1e-5)     # 2 * P(X <= 5), X ~ Bin(15, 1/2)
+    assert sign_test_p(5, 10) == sign_test_p(10, 5)
+    assert sign_test_p(6, 0) == pytest.approx(2 / 64)
+    assert sign_test_p(70, 35) < 0.001
+    base = {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0}
+    now = {"a": 0.0, "b": 1.0, "c": 1.0, "d": 1.0, "e": 1.0}                # "e" is not in both: not counted
+    assert paired(base, now) == {"n": 4, "gained": 2, "lost": 1, "p": 1.0, "difference": 25.0}
 
 
 def test_limit_says_what_it_dropped_and_bad_requests_are_one_line(setup, tmp_path, capsys):

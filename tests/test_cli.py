@@ -107,3 +107,35 @@ def test_precedence_tiny_default_then_file_then_flags(tmp_path):
     assert cfg.learning_rate == 0.01 and cfg.max_steps == 4 and cfg.stage == "fre"
     assert cfg.prompts_per_step == TrainConfig().prompts_per_step, "a config file does not inherit the tiny YAML"
     assert resolve_config("fre", None, {"model": "some/model"}).random_init is False
+
+
+def test_reward_curve_plots_the_terms_the_run_weighted_over_whole_steps(tmp_path, monkeypatch):
+    """The curve shows the total and each weighted reward term (not a term the run did not use, logged as 0),
+    with integer step ticks."""
+    import json
+
+    import matplotlib.axes
+
+    from lmmr1_lite.report import plot_rewards
+
+    rows = [{"step": s, "reward": 0.1 * s, "rewards/format_boxed/mean": 0.3 + 0.05 * s,
+             "rewards/accuracy/mean": 0.2, "rewards/format/mean": 0.0, "completions/mean_length": 200 + s}
+            for s in range(1, 8)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labels = []
+    real = matplotlib.axes.Axes.plot
+
+    def recording(self, *args, **kwargs):
+        labels.append(kwargs.get("label"))
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording)
+    out = plot_rewards(metrics, tmp_path / "curve.png", terms=["format_boxed", "accuracy"])
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    named = [label for label in labels if label]
+    assert any(label.startswith("rewards/format_boxed/mean") for label in named)
+    assert any(label.startswith("rewards/accuracy/mean") for label in named)
+    assert not any(label.startswith("rewards/format/mean") for label in named), "an unweighted term is not drawn"
+    labels.clear()
+    plot_rewards(metrics, tmp_path / "all.png")  # no terms given: every logged term
+    assert any((label or "").startswith("rewards/format/mean") for label in labels)

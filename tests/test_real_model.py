@@ -181,7 +181,7 @@ def test_gsm8k_eval_is_repeatable_and_export_merge_keeps_greedy_tokens(trained_r
         tables.append((tmp_path / out / "eval.md").read_text())
     assert tables[0] == tables[1] and "gsm8k" in tables[0] and "GSM8K" in tables[0]
     records = [json.loads(line) for line in
-               (tmp_path / "first" / "predictions" / "gsm8k" / "base-cot.jsonl").read_text().splitlines()]
+               (tmp_path / "first" / "predictions" / "gsm8k" / "base-cot-24.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(r["tokens"] <= 24 and r["completion"] for r in records)
 
     from transformers import AutoModelForImageTextToText

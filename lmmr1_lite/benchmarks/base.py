@@ -21,7 +21,9 @@ from ..rewards import _quick_verdict
 from .extract import extract_answer
 from .images import LazyImages, present
 
-MODES = ("lmmr1", "cot")
+# lmmr1: LMM-R1's system prompt, the bare question; cot: the benchmark's chain-of-thought prompt, no system
+# prompt; run: the bare question under a training run's own system prompt and template (set by the caller)
+MODES = ("lmmr1", "cot", "run")
 # Qwen2.5's maths chain-of-thought instruction, used in cot mode by benchmarks without their own CoT prompt.
 COT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -103,15 +105,16 @@ class Benchmark:
     def prompt(self, row: dict, mode: str) -> str:
         if mode not in MODES:
             raise ConfigError(f"benchmark mode {mode!r}: expected one of {', '.join(MODES)}")
-        return self.question(row) if mode == "lmmr1" else self.cot_prompt(row)
+        return self.cot_prompt(row) if mode == "cot" else self.question(row)
 
     def to_example(self, row: dict, mode: str = "cot", base_dir: str | Path = ".") -> Example:
         """An Example for generation: prompt text, gold answer, lazily decoded images, and the system
-        prompt of the mode (LMM-R1's in lmmr1 mode; "" in cot mode, so a run's default is not applied)."""
+        prompt of the mode (LMM-R1's in lmmr1 mode; "" in cot mode; None in run mode, whose caller wraps the
+        question in the run's own system prompt and template when it builds the messages)."""
         prompt = self.prompt(row, mode)
         images = LazyImages([ref for ref in self.image_refs(row) if present(ref)], base_dir)
         meta = {"row": row, "benchmark": self.name, "mode": mode, "id": self.row_id(row), **self.details(row)}
-        system = LMM_R1_SYSTEM_PROMPT if mode == "lmmr1" else ""
+        system = {"lmmr1": LMM_R1_SYSTEM_PROMPT, "cot": ""}.get(mode)  # None: the caller's (run mode)
         return Example(prompt=prompt, answer=self.gold(row), images=images, system=system, meta=meta)
 
     def extract(self, row: dict, completion: str) -> str | None:

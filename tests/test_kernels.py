@@ -69,7 +69,8 @@ def reference_grpo(hidden, weight, targets, mask, adv, old, ref, beta, eps_low, 
 def make_inputs(B, T, H, V, dtype, seed=0, weight_grad=True):
     g = torch.Generator(DEVICE).manual_seed(seed)
     hidden = (torch.randn(B, T, H, generator=g) * 1.0).to(dtype).requires_grad_()
-    weight = (torch.randn(V, H, generator=g) * 0.5).to(dtype).requires_grad_(weight_grad)
+    # logits of std ~2 at small H, ~4 at a real model's width (as a trained LM head gives), not sqrt(H) / 2
+    weight = (torch.randn(V, H, generator=g) * (0.5 if H <= 64 else 4 / H ** 0.5)).to(dtype).requires_grad_(weight_grad)
     targets = torch.randint(0, V, (B, T), generator=g)
     return hidden, weight, targets
 

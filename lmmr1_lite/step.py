@@ -145,7 +145,9 @@ def score_rollouts(ctx: StepContext, batch: Rollout, examples: list[Example]) ->
     """Rewards, group advantages, and the reference (beta > 0) and old (num_iterations > 1) log-probs."""
     cfg = ctx.cfg
     per_row = [e for e in examples for _ in range(cfg.num_generations)]
-    totals, parts, counts = rewards.score(batch.texts, per_row, cfg.rewards)
+    totals, parts, counts = rewards.score(
+        batch.texts, per_row, cfg.rewards, completion_lengths=batch.completion_mask.sum(1).tolist(),
+        max_completion_len=cfg.max_new_tokens, soft_punish_cache=cfg.soft_punish_cache)
     reward_t = torch.tensor(totals, dtype=torch.float32)
     device = batch.completion_ids.device
     advantages = group_advantages(reward_t, cfg.num_generations, cfg.scale_rewards).to(device)
@@ -156,6 +158,20 @@ def score_rollouts(ctx: StepContext, batch: Rollout, examples: list[Example]) ->
             ref_logp = policy_logprobs(ctx, batch)
     old_logp = policy_logprobs(ctx, batch) if cfg.num_iterations > 1 else None
     return ScoredRollout(batch, per_row, reward_t, parts, counts, advantages, ref_logp, old_logp)
+
+
+def truncated(cfg: TrainConfig, batch: Rollout) -> torch.Tensor:
+    """`[N]` bool: the completions that hit max_new_tokens without a stop (TRL's "clipped")."""
+    return batch.clipped if batch.clipped is not None else batch.completion_mask.sum(1) >= cfg.max_new_tokens
+
+
+def loss_mask(cfg: TrainConfig, batch: Rollout) -> torch.Tensor:
+    """`[N, C]` the completion tokens that carry loss: the completion mask, less every token of a truncated
+    completion under `mask_truncated_completions` (DAPO's overlong filtering)."""
+    mask = batch.completion_mask
+    if cfg.mask_truncated_completions:
+        mask = mask * (~truncated(cfg, batch)).to(mask.dtype)[:, None]
+    return mask
 
 
 def batch_totals(ctx: StepContext, mask: torch.Tensor) -> dict | None:
@@ -192,7 +208,7 @@ def _loss_sums(ctx: StepContext, scored: ScoredRollout, micro_batch_size: int, t
     the ranks of the gradients and of these sums are the whole batch's."""
     cfg, batch = ctx.cfg, scored.batch
     weight = models.lm_head_weight(ctx.policy)
-    mask = batch.completion_mask
+    mask = loss_mask(cfg, batch)  # [N, C]
     weights_all = global_token_weights(mask, cfg.loss_agg, totals)  # over the whole batch, not per micro-batch
     total_tokens = mask.sum().clamp(min=1) if totals is None else max(totals["tokens"], 1.0)
     keys = ("kl", "clip_low", "clip_high", "ratio", "entropy")
@@ -202,13 +218,15 @@ def _loss_sums(ctx: StepContext, scored: ScoredRollout, micro_batch_size: int, t
         rows = slice(start, start + size)
         micro = batch.rows(rows)
         loss, metrics = grpo_loss(
-            models.completion_hidden(ctx.policy, micro, cfg.share_prompt), weight, micro.completion_ids, micro.completion_mask,
+            models.completion_hidden(ctx.policy, micro, cfg.share_prompt), weight, micro.completion_ids, mask[rows],
             scored.advantages[rows], None if scored.old_logp is None else scored.old_logp[rows],
             None if scored.ref_logp is None else scored.ref_logp[rows], beta=cfg.beta,
             epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, temperature=cfg.temperature,
-            token_weight=weights_all[rows], backend=cfg.logprob_backend, chunk_bytes=cfg.logprob_chunk_bytes or None)
+            loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
+            top_entropy_quantile=cfg.top_entropy_quantile, token_weight=weights_all[rows],
+            backend=cfg.logprob_backend, chunk_bytes=cfg.logprob_chunk_bytes or None)
         loss.backward()
-        share = micro.completion_mask.sum() / total_tokens
+        share = mask[rows].sum() / total_tokens
         sums["loss"] += loss.detach()
         for key in keys:
             sums[key] += metrics[key].detach() * share
@@ -222,7 +240,7 @@ def compute_gradients(ctx: StepContext, scored: ScoredRollout) -> dict:
     policy = ctx.policy
     lora_params = [p for p in policy.parameters() if p.requires_grad]
     policy.train()  # train mode: gradient checkpointing on (when configured)
-    totals = batch_totals(ctx, scored.batch.completion_mask)  # before the back-off: a collective runs once
+    totals = batch_totals(ctx, loss_mask(ctx.cfg, scored.batch))  # before the back-off: a collective runs once
 
     def run(size: int) -> dict:
         for p in lora_params:
@@ -262,7 +280,7 @@ def rollout_metrics(scored: ScoredRollout, cfg: TrainConfig) -> dict:
     group_std = grouped.std(dim=1)
     batch = scored.batch
     lengths = batch.completion_mask.sum(1).float()
-    clipped = batch.clipped if batch.clipped is not None else lengths >= cfg.max_new_tokens
+    clipped = truncated(cfg, batch)
     row = {"reward": float(scored.rewards.mean()), "reward_std": float(group_std.mean()),
            "frac_reward_zero_std": float((group_std < 1e-6).float().mean())}
     for name, values in scored.parts.items():

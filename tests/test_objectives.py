@@ -219,3 +219,109 @@ def test_mask_truncated_completions_drops_the_truncated_rows_from_the_loss(tiny_
     assert abs(float(filtered["loss"] - expected["loss"])) < 1e-6
     compute_gradients(StepContext(policy, tokenizer, cfg), scored)
     assert float((lora_grads(policy) - want).norm() / want.norm()) > 1e-3, "unfiltered, the truncated rows count"
+
+
+# ---- dynamic sampling ----------------------------------------------------------------------------------------
+def fake_generation(monkeypatch, tokenizer, completion=4):
+    """`generate_rollouts` replaced by G fixed-length rows per example whose text is `<answer>-<row>`."""
+    from lmmr1_lite import step
+    from lmmr1_lite.rollout import Rollout
+
+    calls = []
+
+    def generate(ctx, examples):
+        calls.append([e.answer for e in examples])
+        n = len(examples) * ctx.cfg.num_generations
+        texts = [f"{e.answer}-{i}" for e in examples for i in range(ctx.cfg.num_generations)]
+        return Rollout(torch.full((n, 2), 5), torch.ones(n, 2, dtype=torch.long), torch.full((n, completion), 7),
+                       torch.ones(n, completion, dtype=torch.long), texts, [None] * n,
+                       clipped=torch.zeros(n, dtype=torch.bool))
+    monkeypatch.setattr(step, "generate_rollouts", generate)
+    return calls
+
+
+@pytest.fixture
+def signal_reward():
+    """A reward that varies within a group only for examples whose answer starts with 's'."""
+    from lmmr1_lite import rewards
+
+    @rewards.reward("signal_test")
+    def signal(completions, examples):
+        return [float(c.endswith("-0")) if e.answer.startswith("s") else 0.5 for c, e in zip(completions, examples)]
+    yield
+    rewards.REWARDS.pop("signal_test")
+
+
+def test_dynamic_sampling_draws_until_the_batch_is_full(monkeypatch, tiny_cfg, signal_reward):
+    from lmmr1_lite import models
+    from lmmr1_lite.data import Example
+    from lmmr1_lite.step import StepContext, filtered_rollouts
+
+    cfg = tiny_cfg(rewards={"signal_test": 1.0}, num_generations=2, filter_groups=True, max_num_gen_batches=5)
+    tokenizer = models.load_tokenizer(cfg.model)
+    calls = fake_generation(monkeypatch, tokenizer)
+    rounds = iter([["s2", "f3"], ["s4", "s5"]])
+    draw = lambda: [Example(prompt="q", answer=a) for a in next(rounds)]  # noqa: E731
+    ctx = StepContext(None, tokenizer, cfg)
+    scored, stats = filtered_rollouts(ctx, [Example(prompt="q", answer=a) for a in ("s0", "f1")], draw)
+    assert calls == [["s0", "f1"], ["s2", "f3"]], "drawing stops once two groups with a signal are kept"
+    assert [e.answer for e in scored.examples] == ["s0", "s0", "s2", "s2"]
+    assert scored.rewards.tolist() == [1.0, 0.0, 1.0, 0.0] and scored.advantages.abs().min() > 0
+    assert scored.batch.texts == ["s0-0", "s0-1", "s2-0", "s2-1"] and scored.parts["signal_test"] == [1, 0, 1, 0]
+    assert stats == {"dynamic_sampling/groups_dropped": 2, "dynamic_sampling/prompts_drawn": 4,
+                     "dynamic_sampling/groups_short": 0, "num_gen_batches": 2}
+
+
+def test_dynamic_sampling_ends_at_its_bound_when_no_group_has_a_signal(monkeypatch, tiny_cfg, signal_reward):
+    """Every group's rewards equal: never a hang; after max_num_gen_batches rounds the step trains on a full
+    batch of dropped groups (advantage 0) and says so in its counts."""
+    from lmmr1_lite import models
+    from lmmr1_lite.data import Example
+    from lmmr1_lite.step import StepContext, filtered_rollouts
+
+    cfg = tiny_cfg(rewards={"signal_test": 1.0}, num_generations=2, filter_groups=True, max_num_gen_batches=3)
+    tokenizer = models.load_tokenizer(cfg.model)
+    calls = fake_generation(monkeypatch, tokenizer)
+    draws = []
+
+    def draw():
+        draws.append(1)
+        return [Example(prompt="q", answer=f"f{len(draws)}{i}") for i in range(3)]
+    scored, stats = filtered_rollouts(StepContext(None, tokenizer, cfg),
+                                      [Example(prompt="q", answer=f"f0{i}") for i in range(3)], draw)
+    assert len(calls) == 3 and len(draws) == 2
+    assert stats == {"dynamic_sampling/groups_dropped": 9, "dynamic_sampling/prompts_drawn": 9,
+                     "dynamic_sampling/groups_short": 3, "num_gen_batches": 3}
+    assert len(scored.examples) == 6 and (scored.advantages == 0).all()
+
+
+@pytest.fixture
+def constant_reward():
+    from lmmr1_lite import rewards
+
+    rewards.reward("constant_test")(lambda completions, examples: [1.0] * len(completions))
+    yield
+    rewards.REWARDS.pop("constant_test")
+
+
+def test_a_run_whose_groups_all_tie_ends_each_step_at_the_bound_and_logs_it(tmp_path, constant_reward):
+    """The whole loop (with every new objective on): every group ties, so each step draws max_num_gen_batches
+    rounds, trains on a full batch of dropped groups, and its metrics row says so."""
+    import json
+
+    from lmmr1_lite.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--output-dir", str(out), "--max-steps", "1", "--eval-size", "0", "--prompts-per-step", "2",
+                 "--num-generations", "2", "--max-new-tokens", "6", "--set", "instruct_prior_steps=0",
+                 "--set", "rewards={constant_test: 1.0}", "--set", "filter_groups=true",
+                 "--set", "max_num_gen_batches=3", "--set", "loss_type=cispo",
+                 "--set", "importance_sampling_level=sequence", "--set", "mask_truncated_completions=true",
+                 "--set", "top_entropy_quantile=0.5"])
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    for row in rows:
+        assert (row["num_gen_batches"], row["dynamic_sampling/prompts_drawn"], row["dynamic_sampling/groups_dropped"],
+                row["dynamic_sampling/groups_short"]) == (3, 6, 6, 2)
+        assert row["reward_std"] == 0 and "cispo_clip_ratio" in row and "clip_ratio/high_mean" not in row

@@ -1,4 +1,4 @@
-"""The GRPO clipped-ratio loss with a k3 KL term, fused with the LM head's log-probs.
+"""The GRPO family's loss with a k3 KL term, fused with the LM head's log-probs.
 
 Per completion token t of sequence b (advantage A_b, policy log-prob logp, old log-prob
 old, reference log-prob ref):
@@ -8,16 +8,29 @@ old, reference log-prob ref):
     kl     = exp(ref - logp) - (ref - logp) - 1  (Schulman's k3 estimator, >= 0)
     loss   = sum_t w_t * (pg + beta * kl)
 
+and the variants, under TRL's names:
+    loss_type="cispo"                   pg = -sg(min(ratio, 1 + eps_high)) * A * logp  (MiniMax-M1)
+    importance_sampling_level="sequence" ratio_t = s_b = exp(sum_t m_t (logp - old) / sum_t m_t)  (GSPO)
+    top_entropy_quantile=q < 1          pg counts only on tokens whose entropy is in the top q of the
+                                        call's masked tokens (Wang et al., "Beyond the 80/20 rule")
+
 The per-token weights w_t implement the aggregation (`loss_agg`):
     token_mean               1 / (masked tokens in the batch)             (DAPO)
     seq_mean_token_mean      1 / (B * masked tokens of sequence b)        (GRPO)
     seq_mean_token_sum_norm  1 / (B * T), T the padded length, a constant (Dr. GRPO)
 
-The loss is an elementwise function of logp, so d loss / d logp is known in the forward
-pass. Each chunk's logits are therefore turned into their gradient right away (in place)
-and chained into grad_hidden / grad_weight; backward only rescales by the upstream
-gradient. Three GEMMs in all (forward, grad_hidden, grad_weight when the head trains),
-and only one chunk of logits alive at a time. Metrics come out of the same pass.
+The token-level loss is an elementwise function of logp, so d loss / d logp is known in the
+forward pass. Each chunk's logits are therefore turned into their gradient right away (in place)
+and chained into grad_hidden / grad_weight; backward only rescales by the upstream gradient.
+Three GEMMs in all (forward, grad_hidden, grad_weight when the head trains), and only one chunk of
+logits alive at a time. Metrics come out of the same pass.
+
+GSPO and the entropy quantile are not elementwise: a token's d loss / d logp depends on the whole
+sequence (or the whole call). Since d loss / d hidden_t = (d loss / d logp_t) * (d logp_t / d hidden_t)
+and the last factor is a vector of the hidden size, the pass writes d logp_t / d hidden_t into the
+grad_hidden buffer (`[tokens, hidden]`, allocated anyway) and scales its rows once every token's
+statistics are in: the same GEMMs and memory as the token-level loss, plus a few `[tokens]` vectors.
+Only a trained LM head (grad_weight sums over tokens) needs a second pass that recomputes the logits.
 """
 from __future__ import annotations
 

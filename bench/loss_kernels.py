@@ -1,4 +1,5 @@
-"""Speed and peak memory of the GRPO loss from hidden states: naive torch, torch.compile, Liger, ours.
+"""Speed and peak memory of the GRPO loss from hidden states: naive torch, torch.compile, Liger, ours
+(the token-level loss, and CISPO, GSPO and the top-20 % entropy tokens through the same kernels).
 
 For each shape (N tokens, H hidden, V vocab; bf16) and each implementation, measures forward,
 backward and forward+backward time (`triton.testing.do_bench`, median) and the peak CUDA memory of
@@ -9,6 +10,7 @@ sys.path is taken by transformers and bitsandbytes for the Hugging Face `kernels
 
     python bench/loss_kernels.py                       # CUDA: Qwen2.5-VL-3B (H=2048) and 7B (H=3584), N=2K/8K/16K
     python bench/loss_kernels.py --smoke               # CPU: tiny shapes, perf_counter timing (checks the script runs)
+    python bench/loss_kernels.py --shape 1024 256 32000  # CPU: one shape, perf_counter timing, fp32
 """
 from __future__ import annotations
 
@@ -44,8 +46,14 @@ def make_cases(device: str):
     except ImportError:
         pass
     backend = "triton" if device == "cuda" else "torch"
-    cases["lmmr1_kernels"] = lambda h, w, t, a, m: grpo_loss(h[None], w, t[None], m, a, backend=backend)[0]
+    for name, objective in OBJECTIVES.items():  # the GRPO family: same kernels, other coefficients
+        cases[name] = lambda h, w, t, a, m, o=objective: grpo_loss(h[None], w, t[None], m, a, backend=backend, **o)[0]
     return cases
+
+
+# lmmr1_kernels' objectives (GSPO and the entropy quantile rescale d logp / d hidden rows after the pass)
+OBJECTIVES = {"lmmr1_kernels": {}, "lmmr1 cispo": {"loss_type": "cispo"},
+              "lmmr1 gspo": {"importance_sampling_level": "sequence"}, "lmmr1 top-ent 0.2": {"top_entropy_quantile": 0.2}}
 
 
 def timer(device: str):
@@ -101,13 +109,18 @@ def gemm_floor(hidden, weight, bench) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, to check the script runs")
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("N", "H", "V"),
+                        help="one shape instead of the default grid; on CPU (no GPU, or with --smoke) timed with "
+                             "perf_counter, fp32")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "loss_kernels.json"))
     args = parser.parse_args()
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
-    if device == "cpu" and not args.smoke:
-        raise SystemExit("bench/loss_kernels.py needs CUDA (use --smoke on CPU; bench/kernels_cpu_memory.py measures CPU memory)")
-    shapes = [(64, 32, 1000)] if args.smoke else [(n, h, V_QWEN) for h in (2048, 3584) for n in (2048, 8192, 16384)]
-    dtype = torch.float32 if args.smoke else torch.bfloat16
+    if device == "cpu" and not (args.smoke or args.shape):
+        raise SystemExit("bench/loss_kernels.py needs CUDA (use --smoke or --shape on CPU; bench/kernels_cpu_memory.py "
+                         "measures CPU memory)")
+    shapes = [tuple(args.shape)] if args.shape else [(64, 32, 1000)] if args.smoke else \
+        [(n, h, V_QWEN) for h in (2048, 3584) for n in (2048, 8192, 16384)]
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     bench, cases = timer(device), make_cases(device)
     rows = []
     for n, h, v in shapes:
@@ -124,17 +137,17 @@ def main() -> None:
             if "fwd_bwd_ms" in row:
                 row["vs_gemm_floor"] = row["fwd_bwd_ms"] / row["gemm_floor_fwd_bwd_ms"]
             rows.append(row)
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)" if args.smoke else "cpu"
     report = {"benchmark": "kernels", "date": str(date.today()), "device": name, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"device: {name}")
-    print(f"{'N':>6}{'H':>6}  {'impl':<15}{'fwd ms':>9}{'bwd ms':>9}{'f+b ms':>9}{'peak MiB':>10}{'x floor':>9}")
+    print(f"{'N':>6}{'H':>6}  {'impl':<19}{'fwd ms':>9}{'bwd ms':>9}{'f+b ms':>9}{'peak MiB':>10}{'x floor':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['N']:>6}{r['H']:>6}  {r['impl']:<15}{r['error']}")
+            print(f"{r['N']:>6}{r['H']:>6}  {r['impl']:<19}{r['error']}")
             continue
-        print(f"{r['N']:>6}{r['H']:>6}  {r['impl']:<15}{r['fwd_ms']:>9.2f}{r['bwd_ms']:>9.2f}{r['fwd_bwd_ms']:>9.2f}"
+        print(f"{r['N']:>6}{r['H']:>6}  {r['impl']:<19}{r['fwd_ms']:>9.2f}{r['bwd_ms']:>9.2f}{r['fwd_bwd_ms']:>9.2f}"
               f"{r.get('peak_extra_mib', float('nan')):>10.1f}{r['vs_gemm_floor']:>9.2f}")
     print(f"wrote {args.out}")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lmmr1_kernels import grpo_loss
-from test_kernels import BACKENDS, make_inputs, reference_logprobs, rel_err
+from test_kernels import BACKENDS, make_inputs, reference_aggregate, reference_logprobs, rel_err
 
 LOSS_AGGS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 # (loss_type, importance_sampling_level, top_entropy_quantile)
@@ -35,13 +35,7 @@ def reference_objective(hidden, weight, targets, mask, adv, old, ref, beta, eps_
         threshold = torch.quantile(entropy[mask.bool()], 1 - quantile)
         pg = pg * ((entropy >= threshold) & mask.bool()).double()
     kl = torch.exp(ref.double() - logp) - (ref.double() - logp) - 1 if beta else torch.zeros_like(logp)
-    per_token = pg + beta * kl  # [B, T] (pg broadcast from [B, 1] at sequence level)
-    if loss_agg == "token_mean":
-        loss = (per_token * m).sum() / m.sum().clamp(min=1)
-    elif loss_agg == "seq_mean_token_mean":
-        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
-    else:
-        loss = (per_token * m).sum() / (m.shape[0] * m.shape[1])
+    loss = reference_aggregate(pg + beta * kl, m, loss_agg)  # pg broadcast from [B, 1] at sequence level
     n = m.sum()
     full = lambda x: x.expand_as(logp).double()  # noqa: E731
     metrics = {"kl": (kl * m).sum() / n, "ratio": (full(coef) * m).sum() / n, "entropy": (entropy * m).sum() / n,

@@ -6,6 +6,7 @@ Writes bench/out/kernels_cpu_memory.json and prints a table.
 
     python bench/kernels_cpu_memory.py                 # N=4096, H=1024, V=151936, fp32 (issue target)
     python bench/kernels_cpu_memory.py --n 512 --v 32000  # quick
+    python bench/kernels_cpu_memory.py --objectives    # also GSPO and the high-entropy-token loss
 """
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+# the GRPO family through the same kernels (GSPO rescales d logp / d hidden rows once the sequence is known)
+OBJECTIVES = {"lmmr1_kernels": {}, "lmmr1 gspo": {"importance_sampling_level": "sequence"},
+              "lmmr1 top-ent 0.2": {"top_entropy_quantile": 0.2}}
+
+
 def run_case(case: str, shape: tuple[int, int, int], head_grad: bool, chunk_bytes: int) -> dict:
     import torch
 
@@ -60,7 +66,7 @@ def run_case(case: str, shape: tuple[int, int, int], head_grad: bool, chunk_byte
         loss = -(ratio * advantages).mean()
     else:
         loss, _ = grpo_loss(hidden[None], weight, targets[None], mask, advantages, backend="torch",
-                            chunk_bytes=chunk_bytes or None)
+                            chunk_bytes=chunk_bytes or None, **OBJECTIVES[case])
     loss.backward()
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
@@ -74,6 +80,7 @@ def main() -> None:
     parser.add_argument("--v", type=int, default=151_936)
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "kernels_cpu_memory.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--objectives", action="store_true", help="also GSPO and the top-20 %% entropy tokens")
     parser.add_argument("--head-grad", action="store_true", help="also train the LM head (grad_weight in fp32)")
     parser.add_argument("--chunk-bytes", type=int, default=0,
                         help="bytes of one fp32 logits chunk (0: the kernels' default, 256 MiB; the config's "
@@ -85,7 +92,7 @@ def main() -> None:
 
     results = []
     for head_grad in (False, True):
-        for case in ("naive", "lmmr1_kernels"):
+        for case in ("naive", *(OBJECTIVES if args.objectives else ["lmmr1_kernels"])):
             cmd = [sys.executable, __file__, "--case", case, "--n", str(args.n), "--h", str(args.h), "--v", str(args.v),
                    "--chunk-bytes", str(args.chunk_bytes)]
             out = subprocess.run(cmd + (["--head-grad"] if head_grad else []), check=True, capture_output=True, text=True)
@@ -101,10 +108,10 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"N={args.n} H={args.h} V={args.v} fp32, chunk {report['chunk_bytes']}, forward+backward, peak extra "
           "resident memory")
-    print(f"{'LM head':<14}{'case':<16}{'extra MiB':>12}{'seconds':>10}{'vs naive':>10}")
+    print(f"{'LM head':<14}{'case':<19}{'extra MiB':>12}{'seconds':>10}{'vs naive':>10}")
     for r in results:
         naive = next(x for x in results if x["case"] == "naive" and x["head_grad"] == r["head_grad"])
-        print(f"{'trained' if r['head_grad'] else 'frozen':<14}{r['case']:<16}{r['extra_bytes'] / 2**20:>12.1f}"
+        print(f"{'trained' if r['head_grad'] else 'frozen':<14}{r['case']:<19}{r['extra_bytes'] / 2**20:>12.1f}"
               f"{r['seconds']:>10.2f}{r['extra_bytes'] / naive['extra_bytes']:>10.3f}")
     print(f"wrote {args.out}")
 

@@ -1,4 +1,5 @@
-"""Speed and peak memory of the GRPO loss from hidden states: naive torch, torch.compile, Liger, ours.
+"""Speed and peak memory of the GRPO loss from hidden states: naive torch, torch.compile, Liger, ours
+(the token-level loss, and CISPO, GSPO and the top-20 % entropy tokens through the same kernels).
 
 For each shape (N tokens, H hidden, V vocab; bf16) and each implementation, measures forward,
 backward and forward+backward time (`triton.testing.do_bench`, median) and the peak CUDA memory of
@@ -10,7 +11,8 @@ sys.path is taken by transformers and bitsandbytes for the Hugging Face `kernels
     python bench/loss_kernels.py                       # CUDA: Qwen2.5-VL-3B (H=2048) and 7B (H=3584), N=2K/8K/16K
     python bench/loss_kernels.py --smoke               # CPU: tiny shapes, perf_counter timing (checks the script runs)
     python bench/loss_kernels.py --shapes 8192x2048    # CUDA: chosen N x H (bench/gpu_check.py picks LMM-R1's)
-The report is rewritten after each shape, so a run stopped part-way keeps the shapes it finished.
+    python bench/loss_kernels.py --shape 1024 256 32000  # CPU: one shape, perf_counter timing, fp32
+The report is rewritten after each case, so a run stopped part-way keeps the cases it finished.
 """
 from __future__ import annotations
 
@@ -26,14 +28,6 @@ import torch
 from lmmr1_kernels import grpo_loss
 
 V_QWEN = 151_936
-
-# The objectives timed from the same inputs (issue 28, item 4): name -> fn(hidden [1, N, H], weight, targets [1, N],
-# mask [1, N], advantages [1], backend) -> scalar loss. The GRPO-family objectives join here, each timed beside
-# the token-level GRPO loss, when their Triton paths land; their correctness against the float64 reference is
-# tests/test_kernels.py's, which bench/gpu_check.py runs on the GPU. The first is reported as "lmmr1_kernels".
-OBJECTIVES = {
-    "token_level": lambda h, w, t, m, a, backend: grpo_loss(h, w, t, m, a, backend=backend)[0],
-}
 
 
 def naive_loss(hidden, weight, targets, advantages, beta=0.0):
@@ -54,10 +48,16 @@ def make_cases(device: str):
     except ImportError:
         pass
     backend = "triton" if device == "cuda" else "torch"
-    for i, (name, objective) in enumerate(OBJECTIVES.items()):
-        cases["lmmr1_kernels" if i == 0 else f"lmmr1_kernels:{name}"] = (
-            lambda h, w, t, a, m, objective=objective: objective(h[None], w, t[None], m, a, backend))
+    for name, objective in OBJECTIVES.items():  # the GRPO family: same kernels, other coefficients
+        cases[name] = lambda h, w, t, a, m, o=objective: grpo_loss(h[None], w, t[None], m, a, backend=backend, **o)[0]
     return cases
+
+
+# lmmr1_kernels' objectives, each timed beside the token-level loss from the same inputs (bench/gpu_check.py runs
+# them at LMM-R1's shapes; GSPO and the entropy quantile rescale d logp / d hidden rows after the pass); their
+# correctness against the float64 reference is tests/test_kernels.py's. name -> grpo_loss keyword arguments.
+OBJECTIVES = {"lmmr1_kernels": {}, "lmmr1 cispo": {"loss_type": "cispo"},
+              "lmmr1 gspo": {"importance_sampling_level": "sequence"}, "lmmr1 top-ent 0.2": {"top_entropy_quantile": 0.2}}
 
 
 def timer(device: str):
@@ -117,19 +117,25 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, to check the script runs")
     parser.add_argument("--shapes", default=None, metavar="NxH,...",
                         help="tokens x hidden sizes at Qwen's vocabulary (default: 3B and 7B at N = 2K/8K/16K)")
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("N", "H", "V"),
+                        help="one shape instead of the default grid; on CPU (no GPU, or with --smoke) timed with "
+                             "perf_counter, fp32")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "loss_kernels.json"))
     args = parser.parse_args()
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
-    if device == "cpu" and not args.smoke:
-        raise SystemExit("bench/loss_kernels.py needs CUDA (use --smoke on CPU; bench/kernels_cpu_memory.py measures CPU memory)")
-    if args.shapes:
+    if device == "cpu" and not (args.smoke or args.shape):
+        raise SystemExit("bench/loss_kernels.py needs CUDA (use --smoke or --shape on CPU; bench/kernels_cpu_memory.py "
+                         "measures CPU memory)")
+    if args.shape:
+        shapes = [tuple(args.shape)]
+    elif args.shapes:
         shapes = [(*map(int, shape.lower().split("x")), V_QWEN if not args.smoke else 1000)
                   for shape in args.shapes.split(",")]
     else:
         shapes = [(64, 32, 1000)] if args.smoke else [(n, h, V_QWEN) for h in (2048, 3584) for n in (2048, 8192, 16384)]
-    dtype = torch.float32 if args.smoke else torch.bfloat16
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     bench, cases = timer(device), make_cases(device)
-    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)" if args.smoke else "cpu"
     report = {"benchmark": "kernels", "date": str(date.today()), "device": device_name, "rows": []}
     rows = report["rows"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -150,12 +156,12 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
             print(json.dumps(row), flush=True)
     print(f"device: {device_name}")
-    print(f"{'N':>6}{'H':>6}  {'impl':<15}{'fwd ms':>9}{'bwd ms':>9}{'f+b ms':>9}{'peak MiB':>10}{'x floor':>9}")
+    print(f"{'N':>6}{'H':>6}  {'impl':<19}{'fwd ms':>9}{'bwd ms':>9}{'f+b ms':>9}{'peak MiB':>10}{'x floor':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['N']:>6}{r['H']:>6}  {r['impl']:<15}{r['error']}")
+            print(f"{r['N']:>6}{r['H']:>6}  {r['impl']:<19}{r['error']}")
             continue
-        print(f"{r['N']:>6}{r['H']:>6}  {r['impl']:<15}{r['fwd_ms']:>9.2f}{r['bwd_ms']:>9.2f}{r['fwd_bwd_ms']:>9.2f}"
+        print(f"{r['N']:>6}{r['H']:>6}  {r['impl']:<19}{r['fwd_ms']:>9.2f}{r['bwd_ms']:>9.2f}{r['fwd_bwd_ms']:>9.2f}"
               f"{r.get('peak_extra_mib', float('nan')):>10.1f}{r['vs_gemm_floor']:>9.2f}")
     print(f"wrote {args.out}")
 

@@ -127,7 +127,11 @@ class TrainConfig:
     # --- rewards -------------------------------------------------------------------------------
     rewards: dict = _f({"format": 0.5, "accuracy": 1.0},
                        "Reward name -> weight; the total reward is the weighted sum (LMM-R1: 0.5 format + 1 acc). "
-                       "Built in: format (LMM-R1 tags), format_boxed, accuracy, tags, sokoban.")
+                       "Built in: format (LMM-R1 tags), format_boxed, accuracy, tags, sokoban, soft_overlong "
+                       "(DAPO's length penalty, see soft_punish_cache; its weight is verl's penalty_factor).")
+    soft_punish_cache: int = _f(256, "The `soft_overlong` reward (DAPO, arXiv:2503.14476; TRL's "
+                                "get_soft_overlong_punishment, verl's overlong_buffer.len): L_cache, the last tokens "
+                                "before max_new_tokens over which the reward falls linearly from 0 to -1.")
     reward_workers: int = _f(0, "Answer-checking worker processes (math-verify, forked from one warm template); "
                              "0: the cores this process may use, at most 8.")
     reward_timeout: float = _f(0.8, "Seconds one answer check may take before its worker is killed (scores 0); "
@@ -146,6 +150,27 @@ class TrainConfig:
     loss_agg: str = _f("token_mean", "Loss aggregation: token_mean (DAPO), seq_mean_token_mean (GRPO), "
                        "seq_mean_token_sum_norm (Dr. GRPO).")
     scale_rewards: str = _f("group", "Advantage = (r - group mean) / group std ('group') or r - group mean ('none').")
+    loss_type: str = _f("grpo", "Policy-gradient objective (TRL's loss_type; the aggregation is loss_agg): 'grpo' "
+                        "(clipped ratio, PPO-style) or 'cispo' (MiniMax-M1, arXiv:2506.13585: the importance weight "
+                        "clipped at 1 + epsilon_high and detached, times the log-prob; every token keeps its "
+                        "gradient. TRL's epsilon_high is the bound itself: its 5.0 is our 4.0).")
+    importance_sampling_level: str = _f("token", "TRL's importance_sampling_level: 'token' (one ratio per token) or "
+                                        "'sequence' (GSPO, arXiv:2507.18071: one ratio per completion, "
+                                        "exp(mean_t(logp - old)), clipped per sequence).")
+    top_entropy_quantile: float = _f(1.0, "TRL's top_entropy_quantile (arXiv:2506.01939, 'Beyond the 80/20 rule'): "
+                                     "only the top q of completion tokens by entropy carry the policy-gradient term "
+                                     "(the KL term stays on every token); the quantile is taken within each "
+                                     "micro-batch, as TRL takes it within each per-device batch. 1.0: all tokens; "
+                                     "the paper uses 0.2.")
+    mask_truncated_completions: bool = _f(False, "DAPO's overlong filtering (TRL's mask_truncated_completions): "
+                                          "completions that hit max_new_tokens without a stop carry no loss (they "
+                                          "still count in their group's advantages).")
+    filter_groups: bool = _f(False, "DAPO's dynamic sampling (verl's filter_groups, EasyR1's online_filtering): drop "
+                             "groups whose rewards are all equal (no signal) and generate for more prompts until "
+                             "prompts_per_step groups remain, at most max_num_gen_batches generation rounds a step; "
+                             "a step still short then trains on its kept groups topped up with dropped ones.")
+    max_num_gen_batches: int = _f(4, "filter_groups: generation rounds (prompts_per_step prompts each) a step may draw "
+                                  "before it trains on what it has (verl's max_num_gen_batches; here always bounded).")
     num_iterations: int = _f(1, "Updates per rollout batch; > 1 computes old log-probs for the ratio.")
     micro_batch_size: int = _f(4, "Sequences per forward/backward in the log-prob and training passes "
                                "(halved automatically on CUDA out-of-memory).")
@@ -193,6 +218,15 @@ class TrainConfig:
              f"loss_agg must be token_mean, seq_mean_token_mean or seq_mean_token_sum_norm, got {self.loss_agg!r}"),
             (self.scale_rewards in ("group", "none"), f"scale_rewards must be 'group' or 'none', got {self.scale_rewards!r}"),
             (self.num_iterations >= 1, "num_iterations must be >= 1"),
+            (self.loss_type in ("grpo", "cispo"), f"loss_type must be 'grpo' or 'cispo', got {self.loss_type!r}"),
+            (self.importance_sampling_level in ("token", "sequence"),
+             f"importance_sampling_level must be 'token' or 'sequence', got {self.importance_sampling_level!r}"),
+            (0.0 <= self.top_entropy_quantile <= 1.0, "top_entropy_quantile must be in [0, 1] (1.0: every token)"),
+            (self.max_num_gen_batches >= 1, "max_num_gen_batches must be >= 1 (the bound on a step's generation rounds)"),
+            (self.soft_punish_cache >= 1, "soft_punish_cache must be >= 1 token"),
+            ("soft_overlong" not in self.rewards or self.soft_punish_cache <= self.max_new_tokens,
+             f"soft_punish_cache ({self.soft_punish_cache}) must not exceed max_new_tokens ({self.max_new_tokens}) "
+             "with the soft_overlong reward: lower soft_punish_cache or raise max_new_tokens"),
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
             (self.generation_batch_size >= 0, "generation_batch_size must be >= 0"),
             (self.keep_last >= 0, "keep_last must be >= 0"),

@@ -1,6 +1,6 @@
 """Rule-based rewards. A reward sees a batch and the examples it scores, as TRL's reward functions see
 the dataset's columns: `fn(completions: list[str], examples: list[Example]) -> list[float]` (one
-example per completion: its prompt, gold answer, images and `meta`, e.g. a Sokoban level). The total
+example per completion, and by keyword any step columns it registered, e.g. `completion_lengths`: its prompt, gold answer, images and `meta`, e.g. a Sokoban level). The total
 reward of a completion is the config's weighted sum of named rewards.
 
 A model's output is hostile input: nothing from a completion is ever evaluated as code, and
@@ -16,15 +16,19 @@ from . import verifier
 from .answers import extract_answer, last_boxed  # noqa: F401  (re-exported: the rewards' reading of an answer)
 from .config import ConfigError
 
-RewardFn = Callable[[list, list], list]  # (completions: list[str], examples: list[Example]) -> list[float]
+RewardFn = Callable[..., list]  # (completions: list[str], examples: list[Example], **columns) -> list[float]
 REWARDS: dict[str, RewardFn] = {}
+REWARD_COLUMNS: dict[str, tuple[str, ...]] = {}  # reward name -> the keyword columns `score` must pass it
 TASK_REWARDS = ("accuracy", "sokoban")  # rewards that say whether the task was solved (eval's "accuracy")
 
 
-def reward(name: str):
-    """Register a batched reward under `name`, so a config can weight it: `rewards: {name: 0.5}`."""
+def reward(name: str, columns: tuple[str, ...] = ()):
+    """Register a batched reward under `name`, so a config can weight it: `rewards: {name: 0.5}`. `columns`
+    names what else it reads besides the texts and examples (e.g. `completion_lengths`), passed by keyword
+    as TRL passes a reward function its extra columns."""
     def register(fn: RewardFn) -> RewardFn:
         REWARDS[name] = fn
+        REWARD_COLUMNS[name] = tuple(columns)
         return fn
     return register
 
@@ -132,10 +136,22 @@ def _each(fn) -> RewardFn:
     return lambda completions, examples: [fn(c) for c in completions]
 
 
+def soft_overlong_punishment(completion_lengths: list[int], max_completion_len: int,
+                             soft_punish_cache: int) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv:2503.14476, eq. 13), TRL's
+    `get_soft_overlong_punishment`: 0 up to `max_completion_len - soft_punish_cache` tokens, then
+    linear down to -1 at `max_completion_len`, -1 beyond it. Lengths count the stop token."""
+    start = max_completion_len - soft_punish_cache
+    return [0.0 if n <= start else -1.0 if n > max_completion_len else (start - n) / soft_punish_cache
+            for n in completion_lengths]
+
+
 reward("format")(_each(format_reward))
 reward("format_boxed")(_each(boxed_format_reward))
 reward("tags")(_each(tag_reward))
 reward("accuracy")(lambda completions, examples: accuracy_batch(completions, [e.answer for e in examples]))
+reward("soft_overlong", columns=("completion_lengths", "max_completion_len", "soft_punish_cache"))(
+    lambda completions, examples, **columns: soft_overlong_punishment(**columns))
 
 
 def check_names(names) -> None:
@@ -145,22 +161,24 @@ def check_names(names) -> None:
 
 
 def score(completions: list[str], examples: list, weights: dict[str, float],
-          report: tuple[str, ...] = ("format", "accuracy")) -> tuple[list[float], dict, dict]:
+          report: tuple[str, ...] = ("format", "accuracy"), **columns) -> tuple[list[float], dict, dict]:
     """Total reward per completion, each component's values, and this call's verifier counts:
     `(totals, {name: [values]}, {"reward_timeouts": n, "reward_errors": n, "reward_rejected": n})`.
     `examples[i]` is the example completion i answers.
 
     The rewards named in `report` are computed for the metrics even when not weighted. A reward that
     raises (a user's, on odd output) pays 0 for the batch and is counted as errors; so does one that
-    returns the wrong number of values."""
+    returns the wrong number of values. `columns` holds what rewards registered with `columns` read
+    (the training step passes `completion_lengths`, `max_completion_len` and `soft_punish_cache`)."""
     names = list(weights) + [name for name in report if name not in weights]
     check_names(names)
     stats = verifier.pool().stats
     before = (stats.timeouts, stats.errors, stats.rejected)
     components, raised = {}, 0
     for name in names:
+        wanted = {key: columns[key] for key in REWARD_COLUMNS.get(name, ())}  # a missing column: a bug, raised
         try:
-            values = [float(v) for v in REWARDS[name](completions, examples)]
+            values = [float(v) for v in REWARDS[name](completions, examples, **wanted)]
             if len(values) != len(completions):
                 raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
         except Exception:  # noqa: BLE001 - a reward that raises pays 0, counted

@@ -68,6 +68,21 @@ class ScoredRollout:
     ref_logp: torch.Tensor | None  # [N, C] adapter-disabled log-probs (None when beta = 0)
     old_logp: torch.Tensor | None  # [N, C] (None when num_iterations = 1)
 
+    def groups(self, group_size: int) -> list["ScoredRollout"]:
+        """One ScoredRollout per prompt (its `group_size` rows), before the log-prob passes."""
+        return [ScoredRollout(self.batch.rows(rows), self.examples[rows], self.rewards[rows],
+                              {name: values[rows] for name, values in self.parts.items()}, {},
+                              self.advantages[rows], None, None)
+                for rows in (slice(i, i + group_size) for i in range(0, len(self.examples), group_size))]
+
+    @staticmethod
+    def concat(parts: list["ScoredRollout"], counts: dict, pad_id: int) -> "ScoredRollout":
+        """Rows of several ScoredRollouts (their log-probs not yet computed) as one, with `counts`."""
+        return ScoredRollout(Rollout.concat([p.batch for p in parts], pad_id), [e for p in parts for e in p.examples],
+                             torch.cat([p.rewards for p in parts]),
+                             {name: [v for p in parts for v in p.parts[name]] for name in parts[0].parts}, counts,
+                             torch.cat([p.advantages for p in parts]), None, None)
+
 
 def group_advantages(rewards_: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
     """`rewards [B*G]` -> advantages `[B*G]`, normalised within each consecutive group of G."""
@@ -141,21 +156,68 @@ def policy_logprobs(ctx: StepContext, batch: Rollout) -> torch.Tensor:
     return logp
 
 
-def score_rollouts(ctx: StepContext, batch: Rollout, examples: list[Example]) -> ScoredRollout:
-    """Rewards, group advantages, and the reference (beta > 0) and old (num_iterations > 1) log-probs."""
+def reward_rollouts(ctx: StepContext, batch: Rollout, examples: list[Example]) -> ScoredRollout:
+    """Rewards and group advantages of a rollout (its log-probs not yet computed)."""
     cfg = ctx.cfg
     per_row = [e for e in examples for _ in range(cfg.num_generations)]
-    totals, parts, counts = rewards.score(batch.texts, per_row, cfg.rewards)
+    totals, parts, counts = rewards.score(
+        batch.texts, per_row, cfg.rewards, completion_lengths=batch.completion_mask.sum(1).tolist(),
+        max_completion_len=cfg.max_new_tokens, soft_punish_cache=cfg.soft_punish_cache)
     reward_t = torch.tensor(totals, dtype=torch.float32)
-    device = batch.completion_ids.device
-    advantages = group_advantages(reward_t, cfg.num_generations, cfg.scale_rewards).to(device)
+    advantages = group_advantages(reward_t, cfg.num_generations, cfg.scale_rewards).to(batch.completion_ids.device)
+    return ScoredRollout(batch, per_row, reward_t, parts, counts, advantages, None, None)
+
+
+def add_logprobs(ctx: StepContext, scored: ScoredRollout) -> ScoredRollout:
+    """The reference (beta > 0) and old (num_iterations > 1) log-probs of a rewarded rollout."""
     ctx.policy.eval()
-    ref_logp = None
-    if cfg.beta > 0:
+    if ctx.cfg.beta > 0:
         with ctx.policy.disable_adapter():
-            ref_logp = policy_logprobs(ctx, batch)
-    old_logp = policy_logprobs(ctx, batch) if cfg.num_iterations > 1 else None
-    return ScoredRollout(batch, per_row, reward_t, parts, counts, advantages, ref_logp, old_logp)
+            scored.ref_logp = policy_logprobs(ctx, scored.batch)
+    scored.old_logp = policy_logprobs(ctx, scored.batch) if ctx.cfg.num_iterations > 1 else None
+    return scored
+
+
+def score_rollouts(ctx: StepContext, batch: Rollout, examples: list[Example]) -> ScoredRollout:
+    """Rewards, group advantages, and the reference (beta > 0) and old (num_iterations > 1) log-probs."""
+    return add_logprobs(ctx, reward_rollouts(ctx, batch, examples))
+
+
+def filtered_rollouts(ctx: StepContext, examples: list[Example], draw=None) -> tuple[ScoredRollout, dict]:
+    """DAPO's dynamic sampling (verl's filter_groups): generate and reward, keep the groups whose rewards are not
+    all equal, and draw `draw()` more prompts until `len(examples)` groups are kept, at most
+    `max_num_gen_batches` rounds (`draw` None: one round). A step still short after the bound trains on its
+    kept groups topped up with dropped ones (advantage 0), so it always ends, with a full batch.
+    Returns the rewarded rollout and the counts: groups dropped, prompts drawn, rounds, groups short."""
+    cfg, wanted = ctx.cfg, len(examples)
+    kept, dropped, drawn, rounds = [], [], 0, 0
+    while True:
+        rounds, drawn = rounds + 1, drawn + len(examples)
+        scored = reward_rollouts(ctx, generate_rollouts(ctx, examples), examples)
+        counts = scored.counts if rounds == 1 else {k: counts[k] + v for k, v in scored.counts.items()}
+        for group in scored.groups(cfg.num_generations):
+            (kept if bool(group.rewards.max() > group.rewards.min()) else dropped).append(group)
+        if len(kept) >= wanted or rounds >= cfg.max_num_gen_batches or draw is None:
+            break
+        examples = draw()
+    short = max(0, wanted - len(kept))
+    batch = ScoredRollout.concat(kept[:wanted] + dropped[:short], counts, ctx.tokenizer.pad_token_id)
+    return batch, {"dynamic_sampling/groups_dropped": len(dropped), "dynamic_sampling/prompts_drawn": drawn,
+                   "dynamic_sampling/groups_short": short, "num_gen_batches": rounds}
+
+
+def truncated(cfg: TrainConfig, batch: Rollout) -> torch.Tensor:
+    """`[N]` bool: the completions that hit max_new_tokens without a stop (TRL's "clipped")."""
+    return batch.clipped if batch.clipped is not None else batch.completion_mask.sum(1) >= cfg.max_new_tokens
+
+
+def loss_mask(cfg: TrainConfig, batch: Rollout) -> torch.Tensor:
+    """`[N, C]` the completion tokens that carry loss: the completion mask, less every token of a truncated
+    completion under `mask_truncated_completions` (DAPO's overlong filtering)."""
+    mask = batch.completion_mask
+    if cfg.mask_truncated_completions:
+        mask = mask * (~truncated(cfg, batch)).to(mask.dtype)[:, None]
+    return mask
 
 
 def batch_totals(ctx: StepContext, mask: torch.Tensor) -> dict | None:
@@ -192,7 +254,7 @@ def _loss_sums(ctx: StepContext, scored: ScoredRollout, micro_batch_size: int, t
     the ranks of the gradients and of these sums are the whole batch's."""
     cfg, batch = ctx.cfg, scored.batch
     weight = models.lm_head_weight(ctx.policy)
-    mask = batch.completion_mask
+    mask = loss_mask(cfg, batch)  # [N, C]
     weights_all = global_token_weights(mask, cfg.loss_agg, totals)  # over the whole batch, not per micro-batch
     total_tokens = mask.sum().clamp(min=1) if totals is None else max(totals["tokens"], 1.0)
     keys = ("kl", "clip_low", "clip_high", "ratio", "entropy")
@@ -202,13 +264,15 @@ def _loss_sums(ctx: StepContext, scored: ScoredRollout, micro_batch_size: int, t
         rows = slice(start, start + size)
         micro = batch.rows(rows)
         loss, metrics = grpo_loss(
-            models.completion_hidden(ctx.policy, micro, cfg.share_prompt), weight, micro.completion_ids, micro.completion_mask,
+            models.completion_hidden(ctx.policy, micro, cfg.share_prompt), weight, micro.completion_ids, mask[rows],
             scored.advantages[rows], None if scored.old_logp is None else scored.old_logp[rows],
             None if scored.ref_logp is None else scored.ref_logp[rows], beta=cfg.beta,
             epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, temperature=cfg.temperature,
-            token_weight=weights_all[rows], backend=cfg.logprob_backend, chunk_bytes=cfg.logprob_chunk_bytes or None)
+            loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
+            top_entropy_quantile=cfg.top_entropy_quantile, token_weight=weights_all[rows],
+            backend=cfg.logprob_backend, chunk_bytes=cfg.logprob_chunk_bytes or None)
         loss.backward()
-        share = micro.completion_mask.sum() / total_tokens
+        share = mask[rows].sum() / total_tokens
         sums["loss"] += loss.detach()
         for key in keys:
             sums[key] += metrics[key].detach() * share
@@ -222,7 +286,7 @@ def compute_gradients(ctx: StepContext, scored: ScoredRollout) -> dict:
     policy = ctx.policy
     lora_params = [p for p in policy.parameters() if p.requires_grad]
     policy.train()  # train mode: gradient checkpointing on (when configured)
-    totals = batch_totals(ctx, scored.batch.completion_mask)  # before the back-off: a collective runs once
+    totals = batch_totals(ctx, loss_mask(ctx.cfg, scored.batch))  # before the back-off: a collective runs once
 
     def run(size: int) -> dict:
         for p in lora_params:
@@ -262,7 +326,7 @@ def rollout_metrics(scored: ScoredRollout, cfg: TrainConfig) -> dict:
     group_std = grouped.std(dim=1)
     batch = scored.batch
     lengths = batch.completion_mask.sum(1).float()
-    clipped = batch.clipped if batch.clipped is not None else lengths >= cfg.max_new_tokens
+    clipped = truncated(cfg, batch)
     row = {"reward": float(scored.rewards.mean()), "reward_std": float(group_std.mean()),
            "frac_reward_zero_std": float((group_std < 1e-6).float().mean())}
     for name, values in scored.parts.items():
@@ -280,12 +344,14 @@ TIMING_METRICS = ("step_seconds", "generate_seconds", "score_seconds", "update_s
 # How `merge_rows` combines one step's metrics over the ranks. Already global (computed after the gradient
 # all-reduce, equal on every rank): taken from rank 0. Counts: summed. Per-group statistics: weighted by the
 # groups of each rank; everything else numeric (rewards, lengths, rates over completions): by completions.
-ALREADY_GLOBAL = ("loss", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio",
+ALREADY_GLOBAL = ("loss", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                  "cispo_clip_ratio", "ratio",
                   "entropy", "grad_norm", "skipped", "lr")
-SUMMED = ("reward_timeouts", "reward_errors", "reward_rejected")
+SUMMED = ("reward_timeouts", "reward_errors", "reward_rejected", "dynamic_sampling/groups_dropped",
+          "dynamic_sampling/prompts_drawn", "dynamic_sampling/groups_short")
 PER_GROUP = ("reward_std", "frac_reward_zero_std")
 SMALLEST = ("completions/min_length", "micro_batch_size")
-LARGEST = ("completions/max_length", "step_seconds", "generate_seconds", "score_seconds", "update_seconds")
+LARGEST = ("num_gen_batches", "completions/max_length", "step_seconds", "generate_seconds", "score_seconds", "update_seconds")
 
 
 def merge_rows(parts: list[tuple[dict, dict]]) -> dict:
@@ -319,14 +385,22 @@ def clock() -> float:
     return time.perf_counter()
 
 
-def grpo_step(ctx: StepContext, examples: list[Example]) -> tuple[dict, ScoredRollout]:
+def grpo_step(ctx: StepContext, examples: list[Example], draw=None) -> tuple[dict, ScoredRollout]:
     """Generate, score, and `num_iterations` updates for one step's examples; returns (metrics, scored).
     Under torchrun `examples` are this rank's share, `scored` is this rank's, and the metrics are the
-    whole step's (merged over the ranks; every rank gets them)."""
+    whole step's (merged over the ranks; every rank gets them). With `filter_groups`, `draw()` gives
+    more prompts (as many again) for dynamic sampling; generation then includes the rewards' time."""
     start = clock()
-    batch = generate_rollouts(ctx, examples)
-    generated = clock()
-    scored = score_rollouts(ctx, batch, examples)
+    sampling = {}
+    if ctx.cfg.filter_groups:
+        rewarded, sampling = filtered_rollouts(ctx, examples, draw)
+        generated = clock()
+    else:
+        batch = generate_rollouts(ctx, examples)
+        generated = clock()
+        rewarded = reward_rollouts(ctx, batch, examples)
+    scored = add_logprobs(ctx, rewarded)
+    batch = scored.batch
     scored_at = clock()
     any_skipped, sums = False, {}
     for _ in range(ctx.cfg.num_iterations):
@@ -336,8 +410,13 @@ def grpo_step(ctx: StepContext, examples: list[Example]) -> tuple[dict, ScoredRo
     seconds = end - start
     lengths = batch.completion_mask.sum(1).float()
     row = rollout_metrics(scored, ctx.cfg)
-    row.update({"loss": sums["loss"], "kl": sums["kl"], "clip_ratio/low_mean": sums["clip_low"],
-                "clip_ratio/high_mean": sums["clip_high"], "clip_ratio/region_mean": sums["clip_low"] + sums["clip_high"],
+    row.update(sampling)
+    if ctx.cfg.loss_type == "cispo":  # TRL's name: the fraction of tokens whose weight was clipped, A > 0
+        row["cispo_clip_ratio"] = sums["clip_high"]
+    else:
+        row.update({"clip_ratio/low_mean": sums["clip_low"], "clip_ratio/high_mean": sums["clip_high"],
+                    "clip_ratio/region_mean": sums["clip_low"] + sums["clip_high"]})
+    row.update({"loss": sums["loss"], "kl": sums["kl"],
                 "ratio": sums["ratio"], "entropy": sums["entropy"], "grad_norm": sums["grad_norm"],
                 "skipped": any_skipped, "lr": ctx.scheduler.get_last_lr()[0],
                 "micro_batch_size": ctx.micro_batch_size, "step_seconds": seconds,

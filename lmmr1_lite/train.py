@@ -14,7 +14,11 @@ Each step:
     clipped-ratio loss with the k3 KL term, aggregated over the whole batch by `loss_agg`
     (token_mean by default) across micro-batches (capped by a token budget), with gradient-norm
     clipping and a warm-up + cosine (or linear/constant) schedule; a non-finite loss or gradient
-    skips the update.
+    skips the update. Options, off by default: CISPO (`loss_type`), GSPO's sequence ratio
+    (`importance_sampling_level`), high-entropy tokens only (`top_entropy_quantile`), DAPO's overlong
+    filtering (`mask_truncated_completions`), soft overlong punishment (the `soft_overlong` reward) and
+    dynamic sampling (`filter_groups`: groups of equal rewards are dropped and more prompts drawn,
+    at most `max_num_gen_batches` rounds).
 Log-probs always come from `lmmr1_kernels` (chunked over tokens; never `[tokens, vocab]` logits).
 A random-init base (the tiny defaults) may first get an instruct prior (`instruct_prior_steps`, tiny.py):
 RL starts from a model that answers in form, at chance, as LMM-R1 starts from an Instruct model.
@@ -159,6 +163,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         error = run = init_adapter = None
         try:
             rewards.check_names(cfg.rewards)
+            if dist is not None and cfg.filter_groups:
+                raise ConfigError("filter_groups (dynamic sampling) runs in one process only for now: the ranks "
+                                  "would have to agree on every draw; launch without torchrun or drop filter_groups")
             init_adapter, cfg = (None, cfg) if resume else resolve_init(cfg)
             cfg = with_absolute_paths(replace(cfg, output_dir=output_dir))
             hub.check_model_source(cfg.model, cfg.tokenizer)  # offline with a Hub id: one line now, not retries later
@@ -246,6 +253,10 @@ def _train(cfg: TrainConfig, run, init_adapter: Path | None, dist: Distributed |
     distributed.start_verifier_pool(cfg, dist)  # the answer-checking workers now, not inside step 1
     log = MetricsLog(run_dir, cfg.report_to, cfg.to_dict()) if main else None
     sampler = random.Random(cfg.seed)  # which prompts each step sees (the same on every rank)
+
+    def draw() -> list:
+        """One step's prompts (dynamic sampling draws again)."""
+        return [sampler.choice(train_rows) for _ in range(cfg.prompts_per_step)]
     distributed.print_main(
         dist, f"lmmr1-lite: stage {cfg.stage}, model {cfg.model}{' (random init)' if cfg.random_init else ''}, "
         f"{sum(p.numel() for p in lora_params):,} LoRA parameters, device {device}, run dir {run_dir}"
@@ -288,8 +299,8 @@ def _train(cfg: TrainConfig, run, init_adapter: Path | None, dist: Distributed |
                initial=first_step - 1, total=cfg.max_steps, disable=not main)
     with StopFlag(announce=main) as stop:
         for step in bar:
-            examples = [sampler.choice(train_rows) for _ in range(cfg.prompts_per_step)]
-            metrics, scored = grpo_step(ctx, examples if dist is None else dist.shard(examples))
+            examples = draw()
+            metrics, scored = grpo_step(ctx, examples if dist is None else dist.shard(examples), draw)
             skipped_steps += metrics["skipped"]
             consecutive_skips = consecutive_skips + 1 if metrics["skipped"] else 0
             if main:

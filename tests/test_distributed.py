@@ -25,6 +25,10 @@ TIMING = set(TIMING_METRICS)
 SMALL = ["--eval-size", "4", "--prompts-per-step", "4", "--num-generations", "4", "--set", "beta=0.02",
          "--log-completions-every", "2"]
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+# (loss_agg, importance_sampling_level): every aggregation, and GSPO. GSPO's sequence ratio sums over one
+# completion's tokens, and a rank holds whole completions (rows), so each rank's sums are the one-process
+# sums; the aggregation weights use the whole batch's counts, so the ranks' gradients add up exactly.
+CASES = [(agg, "token") for agg in LOSS_AGGS] + [("seq_mean_token_mean", "sequence")]
 linux_only = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds ranks through /proc")
 
 
@@ -166,12 +170,14 @@ batch = Rollout(data["prompt_ids"][rows, start:], prompt_mask[:, start:], data["
                 mask[:, :length], [""] * 4, [None] * 4)
 dist = distributed.init(cfg)
 out = {}
-for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
-    ctx = StepContext(policy, None, replace(cfg, loss_agg=agg), dist=dist)
+for agg, level in [(a, "token") for a in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")] \
+        + [("seq_mean_token_mean", "sequence")]:
+    ctx = StepContext(policy, None, replace(cfg, loss_agg=agg, importance_sampling_level=level), dist=dist)
+    old = data["old_logp"][rows, :length] if level == "sequence" else None
     scored = ScoredRollout(batch, [None] * 4, torch.zeros(4), {}, {}, data["advantages"][rows], data["ref_logp"][rows, :length],
-                           None)
+                           old)
     sums = compute_gradients(ctx, scored)
-    out[agg] = {"grads": {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad},
+    out[agg + "/" + level] = {"grads": {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad},
                 "loss": sums["loss"].clone(), "kl": sums["kl"].clone(), "tokens": int(mask.sum()), "length": length}
 torch.save(out, sys.argv[2])
 """
@@ -179,7 +185,7 @@ torch.save(out, sys.argv[2])
 
 def test_two_rank_gradient_equals_one_process_gradient(tmp_path, tiny_policy):
     from lmmr1_lite.rollout import Rollout
-    from lmmr1_lite.step import ScoredRollout, StepContext, compute_gradients
+    from lmmr1_lite.step import ScoredRollout, StepContext, compute_gradients, policy_logprobs
 
     policy, tokenizer, cfg = tiny_policy
     cfg = replace(cfg, micro_batch_size=2, max_tokens_per_micro_batch=0, beta=0.05)
@@ -198,6 +204,11 @@ def test_two_rank_gradient_equals_one_process_gradient(tmp_path, tiny_policy):
         "state": {k: v.clone() for k, v in policy.state_dict().items()},
     }
     data["prompt_ids"] = data["prompt_ids"] * data["prompt_mask"] + tokenizer.pad_token_id * (1 - data["prompt_mask"])
+    whole = Rollout(data["prompt_ids"], data["prompt_mask"], data["completion_ids"], data["completion_mask"],
+                    [""] * n, [None] * n)
+    # GSPO off-policy (num_iterations 2): old log-probs near the policy's, so that some sequences clip
+    data["old_logp"] = policy_logprobs(StepContext(policy, tokenizer, cfg), whole) \
+        + 0.3 * torch.randn(n, completion, generator=gen)
     torch.save(data, tmp_path / "batch.pt")
     port, env = free_port(), dict(os.environ, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     procs = [subprocess.Popen([sys.executable, "-c", GRADIENT_WORKER, str(tmp_path / "batch.pt"),
@@ -208,11 +219,12 @@ def test_two_rank_gradient_equals_one_process_gradient(tmp_path, tiny_policy):
         batch = Rollout(data["prompt_ids"], data["prompt_mask"], data["completion_ids"], data["completion_mask"],
                         [""] * n, [None] * n)
         expected = {}
-        for agg in LOSS_AGGS:  # the one-process gradient of the whole batch
-            ctx = StepContext(policy, tokenizer, replace(cfg, loss_agg=agg))
+        for agg, level in CASES:  # the one-process gradient of the whole batch
+            ctx = StepContext(policy, tokenizer, replace(cfg, loss_agg=agg, importance_sampling_level=level))
             sums = compute_gradients(ctx, ScoredRollout(batch, [None] * n, torch.zeros(n), {}, {}, data["advantages"],
-                                                        data["ref_logp"], None))
-            expected[agg] = {"grads": {name: p.grad.clone() for name, p in policy.named_parameters()
+                                                        data["ref_logp"], data["old_logp"] if level == "sequence"
+                                                        else None))
+            expected[agg + "/" + level] = {"grads": {name: p.grad.clone() for name, p in policy.named_parameters()
                                        if p.requires_grad}, "loss": sums["loss"], "kl": sums["kl"]}
         for proc in procs:
             out, _ = proc.communicate(timeout=240)
@@ -222,9 +234,12 @@ def test_two_rank_gradient_equals_one_process_gradient(tmp_path, tiny_policy):
             if proc.poll() is None:
                 proc.kill()
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
-    assert (ranks[0]["token_mean"]["tokens"], ranks[1]["token_mean"]["tokens"]) == (14, 23)
-    assert (ranks[0]["token_mean"]["length"], ranks[1]["token_mean"]["length"]) == (5, 9)
-    for agg in LOSS_AGGS:
+    assert (ranks[0]["token_mean/token"]["tokens"], ranks[1]["token_mean/token"]["tokens"]) == (14, 23)
+    assert (ranks[0]["token_mean/token"]["length"], ranks[1]["token_mean/token"]["length"]) == (5, 9)
+    gspo, grpo = (torch.cat([g.reshape(-1) for g in expected[f"seq_mean_token_mean/{level}"]["grads"].values()])
+                  for level in ("sequence", "token"))
+    assert float((gspo - grpo).norm() / grpo.norm()) > 1e-3, "off-policy, GSPO's gradient is not GRPO's"
+    for agg in expected:
         one = expected[agg]
         flat = torch.cat([g.reshape(-1) for g in one["grads"].values()])
         assert flat.norm() > 0

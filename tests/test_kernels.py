@@ -51,19 +51,22 @@ def reference_grpo(hidden, weight, targets, mask, adv, old, ref, beta, eps_low, 
         kl = torch.exp(ref.double() - logp) - (ref.double() - logp) - 1
     else:
         kl = torch.zeros_like(logp)
-    per_token = pg + beta * kl
     m = mask.double()
-    if loss_agg == "token_mean":
-        loss = (per_token * m).sum() / m.sum().clamp(min=1)
-    elif loss_agg == "seq_mean_token_mean":
-        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
-    else:
-        loss = (per_token * m).sum() / (m.shape[0] * m.shape[1])
+    loss = reference_aggregate(pg + beta * kl, m, loss_agg)
     n = m.sum()
     metrics = {"kl": (kl * m).sum() / n, "ratio": (ratio * m).sum() / n, "entropy": (entropy * m).sum() / n,
                "clip_low": (((a < 0) & (ratio < 1 - eps_low)).double() * m).sum() / n,
                "clip_high": (((a > 0) & (ratio > 1 + eps_high)).double() * m).sum() / n}
     return loss, metrics
+
+
+def reference_aggregate(per_token, m, loss_agg):
+    """The batch loss from per-token losses `[B, T]` and the float mask, by `loss_agg`."""
+    if loss_agg == "token_mean":
+        return (per_token * m).sum() / m.sum().clamp(min=1)
+    if loss_agg == "seq_mean_token_mean":
+        return ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    return (per_token * m).sum() / (m.shape[0] * m.shape[1])
 
 
 def make_inputs(B, T, H, V, dtype, seed=0, weight_grad=True):

@@ -4,10 +4,14 @@ Order (first that yields text wins):
 1. the last `<answer>...</answer>` block (lmmr1 mode); a `\\boxed{}` inside it wins over the rest of it, then
    an answer phrase inside it ("<answer>The answer is B</answer>");
 2. the last `\\boxed{...}` anywhere (cot mode, and lmmr1 completions that lost their tags);
-3. the text after the last "answer is" / "answer:" / "answer should be" ("the answer is 5.",
-   "Final answer: 5", "final answer is: B", GPQA's "Answer: B"), up to the end of that sentence;
-4. for multiple-choice rows only, an option letter ending the completion ("... so D.", "(B)"), leading
-   its last line ("B. 2") or forming its first line.
+3. the text after the last answer phrase ("the answer is 5.", "Final answer: 5", "final answer is: B",
+   GPQA's "Answer: B", "the correct option is (B) 8/11"), up to the end of that sentence;
+4. for multiple-choice rows only, an option letter leading the last line ("B. 2", "(C) Solution A"),
+   ending the completion ("... so D.", "(B)") or forming its first line ("B", "a"); a last sentence that
+   names several letters ("either B or D") names none;
+5. the concluding value: the last `$...$` formula, else the last number, of the completion's last
+   sentence ("So she pays 56 dollars in total.", a bare "56" on the last line), as LightEval's expression
+   extraction and lm-evaluation-harness's flexible-extract read prose (the last number of the text).
 
 A completion is hostile input: every step is `str.rfind`/`str.find` plus scans bounded by a constant,
 never a regex over the whole text, so '<answer>' * 50000 or a million untagged characters return at once.
@@ -23,18 +27,21 @@ from ..verifier import MAX_ANSWER_CHARS
 # is", "the answer is", "the correct answer is", "the answer should be" (mathllm/MATH-V evaluation/evaluate.py);
 # OlympiadBench reads after "So the final answer is" (OpenBMB/OlympiadBench inference/judge.py); simple-evals'
 # GPQA template asks for "Answer: $LETTER" (ForJadeForest/lmm-r1-eval evaluate_text.py).
-PHRASES = ("answer is", "answer:", "answer should be")
+PHRASES = ("answer is", "answer:", "answer should be", "answer would be", "answer must be", "correct option is",
+           "correct choice is", "best option is", "best choice is")
 TAIL_CHARS = 300  # how far before the end a closing option letter is looked for
 _LETTER_TAIL = re.compile(r"(?:^|[\s(*])\(?([A-J])\)?[\s.*)]*$")     # "... so D." / "(B)"
 _LETTER_LEAD = re.compile(r"\(?([A-J])(?:\)|\.|:)(?:\s|$)")             # a last line "B. 2" / "(B) 2"
-_LETTER_FIRST = re.compile(r"\(?([A-J])\)?\.?[ \t]*(?:\n|$)")            # a first line "B" (MATH-V's startswith)
+_LETTER_FIRST = re.compile(r"\(?([A-Ja-j])\)?\.?[ \t]*(?:\n|$)")      # a first line "B" or "a" (MATH-V's startswith)
+# a number: sign, digits with thousands separators, decimals, or a fraction a/b
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?")
 
 
 def clean(answer: str) -> str:
     """Trim what wraps an answer but is not part of it: spaces, `$`, markdown `**`, quotes, a final full stop."""
     text = answer.strip()
-    for _ in range(3):  # wrappers nest at most a few levels ("**$5$**.")
-        text = text.strip().strip("*").strip().rstrip(".").strip().strip("$").strip().strip("\"'`")
+    for _ in range(3):  # wrappers nest at most a few levels ("**$5$**.", "\\$34")
+        text = text.strip().strip("*").strip().rstrip(".").strip().removeprefix("\\$").strip("$").strip().strip("\"'`")
         if text.startswith("\\(") and text.endswith("\\)"):
             text = text[2:-2]
     return text.strip()
@@ -54,17 +61,46 @@ def after_phrase(text: str) -> str | None:
     return clean(line) or None
 
 
+def last_sentence(text: str) -> str:
+    """The completion's last sentence: its last non-empty line (of the last TAIL_CHARS characters), from
+    after the last ". " in it (a decimal point is no sentence end)."""
+    line = text[-TAIL_CHARS:].rstrip().rsplit("\n", 1)[-1].strip()
+    return line[line.rfind(". ") + 2:] if ". " in line[:-2] else line
+
+
 def final_letter(text: str, letters: str) -> str | None:
-    """An option letter, one of `letters`, that ends the completion ("... so the choice is D.", "(B)"),
-    leads its last line ("B. 2") or is its whole first line (mathllm/MATH-V evaluation/evaluate.py tests
-    `endswith(f" {c}.")`, `startswith(f"{c}\\n")` and the like)."""
+    """An option letter, one of `letters`, that leads the last line ("B. 2", "(C) Solution A"), ends the
+    completion ("... so the choice is D.", "(B)") or is the whole first line, upper or lower case
+    (mathllm/MATH-V evaluation/evaluate.py tests `endswith(f" {c}.")`, `startswith(f"{c}\\n")` and the
+    like); None when the last sentence names several letters ("so it is either B or D")."""
+    from .choices import named_letters
+
     tail = text[-TAIL_CHARS:].rstrip()
     last_line = tail.rsplit("\n", 1)[-1].strip().strip("*").strip()
-    first_line = text[:TAIL_CHARS].lstrip()
-    for match in (_LETTER_TAIL.search(tail), _LETTER_LEAD.match(last_line), _LETTER_FIRST.match(first_line)):
-        if match and match.group(1) in letters:
-            return match.group(1)
+    lead = _LETTER_LEAD.match(last_line)
+    if lead and lead.group(1) in letters:  # the line's own text may end in a capital: "(C) Solution A"
+        return lead.group(1)
+    hedged = len(named_letters(last_sentence(text), letters)) > 1
+    ending = _LETTER_TAIL.search(tail)
+    if ending and ending.group(1) in letters:
+        return None if hedged else ending.group(1)
+    first = _LETTER_FIRST.match(text[:TAIL_CHARS].strip())
+    if first and first.group(1).upper() in letters and (first.group(1).isupper() or len(text.strip()) <= 4):
+        return first.group(1).upper()  # a lower-case letter only as the whole completion ("a", "(b)")
     return None
+
+
+def concluding_value(text: str) -> str | None:
+    """The last `$...$` formula of the last sentence, else its last number ("So she pays $56 in total."
+    -> "56", "Thus $x = \\frac{14}{3}$." -> "x = \\frac{14}{3}"), else None."""
+    sentence = last_sentence(text)
+    close = sentence.rfind("$")
+    open_ = sentence.rfind("$", 0, close) if close > 0 else -1
+    formula = open_ >= 0 and not sentence[close + 1: close + 2].isdigit()  # "$5 and $6" are prices
+    if formula and sentence[open_ + 1: close].strip() and sentence[open_ - 1: open_] != "\\":
+        return clean(sentence[open_ + 1: close])
+    numbers = _NUMBER.findall(sentence)
+    return numbers[-1].replace(" ", "") if numbers else None
 
 
 def extract_answer(completion: str, letters: str = "") -> str | None:
@@ -84,7 +120,13 @@ def extract_answer(completion: str, letters: str = "") -> str | None:
     phrase = after_phrase(completion)
     if phrase:
         return phrase
-    return final_letter(completion, letters) if letters else None
+    if letters:
+        from .choices import named_letters
+
+        letter = final_letter(completion, letters)
+        if letter or len(named_letters(last_sentence(completion), letters)) > 1:  # a hedge reads as nothing
+            return letter
+    return concluding_value(completion)
 
 
 def all_boxed(text: str, limit: int = 20) -> list[str]:

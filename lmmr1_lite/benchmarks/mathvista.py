@@ -9,8 +9,9 @@ hint/question/choices; ForJadeForest/lmm-r1-eval miscs/lmmr1/eval_mm_benchmark.s
 boxed-answer instruction.
 Score (lupantech/MathVista evaluation/calculate_score.py, normalize_extracted_answer + safe_equal; the
 official extractor is GPT, ours the rule-based extract.py, with the row's unit stripped as GPT does):
-- multi_choice: a letter ("B", "(B) 8/11") maps to its choice, else the choice text itself, else the choice
-  nearest by Levenshtein distance (get_most_similar); right when that choice equals `answer`;
+- multi_choice: a letter ("B", "(B) 8/11") maps to its choice, else the choice text itself, else, for a short
+  answer (GPT's extraction is a few words), the choice nearest by Levenshtein distance (get_most_similar);
+  right when that choice equals `answer`; an answer naming several letters ("(A), (C)") names none;
 - integer: str(int(float(x))) == answer; float: str(round(float(x), precision)) == answer;
 - list: the same text, spaces ignored.
 """
@@ -42,7 +43,7 @@ def normalise(extraction: str, row: dict) -> str | None:
     if row.get("question_type") == "multi_choice":
         options = options_dict(row.get("choices"))
         letter = resolve(extraction, options) or nearest(extraction, options)
-        return options[letter]
+        return options[letter] if letter else None
     kind = row.get("answer_type")
     try:
         if kind == "integer":

@@ -61,8 +61,9 @@ def named_letters(text: str, valid: str) -> set[str]:
     found = set()
     for match in _STANDALONE.finditer(text):
         letter = match.group(2)
-        article = letter == "A" and not match.group(1) and text[match.end():match.end() + 2][1:].islower() \
-            and text[match.end():match.end() + 1] == " "
+        after = text[match.end():match.end() + 5]
+        article = letter == "A" and not match.group(1) and after[:1] == " " and after[1:2].islower() \
+            and not after.startswith((" or ", " and", " nor "))
         if letter in valid and not article:
             found.add(letter)
     return found

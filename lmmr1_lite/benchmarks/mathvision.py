@@ -141,13 +141,16 @@ def _tuple_values(text: str) -> str:
 
 def value(text: str) -> float | None:
     """The number a normalised answer stands for, where their `eval(str(latex2sympy(x)))` gets one: a plain
-    number or a fraction of two (`\\frac{3}{4}`, `-\\frac{1}{2}`); None for anything symbolic (there, a
+    number or a fraction of two (`\\frac{3}{4}`, `-\\frac{1}{2}`, `8/11`); None for anything symbolic (there, a
     NameError: `sqrt(3)`, `pi` and symbols never compare as values)."""
     text = text.strip()
     match = _RATIONAL.fullmatch(text)
     try:
         if match:
             return (-1 if match.group(1) else 1) * float(match.group(2)) / float(match.group(3))
+        if text.count("/") == 1 and all(_INTEGER.fullmatch(part) for part in text.split("/")):
+            numerator, denominator = text.split("/")
+            return int(numerator) / int(denominator)
         return float(text) if text.lstrip("-")[:1].isdigit() or text.lstrip("-")[:2][1:].isdigit() else None
     except (ValueError, ZeroDivisionError, OverflowError):
         return None

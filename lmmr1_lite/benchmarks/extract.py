@@ -34,6 +34,9 @@ _LETTER_TAIL = re.compile(r"(?:^|[\s(*])\(?([A-J])\)?[\s.*)]*$")     # "... so D
 _LETTER_LEAD = re.compile(r"\(?([A-J])(?:\)|\.|:)(?:\s|$)")             # a last line "B. 2" / "(B) 2"
 _LETTER_FIRST = re.compile(r"\(?([A-Ja-j])\)?\.?[ \t]*(?:\n|$)")      # a first line "B" or "a" (MATH-V's startswith)
 # a number: sign, digits with thousands separators, decimals, or a fraction a/b
+FORMULA_CHARS = 80  # a last line this short, with no word in it, is the answer itself
+_WORD = re.compile(r"[A-Za-z]{3,}")  # a word (after LaTeX commands are removed): prose, not a formula
+_COMMAND = re.compile(r"\\[A-Za-z]+")
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?")
 
 
@@ -93,6 +96,9 @@ def final_letter(text: str, letters: str) -> str | None:
 def concluding_value(text: str) -> str | None:
     """The last `$...$` formula of the last sentence, else its last number ("So she pays $56 in total."
     -> "56", "Thus $x = \\frac{14}{3}$." -> "x = \\frac{14}{3}"), else None."""
+    line = text[-TAIL_CHARS:].rstrip().rsplit("\n", 1)[-1].strip()
+    if len(line) <= FORMULA_CHARS and not _WORD.search(_COMMAND.sub("", line)) and line.strip("$. "):
+        return clean(line)  # the last line is a formula or value alone: "\\frac{14}{3}", "(3, \\pi)", "56"
     sentence = last_sentence(text)
     close = sentence.rfind("$")
     open_ = sentence.rfind("$", 0, close) if close > 0 else -1

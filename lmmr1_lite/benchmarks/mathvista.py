@@ -12,7 +12,8 @@ official extractor is GPT, ours the rule-based extract.py, with the row's unit s
 - multi_choice: a letter ("B", "(B) 8/11") maps to its choice, else the choice text itself, else, for a short
   answer (GPT's extraction is a few words), the choice nearest by Levenshtein distance (get_most_similar);
   right when that choice equals `answer`; an answer naming several letters ("(A), (C)") names none;
-- integer: str(int(float(x))) == answer; float: str(round(float(x), precision)) == answer;
+- integer: str(int(float(x))) == answer; float: str(round(float(x), precision)) == answer (of the value
+  after a final "=", as GPT extracts 56 from "x = 56");
 - list: the same text, spaces ignored.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ def normalise(extraction: str, row: dict) -> str | None:
         letter = resolve(extraction, options) or nearest(extraction, options)
         return options[letter] if letter else None
     kind = row.get("answer_type")
+    extraction = extraction.rsplit("=", 1)[-1].strip()  # "x = 56": GPT's extraction is the value, 56
     try:
         if kind == "integer":
             return str(int(float(number_text(extraction, str(row.get("unit") or "")))))

@@ -583,3 +583,40 @@ def test_every_difference_is_in_the_readme():
     for name, forms in DIFFERENCES.items():
         for form in forms:
             assert f"| {name} | {form} |" in readme, (name, form)
+
+
+# ------------------------------------------------------------------------------------------------
+# eval.md: the rule of each number, and how the paper's evaluation differs
+# ------------------------------------------------------------------------------------------------
+def test_eval_md_states_each_rule_and_the_papers_evaluation():
+    from argparse import Namespace
+
+    from lmmr1_lite.benchmark_eval import parse_request, rules
+    from lmmr1_lite.config import ConfigError
+
+    args = Namespace(benchmark="math500,gpqa_diamond,olympiadbench,mathvision,mathverse,mmstar,mathvista,gsm8k",
+                     data=None, model=None, adapter=[], prompt="auto", limit=None, max_new_tokens=None, batch_size=4,
+                     out=None, sets=[], scoring="mathvision=lenient,gsm8k=strict-match")
+    request = parse_request(args)
+    assert request.scoring == {"mathvision": "lenient", "gsm8k": "strict-match"}
+    assert benchmarks.get("mathvision").scoring == "official", "parsing changes no benchmark"
+    results = {"base, cot": {"gsm8k": {"accuracy": 0.5, "variants": {"flexible-extract": 0.25, "strict-match": 0.125}}}}
+    text = rules(request, results)
+    for name in request.names:
+        line = next(line for line in text.splitlines() if line.startswith(f"- {name}"))
+        assert "Paper's evaluation: " in line and len(line) > 120, line
+    for judged in ("mathvista", "mathverse", "mathvision", "mmstar"):
+        line = next(line for line in text.splitlines() if line.startswith(f"- {judged}"))
+        assert "GPT" in line, line  # the official pipelines' language-model step is named
+    assert "- mathvision [scoring: official]" in text and "- gsm8k [scoring: kit]" in text
+    assert "  - base, cot: flexible-extract 25.0, strict-match 12.5" in text
+    bench = benchmarks.get("gsm8k")
+    bench.use_scoring("flexible-extract")
+    try:
+        assert "- gsm8k [scoring: flexible-extract]: lm-evaluation-harness" in rules(request, results)
+    finally:
+        bench.use_scoring("kit")
+    for bad, expected in (("mathvision=loose", "mathvision scores by official, lenient"),
+                          ("math500=x", "none: it has one rule"), ("mmlu=x", "not one of the --benchmark names")):
+        with pytest.raises(ConfigError, match=expected):
+            parse_request(Namespace(**{**vars(args), "scoring": bad}))

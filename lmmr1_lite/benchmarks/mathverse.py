@@ -39,6 +39,11 @@ def metadata(row: dict) -> dict:
 
 
 class MathVerse(Benchmark):
+    rule = ("rules, no language model: multiple choice by the option the answer names (letter or option text) "
+            "against the option the gold names; free form by math-verify")
+    PAPER_EVAL = ("GPT extracts the answer and GPT judges it against the gold (MathVerse's score_answer_s2.py, "
+                  "lmms-eval's mathverse task); the only rule there is an exact match of the extraction")
+
     def question(self, row: dict) -> str:
         return str(row.get("question") or "").strip() or str(row.get("query_wo") or "").strip()
 

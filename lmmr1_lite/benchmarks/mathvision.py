@@ -23,6 +23,7 @@ Score, by `MathVision.lenient` (eval.md says which):
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 from ..answers import answer_block, outside_think
 from .base import Benchmark, Check, math_equal
@@ -195,7 +196,10 @@ def hint(row: dict) -> str:
 
 
 class MathVision(Benchmark):
-    lenient: bool = False  # True: the kit's extraction and option resolution instead of MATH-V's own rule
+    lenient: ClassVar[bool] = False  # True: the kit's extraction and option resolution instead of MATH-V's own rule
+    SCORINGS = {"official": {"lenient": False}, "lenient": {"lenient": True}}
+    PAPER_EVAL = ("lmms-eval's mathvision task, whose standard metric is MATH-V's rule (as our default); lmms-eval "
+                  "also offers a GPT-judge variant, which reads prose this rule scores 0")
 
     @property
     def rule(self) -> str:

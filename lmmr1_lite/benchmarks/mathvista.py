@@ -62,6 +62,11 @@ def normalise(extraction: str, row: dict) -> str | None:
 
 
 class MathVista(Benchmark):
+    rule = ("the kit's rule-based extraction (answer phrase, the last sentence's option or value for prose), then "
+            "MathVista's normalize_extracted_answer and safe_equal; the nearest choice for short answers only")
+    PAPER_EVAL = ("GPT extracts the answer from the response (MathVista's extract_answer, lmms-eval's mathvista "
+                  "task), then the same normalisation; ours extracts by rules, so prose it cannot read scores 0")
+
     def question(self, row: dict) -> str:
         if row.get("query"):
             return str(row["query"]).strip()

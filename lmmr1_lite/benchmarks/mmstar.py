@@ -19,6 +19,11 @@ POST_PROMPT = "\nAnswer with the option's letter from the given choices directly
 
 
 class MMStar(Benchmark):
+    rule = ("the option letter the answer names ('B', '(B)', 'B. text', 'Option B', the text of exactly one "
+            "option); a hedge naming several letters scores 0")
+    PAPER_EVAL = ("lmms-eval's mmstar task reads a letter by rules (a hedge reads as one of its letters); "
+                  "MM-Star's own VLMEvalKit evaluation asks a GPT model when no letter is found")
+
     def question(self, row: dict) -> str:
         return f"{str(row['question']).strip()}{POST_PROMPT}"
 

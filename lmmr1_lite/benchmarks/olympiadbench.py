@@ -123,6 +123,11 @@ def match_all(size: int, verdicts: list[bool], undecided: list[tuple[int, int]],
 
 
 class OlympiadBench(Benchmark):
+    rule = ("OpenBMB's MathJudger: every \\boxed{} joined, items paired in any order, numbers (also in scientific "
+            "notation) within the row's error, `x = v` against `v`; math-verify where theirs uses sympy's parse_latex")
+    PAPER_EVAL = ("lmms-eval's olympiadbench task (the same judge, rule-based); it passes `error` as text, so its "
+                  "tolerances never apply; ours applies them as OpenBMB's judge.py does")
+
     def question(self, row: dict) -> str:
         return f"{answer_type_text(row)}{str(row['question']).strip()}"
 

@@ -298,10 +298,14 @@ def free_forms(a: str, number: bool) -> dict[str, str]:
         "lmmr1 boxed": f"<think>{REASONING}</think><answer>\\boxed{{{a}}}</answer>",
         "prose formula": f"{REASONING}\nThus we get $x = {a}$.",
         "last line": f"{REASONING}\n\n${a}$",
+        "bold final answer": f"{REASONING}\n**Final Answer:** ${a}$",
+        "boxed then a check": f"{REASONING}\nSo $\\boxed{{{a}}}$.\nCheck: it fits the question.",
     }
     if number:
         forms["prose"] = f"{REASONING}\nSo the result is {a} in total."
         forms["prose bare number"] = f"{REASONING}\n\n{a}"
+        forms["prose with unit"] = f"{REASONING}\nTherefore, the total is {a} dollars."
+        forms["prose equals"] = f"{REASONING}\nHence the value equals {a}."
     return forms
 
 
@@ -322,6 +326,9 @@ def choice_forms(letter: str, text: str, other: str) -> dict[str, tuple[str, str
         "closing letter": (f"{REASONING}\nComparing the options, I choose {letter}.", letter),
         "first line letter": (f"{letter}\n{REASONING}", letter),
         "option word": (f"{REASONING}\nThe answer is Option {letter}", letter),
+        "bold answer letter": (f"{REASONING}\n**Answer: {letter}**", letter),
+        "answer colon (letter)": (f"{REASONING}\nAnswer: ({letter})", letter),
+        "final answer is letter": (f"{REASONING}\nThe final answer is {letter}", letter),
         "boxed letter and text": (f"{REASONING}\n\\boxed{{({letter}) {text}}}", letter),
         "option text": (f"{REASONING}\nThe answer is {text}.", text),
         "hedge": (f"{REASONING}\nThe answer is {hedge}.", hedge),
@@ -407,14 +414,16 @@ def agreement(name, pairs, official, ours_bench=None):
     bench = ours_bench or benchmarks.get(name)
     ours = bench.score_batch([row for row, *_ in pairs], [completion for _, completion, *_ in pairs])
     skipped = DIFFERENCES.get(name, {})
-    compared, disagreements = 0, []
+    compared, disagreements, verdicts = 0, [], set()
     for (row, completion, form, stated), mine in zip(pairs, ours):
         if form in skipped:
             continue
         theirs = official(row, completion, stated)
+        verdicts.add(theirs)
         compared += 1
         if theirs != mine:
             disagreements.append((form, completion[-60:], mine, theirs))
+    assert verdicts == {0.0, 1.0}, f"{name}: the official code scored every pair {verdicts}"
     return compared, disagreements
 
 

@@ -302,7 +302,7 @@ def test_score_batch_sends_all_checks_in_one_pool_call(monkeypatch):
 @pytest.mark.parametrize("completion, letters, expected", [
     ("Therefore the answer is $5$.", "", "5"),
     ("Thinking...\nThe final answer is: B", "ABCD", "B"),
-    ("B. 2", "ABCD", "B"),
+    ("B. 2", "ABCD", "B. 2"),                                       # the line; resolve() names the option
     ("Final answer: 42", "", "42"),
     ("**Final Answer:** $\\frac{1}{2}$", "", "\\frac{1}{2}"),
     ("<think>the answer is 3</think><answer> \\boxed{7} </answer>", "", "7"),

@@ -629,3 +629,14 @@ def test_eval_md_states_each_rule_and_the_papers_evaluation():
                           ("math500=x", "none: it has one rule"), ("mmlu=x", "not one of the --benchmark names")):
         with pytest.raises(ConfigError, match=expected):
             parse_request(Namespace(**{**vars(args), "scoring": bad}))
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("Options A and B are wrong, so C.", 1.0),            # letters before the conclusion are no hedge
+    ("I rule out A and D. Therefore C", 1.0),
+    ("A and B fit, so it is either C or D.", 0.0),         # the conclusion hedges
+    ("Reasoning.\nC. 4", 1.0),                              # a last line led by the letter and its text
+    ("Reasoning.\nB. 3 is wrong, so D.", 0.0),              # led by one letter, concluding another: neither
+])
+def test_the_conclusion_decides_not_the_letters_before_it(completion, expected):
+    assert score("mmstar", MMSTAR, completion) == expected

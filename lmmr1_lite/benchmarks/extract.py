@@ -6,9 +6,9 @@ Order (first that yields text wins):
 2. the last `\\boxed{...}` anywhere (cot mode, and lmmr1 completions that lost their tags);
 3. the text after the last answer phrase ("the answer is 5.", "Final answer: 5", "final answer is: B",
    GPQA's "Answer: B", "the correct option is (B) 8/11"), up to the end of that sentence;
-4. for multiple-choice rows only, an option letter leading the last line ("B. 2", "(C) Solution A"),
-   ending the completion ("... so D.", "(B)") or forming its first line ("B", "a"); a last sentence that
-   names several letters ("either B or D") names none;
+4. for multiple-choice rows only, the last line when an option letter leads it ("B. 2", "(C) Solution A"),
+   else an option letter ending the completion ("... so D.", "(B)") or forming its first line ("B", "a");
+   a conclusion (the last sentence after its "so"/"therefore"/...) naming several letters names none;
 5. the concluding value: the last `$...$` formula, else the last number, of the completion's last
    sentence ("So she pays 56 dollars in total.", a bare "56" on the last line), as LightEval's expression
    extraction and lm-evaluation-harness's flexible-extract read prose (the last number of the text).
@@ -29,6 +29,7 @@ from ..verifier import MAX_ANSWER_CHARS
 # GPQA template asks for "Answer: $LETTER" (ForJadeForest/lmm-r1-eval evaluate_text.py).
 PHRASES = ("answer is", "answer:", "answer should be", "answer would be", "answer must be", "correct option is",
            "correct choice is", "best option is", "best choice is")
+CONCLUSIONS = ("so ", "therefore", "thus", "hence", ": ")
 TAIL_CHARS = 300  # how far before the end a closing option letter is looked for
 _LETTER_TAIL = re.compile(r"(?:^|[\s(*])\(?([A-J])\)?[\s.*)]*$")     # "... so D." / "(B)"
 _LETTER_LEAD = re.compile(r"\(?([A-J])(?:\)|\.|:)(?:\s|$)")             # a last line "B. 2" / "(B) 2"
@@ -71,22 +72,37 @@ def last_sentence(text: str) -> str:
     return line[line.rfind(". ") + 2:] if ". " in line[:-2] else line
 
 
-def final_letter(text: str, letters: str) -> str | None:
-    """An option letter, one of `letters`, that leads the last line ("B. 2", "(C) Solution A"), ends the
-    completion ("... so the choice is D.", "(B)") or is the whole first line, upper or lower case
-    (mathllm/MATH-V evaluation/evaluate.py tests `endswith(f" {c}.")`, `startswith(f"{c}\\n")` and the
-    like); None when the last sentence names several letters ("so it is either B or D")."""
+def final_clause(text: str) -> str:
+    """The conclusion of the last sentence: after its last "so" / "therefore" / "thus" / "hence" / ":"
+    ("Options A and B are wrong, so C." -> "C.")."""
+    sentence = last_sentence(text)
+    low = sentence.lower()
+    return sentence[max((low.rfind(word) + len(word) for word in CONCLUSIONS if word in low), default=0):]
+
+
+def hedged(text: str, letters: str) -> bool:
+    """Whether the conclusion names several option letters ("so it is either B or D")."""
     from .choices import named_letters
 
+    return len(named_letters(final_clause(text), letters)) > 1
+
+
+def final_letter(text: str, letters: str) -> str | None:
+    """An option letter, one of `letters`, that ends the completion ("... so the choice is D.", "(B)") or is
+    the whole first line, upper or lower case (mathllm/MATH-V evaluation/evaluate.py tests `endswith(f"
+    {c}.")`, `startswith(f"{c}\\n")` and the like); or the last line itself when an option letter leads it
+    ("B. 2", "(C) Solution A": the option's own text may end in a capital; which option the line names is
+    then decided knowing the options, by choices.resolve). None when the conclusion names several letters."""
     tail = text[-TAIL_CHARS:].rstrip()
     last_line = tail.rsplit("\n", 1)[-1].strip().strip("*").strip()
     lead = _LETTER_LEAD.match(last_line)
-    if lead and lead.group(1) in letters:  # the line's own text may end in a capital: "(C) Solution A"
-        return lead.group(1)
-    hedged = len(named_letters(last_sentence(text), letters)) > 1
+    if lead and lead.group(1) in letters:
+        return clean(last_line) if lead.end() < len(last_line) else lead.group(1)
+    if hedged(text, letters):
+        return None
     ending = _LETTER_TAIL.search(tail)
     if ending and ending.group(1) in letters:
-        return None if hedged else ending.group(1)
+        return ending.group(1)
     first = _LETTER_FIRST.match(text[:TAIL_CHARS].strip())
     if first and first.group(1).upper() in letters and (first.group(1).isupper() or len(text.strip()) <= 4):
         return first.group(1).upper()  # a lower-case letter only as the whole completion ("a", "(b)")
@@ -127,10 +143,8 @@ def extract_answer(completion: str, letters: str = "") -> str | None:
     if phrase:
         return phrase
     if letters:
-        from .choices import named_letters
-
         letter = final_letter(completion, letters)
-        if letter or len(named_letters(last_sentence(completion), letters)) > 1:  # a hedge reads as nothing
+        if letter or hedged(completion, letters):  # a hedge reads as nothing
             return letter
     return concluding_value(completion)
 

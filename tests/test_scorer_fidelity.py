@@ -640,3 +640,20 @@ def test_eval_md_states_each_rule_and_the_papers_evaluation():
 ])
 def test_the_conclusion_decides_not_the_letters_before_it(completion, expected):
     assert score("mmstar", MMSTAR, completion) == expected
+
+
+SHAPES = mathvista("30", "square", choices=["triangle", "square", "circle", "pentagon"])
+
+
+@pytest.mark.parametrize("name, row, completion, expected", [
+    ("mathvista", SHAPES, "It has four equal sides.\nSo the shape is a square.", 1.0),   # the option in words
+    ("mathvista", SHAPES, "I see a big square with 4 sides.", 1.0),
+    ("mathvista", SHAPES, "So the shape is a circle.", 0.0),
+    ("mathvista", SHAPES, "So the shape is not a triangle.", 0.0),                   # a negation names nothing
+    ("mathvista", SHAPES, "It could be a square or a circle.", 0.0),                 # two options named
+    ("mathvista", SHAPES, "The circle is wrong, so B.", 1.0),                        # a letter wins over words
+    ("mmstar", MMSTAR_TEXT, "Both apply, so Solution A and B.", 1.0),                # its text has letters in it
+    ("mmstar", MMSTAR_TEXT, "Only the first, so Solution A.", 0.0),
+])
+def test_an_option_named_in_words(name, row, completion, expected):
+    assert score(name, row, completion) == expected

@@ -99,6 +99,10 @@ class Benchmark:
         """Option letters of a multiple-choice row ("" for a free-form row)."""
         return ""
 
+    def options(self, row: dict) -> dict[str, str]:
+        """Option texts by letter of a multiple-choice row ({} for a free-form row, or when unknown)."""
+        return {}
+
     def image_refs(self, row: dict) -> list:
         return []
 
@@ -136,7 +140,7 @@ class Benchmark:
 
     def extract(self, row: dict, completion: str) -> str | None:
         """The answer read from a completion (what the predictions JSONL records)."""
-        return extract_answer(completion, self.letters(row))
+        return extract_answer(completion, self.letters(row), self.options(row))
 
     def score(self, row: dict, completion: str) -> float:
         return self.score_batch([row], [completion])[0]

@@ -92,9 +92,7 @@ def resolve(answer: str | None, options: dict[str, str], letters: str = "") -> s
             if rest and options and normalise(rest) == normalise(options.get(letter, "")):
                 return letter  # "(C) Solution A": the letter and its own text
             return None if named_letters(rest, valid) - {letter} else letter
-    if len(named_letters(text, valid)) > 1:
-        return None
-    return by_text(text, options) if options else None
+    return by_text(text, options) if options else None  # an option's text: "Solution A and B" names no hedge
 
 
 def inline_options(question: str) -> dict[str, str]:

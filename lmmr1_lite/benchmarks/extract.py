@@ -9,7 +9,10 @@ Order (first that yields text wins):
 4. for multiple-choice rows only, the last line when an option letter leads it ("B. 2", "(C) Solution A"),
    else an option letter ending the completion ("... so D.", "(B)") or forming its first line ("B", "a");
    a conclusion (the last sentence after its "so"/"therefore"/...) naming several letters names none;
-5. the concluding value: the last `$...$` formula, else the last number, of the completion's last
+5. for multiple-choice rows whose option texts are known, the one option the conclusion names in words
+   ("So the shape is a triangle.", "so BC is 4 cm"), as GPT's extraction (MathVista, MathVerse) and
+   MM-Star's own matching of option content read it;
+6. the concluding value: the last `$...$` formula, else the last number, of the completion's last
    sentence ("So she pays 56 dollars in total.", a bare "56" on the last line), as LightEval's expression
    extraction and lm-evaluation-harness's flexible-extract read prose (the last number of the text).
 
@@ -125,10 +128,27 @@ def concluding_value(text: str) -> str | None:
     return numbers[-1].replace(" ", "") if numbers else None
 
 
-def extract_answer(completion: str, letters: str = "") -> str | None:
+def mentioned(text: str, options: dict[str, str]) -> str | None:
+    """The text of the one option the conclusion names in words ("So the shape is a triangle." ->
+    "triangle"), else None: options of two or more characters with a letter in them, as whole words; one
+    whose text lies inside another named one ("Solution A" in "Solution A and B") does not count; a
+    conclusion with a negation ("not", "n't") names nothing."""
+    clause = final_clause(text).lower()
+    if not options or " not " in f" {clause} " or "n't" in clause:
+        return None
+    named = [option for option in options.values()
+             if len(option.strip()) >= 2 and any(c.isalpha() for c in option) and re.search(
+                 rf"(?<![a-z0-9]){re.escape(option.strip().rstrip('.').lower())}(?![a-z0-9])", clause)]
+    named = [option for option in named if not any(option != other and option.lower() in other.lower()
+                                                   for other in named)]
+    return named[0] if len(named) == 1 else None
+
+
+def extract_answer(completion: str, letters: str = "", options: dict[str, str] | None = None) -> str | None:
     """The answer text of a completion (see the module docstring for the order); None when there is none.
 
-    `letters` are the option letters of a multiple-choice row (e.g. "ABCD"); they enable rule 4."""
+    `letters` are the option letters of a multiple-choice row (e.g. "ABCD"); they enable rule 4. `options`
+    (letter -> text, when known) let rule 5 read an option named in words."""
     if not isinstance(completion, str) or not completion:
         return None
     block = answer_block(completion)
@@ -142,11 +162,12 @@ def extract_answer(completion: str, letters: str = "") -> str | None:
     phrase = after_phrase(completion)
     if phrase:
         return phrase
+    named = mentioned(completion, options) if letters and options else None
     if letters:
         letter = final_letter(completion, letters)
-        if letter or hedged(completion, letters):  # a hedge reads as nothing
-            return letter
-    return concluding_value(completion)
+        if letter or hedged(completion, letters):  # letters of a hedge name nothing ("either B or D"), unless
+            return letter or named               # they belong to the one option named ("Solution A and B")
+    return named or concluding_value(completion)
 
 
 def all_boxed(text: str, limit: int = 20) -> list[str]:

@@ -50,9 +50,11 @@ class GPQA(Benchmark):
     def letters(self, row: dict) -> str:
         return "ABCD"
 
+    def options(self, row: dict) -> dict[str, str]:
+        return options(row)[0]
+
     def judge(self, row: dict, completion: str) -> bool:
-        choices, gold = options(row)
-        return resolve(self.extract(row, completion), choices) == gold
+        return resolve(self.extract(row, completion), self.options(row)) == self.gold(row)
 
     def details(self, row: dict) -> dict:
         return {"domain": row.get("High-level domain"), "subdomain": row.get("Subdomain")}

@@ -220,6 +220,9 @@ class MathVision(Benchmark):
     def letters(self, row: dict) -> str:
         return letters_for(len(row.get("options") or []))
 
+    def options(self, row: dict) -> dict[str, str]:
+        return options_dict(row.get("options"))
+
     def image_refs(self, row: dict) -> list:
         return [row.get("decoded_image") or row.get("image")]
 
@@ -233,7 +236,7 @@ class MathVision(Benchmark):
         predicted, gold = self.extract(row, completion), self.gold(row)
         if not predicted:
             return False
-        options = options_dict(row.get("options"))
+        options = self.options(row)
         if not self.lenient:
             return official_equal(predicted, gold) or bool(options) and official_equal(predicted, options.get(gold, ""))
         if options:

@@ -83,6 +83,9 @@ class MathVista(Benchmark):
     def letters(self, row: dict) -> str:
         return letters_for(len(row.get("choices") or [])) if row.get("question_type") == "multi_choice" else ""
 
+    def options(self, row: dict) -> dict[str, str]:
+        return options_dict(row.get("choices")) if row.get("question_type") == "multi_choice" else {}
+
     def image_refs(self, row: dict) -> list:
         return [row.get("decoded_image") or row.get("image")]
 

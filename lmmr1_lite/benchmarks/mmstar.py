@@ -32,14 +32,16 @@ class MMStar(Benchmark):
                "within \\boxed{}."
 
     def letters(self, row: dict) -> str:
-        return "".join(inline_options(str(row["question"]))) or "ABCD"
+        return "".join(self.options(row)) or "ABCD"
+
+    def options(self, row: dict) -> dict[str, str]:
+        return inline_options(str(row["question"]))
 
     def image_refs(self, row: dict) -> list:
         return [row.get("image")]
 
     def judge(self, row: dict, completion: str) -> bool:
-        options = inline_options(str(row["question"]))
-        return resolve(self.extract(row, completion), options, self.letters(row)) == self.gold(row).upper()
+        return resolve(self.extract(row, completion), self.options(row), self.letters(row)) == self.gold(row).upper()
 
     def details(self, row: dict) -> dict:
         return {"category": row.get("category"), "l2_category": row.get("l2_category")}

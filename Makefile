@@ -5,6 +5,10 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 # CPU machines get the CPU build (torch 2.13.0 lies on local disk here); machines with nvidia-smi get PyPI's CUDA build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+# The benchmarks' official scorers, test oracles for tests/test_scorer_fidelity.py. Installed without their
+# dependency trees (those pull CUDA torch, vLLM-era pins and API clients); the few modules the tests load need
+# only what the `test` extra brings (loguru, levenshtein, sacrebleu).
+ORACLES ?= lighteval==0.13.0 lmms-eval==0.7.3 lm-eval==0.4.13
 
 .PHONY: install real-model demo demo-real test test-slow bench gpu-wheels gpu-dry-run clean
 
@@ -13,6 +17,7 @@ $(BIN)/lmmr1-lite: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps $(ORACLES)
 	@touch $@
 
 # The real pretrained model (Qwen2.5-Coder-0.5B-Instruct's weights in Qwen2.5-VL), built once into the cache

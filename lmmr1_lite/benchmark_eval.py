@@ -57,6 +57,7 @@ class EvalRequest:
     batch_size: int = 16
     out: str = "evals/benchmarks"
     sets: dict | None = None
+    scoring: dict[str, str] | None = None  # benchmark -> scoring rule (--scoring), when not its default
 
 
 def parse_request(args) -> EvalRequest:
@@ -75,9 +76,18 @@ def parse_request(args) -> EvalRequest:
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     from .config import parse_sets
+    scoring = {}
+    for item in filter(None, (part.strip() for part in (getattr(args, "scoring", None) or "").split(","))):
+        name, _, rule = item.partition("=")
+        if name not in names:
+            raise ConfigError(f"--scoring {item}: {name!r} is not one of the --benchmark names ({', '.join(names)})")
+        bench = benchmarks.get(name)
+        if rule not in bench.SCORINGS:
+            bench.use_scoring(rule)  # one line naming the choices
+        scoring[name] = rule
     max_new_tokens = EvalRequest.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
     return EvalRequest(names, data, args.model, args.adapter, args.prompt, args.limit, max_new_tokens,
-                       args.batch_size, args.out or "evals/benchmarks", parse_sets(args.sets))
+                       args.batch_size, args.out or "evals/benchmarks", parse_sets(args.sets), scoring)
 
 
 def model_label(adapter: Path | None) -> str:
@@ -164,6 +174,8 @@ def evaluate_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict) -> dict:
                 record = {"id": bench.row_id(row), "extracted": bench.extract(row, text), "score": score,
                           "format": answer_format(text, spec), "tokens": int(tokens), "clipped": bool(clipped),
                           "completion": text, **bench.details(row)}
+                if hasattr(bench, "variants"):  # other rules' verdicts (GSM8K: lm-evaluation-harness's filters)
+                    record["variants"] = bench.variants(row, text)
                 handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
                 done[record["id"]] = record
             handle.flush()
@@ -176,6 +188,9 @@ def evaluate_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict) -> dict:
         result.update({"format": sum(r["format"] for r in measured) / len(measured),
                        "mean_length": sum(r["tokens"] for r in measured) / len(measured),
                        "clipped_ratio": sum(r["clipped"] for r in measured) / len(measured)})
+    if hasattr(bench, "variants"):  # recomputed from the completions, so resumed rows count too
+        verdicts = [bench.variants(row, done[bench.row_id(row)].get("completion") or "") for row in rows]
+        result["variants"] = {name: sum(v[name] for v in verdicts) / len(verdicts) for name in verdicts[0]}
     result["scores"] = {r["id"]: r["score"] for r in records}
     return result
 
@@ -213,14 +228,22 @@ def completion_table(results: dict[str, dict[str, dict]], names: list[str]) -> s
     return "\n".join(lines) + "\n"
 
 
-def rules(request: EvalRequest, prompts: dict[str, "PromptSpec"] | None = None) -> str:
-    """What each number comes from: per benchmark, its scoring rule and how it differs from the paper's;
-    the prompt each row was generated with."""
-    lines = ["Rules:"]
+def rules(request: EvalRequest, results: dict[str, dict[str, dict]] | None = None,
+          prompts: dict[str, "PromptSpec"] | None = None) -> str:
+    """What each number comes from: per benchmark, its scoring rule (and which one, where it has several),
+    how the paper's evaluation differs, and other rules' accuracies where the benchmark computes them; the
+    prompt each row was generated with."""
+    lines = ["Rules (rule-based scoring throughout: no language model extracts or judges an answer):"]
     for name in request.names:
         bench = benchmarks.get(name)
-        rule = getattr(bench, "rule", None)
-        lines.append(f"- {name}: {rule or 'see lmmr1_lite/benchmarks/' + name + '.py'}")
+        which = f" [scoring: {bench.scoring}]" if bench.scoring else ""
+        lines.append(f"- {name}{which}: {bench.rule or 'see lmmr1_lite/benchmarks/' + name + '.py'}. "
+                     f"Paper's evaluation: {bench.PAPER_EVAL or 'as ours'}.")
+        for label, per_bench in (results or {}).items():
+            variants = per_bench.get(name, {}).get("variants")
+            if variants:
+                lines.append(f"  - {label}: " + ", ".join(f"{variant} {100 * accuracy:.1f}"
+                                                          for variant, accuracy in variants.items()))
     lines.append(f"Greedy decoding, at most {request.max_new_tokens} new tokens; prompt mode {request.prompt} "
                  "(cot: the benchmark's chain-of-thought prompt, no system prompt; lmmr1: LMM-R1's; run: the "
                  "adapter's own run's system prompt and template).")
@@ -252,9 +275,20 @@ def table(results: dict[str, dict[str, dict]], names: list[str]) -> str:
 
 
 def run_benchmarks(args) -> Path:
+    request = parse_request(args)
+    previous = {name: benchmarks.get(name).scoring for name in request.scoring or {}}
+    for name, rule in (request.scoring or {}).items():
+        benchmarks.get(name).use_scoring(rule)
+    try:
+        return _run(request)
+    finally:  # the benchmarks are shared objects: their default rules come back after this evaluation
+        for name, rule in previous.items():
+            benchmarks.get(name).use_scoring(rule)
+
+
+def _run(request: EvalRequest) -> Path:
     from .evaluate import load_policy, run_config
 
-    request = parse_request(args)
     loaded = {}
     for name, data in zip(request.names, request.data):  # every benchmark's rows checked before any model loads
         rows = benchmarks.load_rows(name, data)
@@ -292,8 +326,11 @@ def run_benchmarks(args) -> Path:
                    "image_processor": image_processor}
             results[row_label][name] = evaluate_benchmark(policy, tokenizer, cfg, job)
         del policy
-    markdown = table(results, request.names) + "\n" + completion_table(results, request.names) + "\n" + rules(request, prompts)
+    markdown = table(results, request.names) + "\n" + completion_table(results, request.names) + "\n" + \
+        rules(request, results, prompts)
     (out / "eval.md").write_text(markdown)
-    (out / "eval.json").write_text(json.dumps({"benchmarks": request.names, "results": results}, indent=2))
+    scoring = {name: benchmarks.get(name).scoring or "single rule" for name in request.names}
+    (out / "eval.json").write_text(json.dumps({"benchmarks": request.names, "scoring": scoring, "results": results},
+                                              indent=2))
     print(markdown + f"wrote {out / 'eval.md'}, {out / 'eval.json'} and the predictions under {out / 'predictions'}")
     return out

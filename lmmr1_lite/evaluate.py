@@ -230,6 +230,10 @@ def add_parsers(sub) -> None:
                     help="with --benchmark: lmmr1 (training format), cot (no system prompt, \\boxed{}), auto (cot "
                          "for the base row, lmmr1 for adapters: the paper's choice), run (the adapter's own run's system "
                          "prompt, template and stop strings, for the base row too)")
+    ev.add_argument("--scoring", default=None, metavar="NAME=RULE",
+                    help="with --benchmark: comma-separated alternative scoring rules, e.g. mathvision=lenient "
+                         "(default: MATH-V's official rule), gsm8k=flexible-extract or gsm8k=strict-match "
+                         "(lm-evaluation-harness's filters; default: kit); eval.md says which rule each number follows")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows (default: every row; "
                     "what is dropped is printed)")
     ev.add_argument("--max-new-tokens", type=int, default=None,

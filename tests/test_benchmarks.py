@@ -197,10 +197,12 @@ CASES = [
     ("olympiadbench", 5, r1("1+\\sqrt{2}"), 0.0),
     ("mathvision", 0, r1("B"), 1.0),
     ("mathvision", 0, "The middle number is \\boxed{(B)}", 1.0),
-    ("mathvision", 0, "It is the second option, \\boxed{2}", 1.0),
+    ("mathvision", 0, "It is the second option, \\boxed{2}", 1.0),      # the gold option's text (their is_equal)
     ("mathvision", 0, "the answer is C", 0.0),
-    ("mathvision", 0, "B. 2", 1.0),
-    ("mathvision", 1, r1("\\sqrt{12}"), 1.0),
+    ("mathvision", 0, "B. 2", 0.0),                                     # MATH-V's rule reads "b.2"
+    ("mathvision", 0, "So the answer is B.", 1.0),
+    ("mathvision", 1, r1("\\sqrt{12}"), 0.0),                     # theirs compares symbolic values as text
+    ("mathvision", 1, r1("2\\sqrt{3}"), 1.0),
     ("mathvision", 1, "\\boxed{3}", 0.0),
     ("mathvision", 2, "\\boxed{3.14159}", 1.0),
     ("mathvision", 2, r1("3.15"), 0.0),
@@ -300,7 +302,7 @@ def test_score_batch_sends_all_checks_in_one_pool_call(monkeypatch):
 @pytest.mark.parametrize("completion, letters, expected", [
     ("Therefore the answer is $5$.", "", "5"),
     ("Thinking...\nThe final answer is: B", "ABCD", "B"),
-    ("B. 2", "ABCD", "B"),
+    ("B. 2", "ABCD", "B. 2"),                                       # the line; resolve() names the option
     ("Final answer: 42", "", "42"),
     ("**Final Answer:** $\\frac{1}{2}$", "", "\\frac{1}{2}"),
     ("<think>the answer is 3</think><answer> \\boxed{7} </answer>", "", "7"),
@@ -310,7 +312,7 @@ def test_score_batch_sends_all_checks_in_one_pool_call(monkeypatch):
     ("I compared all options, so D.", "ABCD", "D"),
     ("I compared all options, so D.", "", None),                   # letters only for multiple-choice rows
     ("(C)", "ABC", "C"),
-    ("<answer>unclosed 5", "", None),
+    ("<answer>unclosed 5", "", "5"),                                # no block: the concluding value
     ("", "", None),
 ])
 def test_extraction_rules(completion, letters, expected):

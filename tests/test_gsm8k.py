@@ -35,12 +35,21 @@ def test_extraction_then_last_number(completion, score):
     assert get("gsm8k").score(ROW, completion) == score
 
 
-def test_strict_rule_reads_no_bare_number():
+def test_lm_eval_filters_as_options():
     bench = gsm8k.GSM8K(**{k: getattr(get("gsm8k"), k) for k in ("name", "paper_column", "modality", "hub_id",
                                                                   "split", "config", "required")})
-    bench.strict = True
-    assert bench.score(ROW, "in total 1,012 apples") == 0.0 and bench.score(ROW, "\\boxed{1012}") == 1.0
-    assert "last number" not in bench.rule and "last number" in get("gsm8k").rule
+    bench.filter = "strict-match"  # lm-eval gsm8k-cot-zeroshot: the first "The answer is N."
+    assert bench.score(ROW, "in total 1,012 apples") == 0.0 and bench.score(ROW, "\\boxed{1012}") == 0.0
+    assert bench.score(ROW, "The answer is 1,012. Check: 12 + 1000.") == 1.0
+    assert bench.score(ROW, "The answer is 1013. No: the answer is 1012.") == 0.0  # the first match counts
+    bench.filter = "flexible-extract"  # the last number-like match, compared as text
+    assert bench.score(ROW, "in total $1,012.") == 1.0 and bench.score(ROW, "1012.00") == 0.0
+    assert bench.score(ROW, "So it is $\\boxed{1012}$.") == 0.0  # lm-eval reads "$." here; so do we
+    assert bench.rule == gsm8k.RULES["flexible-extract"] and bench.scoring == "flexible-extract"
+    assert "last number" in get("gsm8k").rule and get("gsm8k").filter == "kit"
+    assert get("gsm8k").variants(ROW, "So it is $\\boxed{1012}$.") == {"flexible-extract": False,
+                                                                      "strict-match": False}
+    assert get("gsm8k").score(ROW, "So it is $\\boxed{1012}$.") == 1.0
 
 
 def test_last_number_is_linear_on_hostile_text():

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from .. import verifier
 from ..config import LMM_R1_SYSTEM_PROMPT, ConfigError
@@ -64,6 +64,26 @@ class Benchmark:
     required: tuple[str, ...] = ()       # columns every published row has (checked by load_rows)
     id_column: str | None = None
     sources: tuple[str, ...] = field(default=())  # the official code the rules follow (repo path)
+    # The rules a benchmark can score by (`eval --scoring NAME=RULE`): rule name -> attributes it sets; the
+    # first is the default. `rule` says in words what the current one does, `PAPER_EVAL` how the paper's
+    # evaluation of this benchmark differs (eval.md prints both).
+    SCORINGS: ClassVar[dict[str, dict]] = {}
+    PAPER_EVAL: ClassVar[str] = ""
+    rule: ClassVar[str] = ""
+
+    @property
+    def scoring(self) -> str:
+        """The name of the rule in use ("" when the benchmark has one rule only)."""
+        return next((name for name, attributes in self.SCORINGS.items()
+                     if all(getattr(self, key) == value for key, value in attributes.items())), "")
+
+    def use_scoring(self, name: str) -> None:
+        """Score by the rule `name` (one of SCORINGS); ConfigError (one line) naming the choices otherwise."""
+        if name not in self.SCORINGS:
+            choices = ", ".join(self.SCORINGS) or "none: it has one rule"
+            raise ConfigError(f"--scoring {self.name}={name}: {self.name} scores by {choices}")
+        for key, value in self.SCORINGS[name].items():
+            setattr(self, key, value)
 
     # ----- hooks a benchmark overrides ------------------------------------------------------------
     def question(self, row: dict) -> str:
@@ -80,6 +100,10 @@ class Benchmark:
     def letters(self, row: dict) -> str:
         """Option letters of a multiple-choice row ("" for a free-form row)."""
         return ""
+
+    def options(self, row: dict) -> dict[str, str]:
+        """Option texts by letter of a multiple-choice row ({} for a free-form row, or when unknown)."""
+        return {}
 
     def image_refs(self, row: dict) -> list:
         return []
@@ -119,7 +143,7 @@ class Benchmark:
 
     def extract(self, row: dict, completion: str) -> str | None:
         """The answer read from a completion (what the predictions JSONL records)."""
-        return extract_answer(completion, self.letters(row))
+        return extract_answer(completion, self.letters(row), self.options(row))
 
     def score(self, row: dict, completion: str) -> float:
         return self.score_batch([row], [completion])[0]

@@ -18,6 +18,10 @@ MAX_CHARS = 500  # longer "answers" are not options; they are compared by nothin
 _LEADING = re.compile(r"\(?([A-Ja-j])(?:\)|\.|:|$)")
 _NAMED = re.compile(r"(?:option|choice)\s*\(?([A-J])\)?(?:\W|$)", re.IGNORECASE)
 _WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
+# An option letter standing alone ("(B)", "B.", "B or D"), not inside a word; "A" before a lower-case word is
+# the article ("A quick check shows ...").
+_STANDALONE = re.compile(r"(?<![A-Za-z0-9\\])(\()?([A-J])\)?(?![A-Za-z0-9])")
+SHORT_ANSWER = 100  # the nearest-option fallback reads answers up to this long (and twice the longest option)
 
 
 def letters_for(count: int) -> str:
@@ -51,12 +55,27 @@ def by_text(answer: str, options: dict[str, str]) -> str | None:
     return hits[0] if len(set(hits)) == 1 else None
 
 
+def named_letters(text: str, valid: str) -> set[str]:
+    """The option letters (of `valid`) that `text` names as standalone tokens: "(A), (C), and (E)" names
+    three, "either B or D" two, "The suitcase is on the book." none. Linear (one pass of a fixed regex)."""
+    found = set()
+    for match in _STANDALONE.finditer(text):
+        letter = match.group(2)
+        after = text[match.end():match.end() + 5]
+        article = letter == "A" and not match.group(1) and after[:1] == " " and after[1:2].islower() \
+            and not after.startswith((" or ", " and", " nor "))
+        if letter in valid and not article:
+            found.add(letter)
+    return found
+
+
 def resolve(answer: str | None, options: dict[str, str], letters: str = "") -> str | None:
     """The option letter an extracted answer names, or None.
 
-    A letter is accepted alone or leading the answer ("(B) 8/11", "B. 2", "Option B"); otherwise the
-    answer must equal exactly one option's text. `letters` are the valid letters when the option texts
-    are unknown (a question whose options could not be parsed)."""
+    A letter is accepted alone or leading the answer ("(B) 8/11", "B. 2", "Option B", "(C) Solution A");
+    otherwise the answer must equal exactly one option's text. An answer that names several options
+    ("(A), (C), and (E)", "either B or D", "B. 2 or D. 4") names none: a hedge scores 0. `letters` are
+    the valid letters when the option texts are unknown (a question whose options could not be parsed)."""
     if not answer or len(answer) > 2 * MAX_CHARS:
         return None
     text = _WRAPPERS.sub(r"\1", answer.strip()).strip().strip("*$").strip()
@@ -64,15 +83,16 @@ def resolve(answer: str | None, options: dict[str, str], letters: str = "") -> s
         return None
     valid = "".join(options) or letters
     named = _NAMED.match(text)
-    if named and named.group(1).upper() in valid:
-        return named.group(1).upper()
-    match = _LEADING.match(text)
+    match = named or _LEADING.match(text)
     if match and match.group(1).upper() in valid:
+        letter, rest = match.group(1).upper(), text[match.end():].strip(" .:)")
         single = len(text.strip("().:")) == 1
         # a lone lower-case letter is a letter; "a triangle" is not, but "(a) triangle" and "a. 2" are
-        if match.group(1).isupper() or single or text[0] == "(" or text[1:2] in ".:)":
-            return match.group(1).upper()
-    return by_text(text, options) if options else None
+        if named or match.group(1).isupper() or single or text[0] == "(" or text[1:2] in ".:)":
+            if rest and options and normalise(rest) == normalise(options.get(letter, "")):
+                return letter  # "(C) Solution A": the letter and its own text
+            return None if named_letters(rest, valid) - {letter} else letter
+    return by_text(text, options) if options else None  # an option's text: "Solution A and B" names no hedge
 
 
 def inline_options(question: str) -> dict[str, str]:
@@ -116,7 +136,15 @@ def edit_distance(a: str, b: str, cap: int = 256) -> int:
     return previous[-1]
 
 
-def nearest(answer: str, options: dict[str, str]) -> str:
+def nearest(answer: str, options: dict[str, str]) -> str | None:
     """The letter of the option with the smallest edit distance to the answer (first on ties), as
-    MathVista's get_most_similar does with Levenshtein distance (lupantech/MathVista calculate_score.py)."""
+    MathVista's get_most_similar does with Levenshtein distance (lupantech/MathVista calculate_score.py),
+    for a short answer only: theirs reads GPT's extraction, a few words at most, so a whole sentence of
+    ours (longer than SHORT_ANSWER characters or twice the longest option) matches no option (None), nor
+    does an answer naming several option letters."""
+    longest = max((len(text) for text in options.values()), default=0)
+    if not options or len(answer) > min(SHORT_ANSWER, max(2 * longest, 8)):
+        return None
+    if len(named_letters(answer, "".join(options))) > 1:
+        return None
     return min(options, key=lambda letter: edit_distance(answer, options[letter]))

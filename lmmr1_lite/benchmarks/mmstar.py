@@ -19,6 +19,11 @@ POST_PROMPT = "\nAnswer with the option's letter from the given choices directly
 
 
 class MMStar(Benchmark):
+    rule = ("the option letter the answer names ('B', '(B)', 'B. text', 'Option B', the text of exactly one "
+            "option); a hedge naming several letters scores 0")
+    PAPER_EVAL = ("lmms-eval's mmstar task reads a letter by rules (a hedge reads as one of its letters); "
+                  "MM-Star's own VLMEvalKit evaluation asks a GPT model when no letter is found")
+
     def question(self, row: dict) -> str:
         return f"{str(row['question']).strip()}{POST_PROMPT}"
 
@@ -27,14 +32,16 @@ class MMStar(Benchmark):
                "within \\boxed{}."
 
     def letters(self, row: dict) -> str:
-        return "".join(inline_options(str(row["question"]))) or "ABCD"
+        return "".join(self.options(row)) or "ABCD"
+
+    def options(self, row: dict) -> dict[str, str]:
+        return inline_options(str(row["question"]))
 
     def image_refs(self, row: dict) -> list:
         return [row.get("image")]
 
     def judge(self, row: dict, completion: str) -> bool:
-        options = inline_options(str(row["question"]))
-        return resolve(self.extract(row, completion), options, self.letters(row)) == self.gold(row).upper()
+        return resolve(self.extract(row, completion), self.options(row), self.letters(row)) == self.gold(row).upper()
 
     def details(self, row: dict) -> dict:
         return {"category": row.get("category"), "l2_category": row.get("l2_category")}

@@ -8,8 +8,10 @@ Score, after OpenBMB/OlympiadBench inference/code/math_judger.py (MathJudger.jud
 - the prediction is every \\boxed{} of the answer region joined by commas (their preprocess);
 - both sides are cleaned ($, \\left, \\right, degrees, %, "\\in", \\mathrm{}), split at top-level commas,
   and \\pm expands into + and -; the lists must have equal length and pair up one to one, in any order;
-- two numbers are equal when |gold - pred| <= error * 1.01, gold also tried as gold/100 and gold*100
-  (their numerical_equal; default error 1e-8, none for "Tuple" answers);
+- two numbers (plain or in scientific notation, `7.1 \\cdot 10^{35}`) are equal when |gold - pred| <= error * 1.01,
+  gold also tried as gold/100 and gold*100 (their numerical_equal; default error 1e-8, none for "Tuple" answers);
+- a gold `x = 5` against a bare `5` (or the reverse) compares the values after "=" (their expression_equal);
+- golds of any number of items (a prediction must have as many);
 - anything else goes through math-verify (theirs: sympy parse_latex; ours: the bounded-time verifier).
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ from .extract import all_boxed, answer_block
 from ..rewards import _quick_verdict
 
 DEFAULT_ERROR = 1e-8
-MAX_ITEMS = 10
+# scientific notation: "7.1 \cdot 10^{35}", "7.1\times10^{-3}", "7.1 \times 10^35"
+_SCIENTIFIC = re.compile(r"(-?[0-9]*\.?[0-9]+)\s*(?:\\cdot|\\times|\*|×)\s*10\s*\^\s*\{?\s*([+-]?[0-9]+)\s*\}?")
 _TYPES = {"Numerical": "a numerical value", "Expression": "an expression", "Equation": "an equation",
           "Interval": "an interval"}
 _CLEAN = (("\\left", ""), ("\\right", ""), ("∶", ":"), ("，", ","), ("$", ""), ("\\approx", "="), ("\\simeq", "="),
@@ -79,13 +82,31 @@ def tolerances(row: dict, count: int) -> list[float]:
     return values if len(values) == count else [values[0]] * count
 
 
-def numbers_equal(gold: str, predicted: str, error: float) -> bool | None:
-    """Their numerical_equal: None when either side is not a plain number."""
+def number(text: str) -> float | None:
+    """A plain number ("3.14", "1e-3") or one in scientific notation ("7.1 \\cdot 10^{35}"), else None."""
+    text = text.strip()
+    scientific = _SCIENTIFIC.fullmatch(text)
     try:
-        reference, value = float(gold), float(predicted)
-    except ValueError:
+        return float(scientific.group(1)) * 10.0 ** int(scientific.group(2)) if scientific else float(text)
+    except (ValueError, OverflowError):
+        return None
+
+
+def numbers_equal(gold: str, predicted: str, error: float) -> bool | None:
+    """Their numerical_equal (gold also tried as gold/100 and gold*100), in scientific notation too, where
+    their expression_equal applies the same tolerance; None when either side is not a number."""
+    reference, value = number(gold), number(predicted)
+    if reference is None or value is None:
         return None
     return any(abs(candidate - value) <= error * 1.01 for candidate in (reference / 100, reference, reference * 100))
+
+
+def value_side(gold: str, predicted: str) -> tuple[str, str]:
+    """Their expression_equal compares what follows "=": a gold `x = 5` against a bare `5` (or the reverse)
+    compares 5 with 5; two equations stay whole (their equation_equal)."""
+    if ("=" in gold) != ("=" in predicted):
+        gold, predicted = (side.split("=")[1].strip() if "=" in side else side for side in (gold, predicted))
+    return gold, predicted
 
 
 def match_all(size: int, verdicts: list[bool], undecided: list[tuple[int, int]], known: dict) -> bool:
@@ -102,6 +123,11 @@ def match_all(size: int, verdicts: list[bool], undecided: list[tuple[int, int]],
 
 
 class OlympiadBench(Benchmark):
+    rule = ("OpenBMB's MathJudger: every \\boxed{} joined, items paired in any order, numbers (also in scientific "
+            "notation) within the row's error, `x = v` against `v`; math-verify where theirs uses sympy's parse_latex")
+    PAPER_EVAL = ("lmms-eval's olympiadbench task (the same judge, rule-based); it passes `error` as text, so its "
+                  "tolerances never apply; ours applies them as OpenBMB's judge.py does")
+
     def question(self, row: dict) -> str:
         return f"{answer_type_text(row)}{str(row['question']).strip()}"
 
@@ -132,11 +158,12 @@ class OlympiadBench(Benchmark):
             return False
         unit = str(row.get("unit") or "")
         golds, preds = split_items(clean(self.gold(row))), split_items(clean(predicted, unit))
-        if not golds or len(golds) != len(preds) or len(golds) > MAX_ITEMS:
+        if not golds or len(golds) != len(preds):
             return False
         known, undecided = {}, []
-        for i, (gold, error) in enumerate(zip(golds, tolerances(row, len(golds)))):
-            for j, pred in enumerate(preds):
+        for i, (gold_item, error) in enumerate(zip(golds, tolerances(row, len(golds)))):
+            for j, pred_item in enumerate(preds):
+                gold, pred = value_side(gold_item, pred_item)
                 verdict = numbers_equal(gold, pred, error)
                 verdict = _quick_verdict(pred, gold) if verdict is None else verdict
                 if verdict is None:
@@ -146,7 +173,7 @@ class OlympiadBench(Benchmark):
         combine = partial(match_all, len(golds), undecided=undecided, known=known)
         if not undecided:
             return combine([])
-        return Check([(preds[j], golds[i]) for i, j in undecided], combine)
+        return Check([value_side(golds[i], preds[j])[::-1] for i, j in undecided], combine)
 
     def details(self, row: dict) -> dict:
         return {"subfield": row.get("subfield"), "answer_type": row.get("answer_type"),

@@ -36,6 +36,9 @@ def level_text(row: dict) -> str:
 
 
 class Sokoban(Benchmark):
+    rule = "this project's simulator: the answer's moves, played on the level, solve it"
+    PAPER_EVAL = "LMM-R1's Sokoban success rate, with their own levels and simulator"
+
     def question(self, row: dict) -> str:
         return INSTRUCTION
 

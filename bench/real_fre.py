@@ -11,10 +11,13 @@
    at a prompt and cap are computed once and kept in the model's cache (`gsm8k-base/`), then reused;
 5. prints, per cap and per problem set, the before/after table (accuracy, format, mean tokens, clipped) with
    the problems gained and lost and the exact two-sided sign test's p, beside the trivial baseline (always
-   answering the commonest gold answer), and writes `--json` (default bench/out/real_fre.json).
+   answering the commonest gold answer), and writes `--json` (default bench/out/real_fre.json);
+6. with `--publish DIR`: the adapter in bf16 (loadable by `PeftModel.from_pretrained` on the built model),
+   `eval.json` (the tables, each problem's gold), `metrics.jsonl`, the reward curve and every prediction file.
 
     python bench/real_fre.py --run-dir runs/real-fre
     python bench/real_fre.py --run-dir runs/real-fre --extra-data ../shared/data/gsm8k/test_600.jsonl
+    python bench/real_fre.py --rescore bench/results/real_fre     # the tables again, from the committed predictions
 """
 from __future__ import annotations
 
@@ -43,15 +46,13 @@ def problem_sets(shipped: list[dict], extra: list[dict]) -> dict[str, list[dict]
     return sets
 
 
-def summarise(rows: list[dict], base: dict, adapted: dict) -> dict:
-    """Accuracy, format, length and clipped ratio of both models over `rows` (predictions by row id), the
-    paired comparison and the trivial baseline (always the commonest gold answer of these rows)."""
-    from lmmr1_lite.benchmarks import gsm8k
+def summarise(golds: dict[str, str], base: dict, adapted: dict) -> dict:
+    """Accuracy, format, length and clipped ratio of both models over the problems `golds` names (id -> gold;
+    predictions by id), the paired comparison, and the trivial baseline (always the commonest gold answer)."""
     from lmmr1_lite.report import paired
 
-    bench = gsm8k.BENCHMARK
-    ids = [bench.row_id(row) for row in rows]
-    golds = Counter(bench.gold(row) for row in rows)
+    ids = list(golds)
+    commonest = Counter(golds.values()).most_common(1)[0][1]
 
     def stats(predictions: dict) -> dict:
         records = [predictions[i] for i in ids]
@@ -62,7 +63,7 @@ def summarise(rows: list[dict], base: dict, adapted: dict) -> dict:
 
     pair = paired({i: base[i]["score"] for i in ids}, {i: adapted[i]["score"] for i in ids})
     return {"n": len(ids), "base": stats(base), "adapter": stats(adapted), **pair,
-            "commonest_answer_accuracy": golds.most_common(1)[0][1] / len(ids)}
+            "commonest_answer_accuracy": commonest / len(ids)}
 
 
 def print_table(title: str, s: dict) -> None:
@@ -78,9 +79,9 @@ def print_table(title: str, s: dict) -> None:
 
 
 def evaluate(cli: list[str], model: Path, adapter: Path, data: Path, cap: int, out: Path, batch_size: int) -> dict:
-    """Base and adapter predictions at `cap` (the base's reused from the cache when there), by row id."""
+    """Base and adapter prediction files at `cap` (the base's reused from the cache when there)."""
     from lmmr1_lite import real_model
-    from lmmr1_lite.benchmark_eval import model_label, read_predictions
+    from lmmr1_lite.benchmark_eval import model_label
 
     base_name = f"base-cot-{cap}.jsonl"
     cached = real_model.cache_dir() / "gsm8k-base" / base_name
@@ -94,8 +95,89 @@ def evaluate(cli: list[str], model: Path, adapter: Path, data: Path, cap: int, o
                           "--out", str(out)], check=True)
     cached.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(predictions / base_name, cached)
-    return {"base": read_predictions(predictions / base_name),
-            "adapter": read_predictions(predictions / f"{model_label(adapter)}-cot-{cap}.jsonl")}
+    return {"base": predictions / base_name, "adapter": predictions / f"{model_label(adapter)}-cot-{cap}.jsonl"}
+
+
+def golds_of(rows: list[dict]) -> dict[str, str]:
+    from lmmr1_lite.benchmarks import gsm8k
+
+    return {gsm8k.BENCHMARK.row_id(row): gsm8k.BENCHMARK.gold(row) for row in rows}
+
+
+def prediction_files(directory: Path, cap: int) -> dict[str, Path]:
+    """The base's and the adapter's predictions at `cap` in an eval directory (the adapter's: the one other file)."""
+    files = sorted(directory.glob(f"*-cot-{cap}.jsonl"))
+    base = [f for f in files if f.name.startswith("base-")]
+    others = [f for f in files if not f.name.startswith("base-")]
+    if len(base) != 1 or len(others) != 1:
+        raise SystemExit(f"{directory}: expected one base and one adapter prediction file at cap {cap}, "
+                         f"found {[f.name for f in files]}")
+    return {"base": base[0], "adapter": others[0]}
+
+
+def judged(path: Path, golds: dict[str, str]) -> dict:
+    """A predictions file's records (by id, those `golds` names), each completion judged now by the GSM8K rule
+    and the format check: the tables never depend on the scorer version that wrote the file."""
+    from lmmr1_lite.benchmark_eval import PromptSpec, answer_format, read_predictions
+    from lmmr1_lite.benchmarks import gsm8k
+
+    records = read_predictions(path)
+    ids = [i for i in records if i in golds]
+    texts = [records[i]["completion"] for i in ids]
+    scores = gsm8k.BENCHMARK.score_batch([{"question": "", "answer": f"#### {golds[i]}"} for i in ids], texts)
+    return {i: {**records[i], "score": score, "format": answer_format(text, PromptSpec("cot"))}
+            for i, score, text in zip(ids, scores, texts)}
+
+
+def tables_at(cap: int, files: dict[str, Path], golds: dict[str, str], sets: dict[str, list[str]]) -> dict:
+    found = {name: judged(path, golds) for name, path in files.items()}
+    return {f"{set_name} problems, cap {cap}": summarise({i: golds[i] for i in ids}, found["base"], found["adapter"])
+            for set_name, ids in sets.items()}
+
+
+def rescore(results: Path) -> dict:
+    """Every committed completion judged again and the tables rebuilt: what `eval.json` holds must equal this."""
+    recorded = json.loads((results / "eval.json").read_text())
+    tables = {}
+    for cap in recorded["caps"]:
+        tables.update(tables_at(cap, prediction_files(results / "predictions", cap), recorded["problems"],
+                                recorded["problem_sets"]))
+    return tables
+
+
+def publish(results: Path, run_dir: Path, summary: dict, evals: dict[int, Path]) -> None:
+    """The adapter in bf16 (half of fp32's bytes; loads with PeftModel.from_pretrained and is cast back to the
+    base's dtype), the run's metrics and reward curve, the prediction files and eval.json, into `results`."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lmmr1_lite.report import plot_rewards
+
+    adapter = results / "adapter"
+    adapter.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()},
+              adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    for name in ("adapter_config.json", "README.md"):
+        shutil.copyfile(run_dir / "adapter" / name, adapter / name)
+    predictions = results / "predictions"
+    shutil.rmtree(predictions, ignore_errors=True)
+    predictions.mkdir()
+    for cap, directory in evals.items():
+        for path in prediction_files(directory / "predictions" / "gsm8k", cap).values():
+            shutil.copyfile(path, predictions / path.name)
+    shutil.copyfile(run_dir / "metrics.jsonl", results / "metrics.jsonl")
+    shutil.copyfile(run_dir / "config.yaml", results / "config.yaml")
+    rewards = list(yaml_rewards(run_dir / "config.yaml"))
+    plot_rewards(results / "metrics.jsonl", results / "reward_curve.png", terms=rewards,
+                 title=f"FRE on {Path(summary['model']).name}: multi_step (train batches)")
+    (results / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def yaml_rewards(config: Path) -> dict:
+    from lmmr1_lite.config import load_yaml
+
+    return load_yaml(config).get("rewards", {})
 
 
 def main() -> int:
@@ -108,7 +190,19 @@ def main() -> int:
                         "evaluate beside the 100 shipped ones")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "real_fre.json")
+    parser.add_argument("--publish", type=Path, default=None, help="also write the adapter (bf16), eval.json, "
+                        "metrics, reward curve and predictions into this folder (e.g. bench/results/real_fre)")
+    parser.add_argument("--rescore", type=Path, default=None, metavar="RESULTS",
+                        help="only re-judge the predictions a --publish folder holds and print its tables")
     args = parser.parse_args()
+    if args.rescore:
+        recorded = json.loads((args.rescore / "eval.json").read_text())
+        for title, table in rescore(args.rescore).items():
+            print_table(f"GSM8K test, {title} (re-scored from {args.rescore / 'predictions'}):", table)
+            if table != recorded["tables"][title]:
+                print(f"differs from {args.rescore / 'eval.json'}: {recorded['tables'][title]}")
+                return 1
+        return 0
 
     from lmmr1_lite import real_model
     from lmmr1_lite.benchmarks import gsm8k
@@ -133,19 +227,25 @@ def main() -> int:
             ["train", "--config", str(args.config), "--model", str(model), "--output-dir", str(args.run_dir)]
         subprocess.run(cli + start, check=True)
 
+    sets = problem_sets(shipped, extra)
     summary = {"model": str(model), "run_dir": str(args.run_dir), "config": str(args.config), "prompt": "cot",
-               "train_cap": train_cap, "tables": {}}
-    for cap in dict.fromkeys(caps):
-        found = evaluate(cli, model, args.run_dir / "adapter", data, cap, args.run_dir / f"gsm8k-{cap}",
-                         args.batch_size)
-        for name, rows in problem_sets(shipped, extra).items():
-            s = summarise(rows, found["base"], found["adapter"])
-            summary["tables"][f"{name} problems, cap {cap}"] = s
-            print_table(f"GSM8K test, {name} problems, greedy, cot prompt, at most {cap} new tokens"
-                        f"{' (the training cap)' if cap == train_cap else ''}:", s)
+               "train_cap": train_cap, "caps": list(dict.fromkeys(caps)), "tables": {},
+               "problem_sets": {name: list(golds_of(rows)) for name, rows in sets.items()},
+               "problems": golds_of(shipped + extra)}
+    evals = {cap: args.run_dir / f"gsm8k-{cap}" for cap in summary["caps"]}
+    for cap, directory in evals.items():
+        files = evaluate(cli, model, args.run_dir / "adapter", data, cap, directory, args.batch_size)
+        tables = tables_at(cap, files, summary["problems"], summary["problem_sets"])
+        summary["tables"].update(tables)
+        for title, table in tables.items():
+            print_table(f"GSM8K test, {title}, greedy, cot prompt{' (the training cap)' if cap == train_cap else ''}:",
+                        table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nwrote {args.json}")
+    if args.publish:
+        publish(args.publish, args.run_dir, summary, evals)
+        print(f"published the adapter (bf16), eval.json, metrics, reward curve and predictions in {args.publish}")
     return 0
 
 

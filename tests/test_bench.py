@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from lmmr1_lite.config import REPO_ROOT
 
 
@@ -38,3 +40,48 @@ def test_e2e_step_bench_on_the_tiny_model(tmp_path):
     for row in report["components"].values():
         assert row["planner_gib"] > 0 and row["measured_vs_planner"] == row["measured_gib"] / row["planner_gib"]
     assert report["completion_tokens_mean"] > 0 and report["prompt_tokens"] > 0 and report["planner_peak_gib"] > 0
+
+
+def _real_fre():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_fre", REPO_ROOT / "bench" / "real_fre.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_real_fre_tables_are_judged_from_the_completions_and_rescore_checks_them(tmp_path):
+    """bench/real_fre.py's tables: each completion judged now (not the score a file recorded), paired counts
+    and the sign test over each problem set, the commonest-answer baseline; --rescore rebuilds eval.json's
+    tables from the prediction files and exits 1 when they differ."""
+    real_fre = _real_fre()
+    golds = {f"q{i}": str(i % 3) for i in range(6)}                        # commonest answer: 2 of 6
+    base = {"q0": "so \\boxed{0}", "q1": "it is 5", "q2": "\\boxed{2}", "q3": "\\boxed{0}", "q4": "x", "q5": "y"}
+    tuned = {"q0": "\\boxed{0}", "q1": "\\boxed{1}", "q2": "\\boxed{2}", "q3": "\\boxed{3}", "q4": "\\boxed{1}",
+             "q5": "\\boxed{2}"}
+    predictions = tmp_path / "predictions"
+    predictions.mkdir()
+    for name, texts in (("base-cot-8.jsonl", base), ("run-1234-cot-8.jsonl", tuned)):
+        (predictions / name).write_text("".join(json.dumps({"id": i, "score": 1.0, "format": 0.0, "tokens": 8 - len(t) % 3,
+                                                            "clipped": i == "q5", "completion": t}) + "\n"
+                                                for i, t in texts.items()))
+    sets = {"2 shipped": ["q0", "q1"], "6 (shipped + 4)": list(golds)}
+    tables = real_fre.tables_at(8, real_fre.prediction_files(predictions, 8), golds, sets)
+    small, full = tables["2 shipped problems, cap 8"], tables["6 (shipped + 4) problems, cap 8"]
+    assert small["n"] == 2 and small["gained"] == 1 and small["lost"] == 0      # q1: "it is 5" vs boxed 1
+    assert full["base"]["accuracy"] == 3 / 6 and full["adapter"]["accuracy"] == 5 / 6
+    assert (full["gained"], full["lost"], full["p"]) == (3, 1, 0.625)            # q1, q4, q5 gained; q3 lost
+    assert full["difference"] == pytest.approx(100 * 2 / 6) and full["commonest_answer_accuracy"] == 2 / 6
+    assert full["adapter"]["format"] == 1.0 and full["base"]["format"] == 3 / 6 and full["adapter"]["clipped_ratio"] == 1 / 6
+
+    (tmp_path / "eval.json").write_text(json.dumps({"caps": [8], "problems": golds, "problem_sets": sets,
+                                                    "tables": tables}))
+    assert real_fre.rescore(tmp_path) == tables
+    rescore = [sys.executable, str(REPO_ROOT / "bench" / "real_fre.py"), "--rescore", str(tmp_path)]
+    done = subprocess.run(rescore, capture_output=True, text=True)
+    assert done.returncode == 0 and "gained 3, lost 1, exact two-sided sign test p = 0.625" in done.stdout, done.stderr
+    tables["2 shipped problems, cap 8"]["gained"] = 2                        # eval.json no longer what the files say
+    (tmp_path / "eval.json").write_text(json.dumps({"caps": [8], "problems": golds, "problem_sets": sets,
+                                                    "tables": tables}))
+    assert subprocess.run(rescore, capture_output=True, text=True).returncode == 1

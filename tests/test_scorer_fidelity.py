@@ -331,6 +331,7 @@ def choice_forms(letter: str, text: str, other: str) -> dict[str, tuple[str, str
         "final answer is letter": (f"{REASONING}\nThe final answer is {letter}", letter),
         "boxed letter and text": (f"{REASONING}\n\\boxed{{({letter}) {text}}}", letter),
         "option text": (f"{REASONING}\nThe answer is {text}.", text),
+        "prose option text": (f"{REASONING}\nSo it must be {text}.", text),
         "hedge": (f"{REASONING}\nThe answer is {hedge}.", hedge),
         "hedge list": (f"{REASONING}\nThe answer is ({other}), ({letter}).", f"({other}), ({letter})"),
     }
@@ -383,6 +384,8 @@ DIFFERENCES = {
         "option text, capital-ending text": "LightEval reads the text's last capital as a letter; ours the "
                                             "option the text names",
         "option text": "LightEval reads letters only; ours also accepts the correct answer's exact text",
+        "prose option text": "the same, for the text named in a concluding sentence",
+        "prose option text, capital-ending text": "the same; LightEval may read the text's last capital",
         "hedge": "LightEval scores a hedge ('either B or D') as one of its letters; ours scores it 0",
         "hedge list": "LightEval scores a hedge ('(A), (C)') as one of its letters; ours scores it 0",
     },
@@ -394,6 +397,8 @@ DIFFERENCES = {
                                             "the text names",
         "option text": "lmms-eval's mcq_extract reads letters only; ours also accepts exactly one option's text, "
                        "as MM-Star's official GPT-free matching of the option content does",
+        "prose option text": "the same, for the text named in a concluding sentence",
+        "prose option text, capital-ending text": "the same; mcq_extract may read the text's last capital",
         "hedge": "mcq_extract picks one letter of a hedge; ours scores it 0",
         "hedge list": "mcq_extract picks one letter of a hedge; ours scores it 0",
         "option word": "mcq_extract's priority order can pick a letter inside the reasoning; ours reads 'Option D'",
@@ -406,6 +411,7 @@ DIFFERENCES = {
     "mathverse": {
         "option text": "the official judge (GPT) counts an option's text as its letter; lmms-eval's rule-based "
                        "quick match (extraction equal to `answer`) does not; ours does, as the judge",
+        "prose option text": "the same, for the text named in a concluding sentence",
     },
 }
 

@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "e2e_step", "date": str(date.today()),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "model": cfg.model, "quantization": cfg.quantization, "dtype": cfg.dtype, "prompts": cfg.prompts_per_step,
+        "model": cfg.model, "tokenizer": cfg.tokenizer, "quantization": cfg.quantization, "dtype": cfg.dtype,
+        "prompts": cfg.prompts_per_step,
         "generations": cfg.num_generations, "max_new_tokens": cfg.max_new_tokens, "prompt_tokens": prompt_tokens,
         "completion_tokens_mean": float(batch.completion_mask.sum(1).float().mean()),
         "share_prompt": cfg.share_prompt, "gradient_checkpointing": cfg.gradient_checkpointing,
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             report["decode"][mode] = time_decode(meter, ctx, examples, mode, args.decode_new_tokens)
         except Exception as err:  # a mode that cannot run here (a compile error, say) must not cost the others
-            report["decode"][mode] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+            report["decode"][mode] = {"error": f"{type(err).__name__}: {str(err)[:200]}".splitlines()[0]}
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"decode {mode}: {json.dumps(report['decode'][mode])}", flush=True)
     return report

@@ -99,10 +99,12 @@ def into_process_memory(model):
 
 
 class PhaseMeter:
-    """Seconds and peak memory of one phase at a time: CUDA allocator peaks, or the CPU's resident set."""
+    """Seconds and peak memory of one phase at a time: CUDA allocator peaks, or the CPU's resident set.
+    With `out`, the phases so far are written there after each one (a partial report, which the full
+    report replaces), so a run stopped part-way still says what it measured."""
 
-    def __init__(self, cuda: bool):
-        self.cuda, self.phases = cuda, {}
+    def __init__(self, cuda: bool, out: Path | None = None):
+        self.cuda, self.phases, self.out = cuda, {}, out
 
     def now(self) -> float:
         if self.cuda:
@@ -133,6 +135,8 @@ class PhaseMeter:
                                      peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
         else:
             self.phases[name]["file_backed_after_gib"] = file_backed_rss_bytes() / GIB
+        if self.out is not None:
+            self.out.write_text(json.dumps({"benchmark": "e2e_step", "partial": True, "phases": self.phases}) + "\n")
         return result
 
 
@@ -168,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = device.type == "cuda"
     if not cuda:
         map_large_blocks_directly()
-    meter = PhaseMeter(cuda)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meter = PhaseMeter(cuda, Path(args.out))
 
     start_verifier_pool(cfg, None)  # its workers are processes of their own: outside this process's memory
     examples, _ = draw(cfg.data, cfg.prompts_per_step, 0, cfg.seed)
@@ -243,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = row["measured_vs_planner"]
         print(f"| {name} | {row['planner_gib']:.3f} | {row['measured_gib']:.3f} | "
               f"{'' if ratio is None else f'{ratio:.2f}'} |", flush=True)
+    meter.out = None  # the full report from here on
     for mode in filter(None, args.decode_modes.split(",")):
         try:
             report["decode"][mode] = time_decode(meter, ctx, examples, mode, args.decode_new_tokens)

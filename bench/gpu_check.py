@@ -308,6 +308,8 @@ def part_line(part: Part) -> str:
     report = r.get("report")
     if part.name == "loss" and report:
         return f"{len(report['rows'])} rows ({sum('error' in row for row in report['rows'])} with errors)"
+    if report and report.get("partial"):
+        return f"stopped during the step; phases measured: {', '.join(report['phases']) or 'none'}"
     if report:
         mem = report.get("device_memory") or {}
         measured = (f"measured device peak (reserved + context) {mem['device_peak_gib']:.2f} GiB: "
@@ -340,13 +342,16 @@ def tables(parts: list[Part], header: str) -> str:
     steps = [(name, by_name[name].result.get("report")) for name in ("e2e_fre", "e2e_mgt")
              if name in by_name and by_name[name].result.get("report")]
     for name, report in steps:
-        out += ["", f"{name}: {report['model']}, {report['quantization']}, {report['dtype']}, tokenizer "
+        out += ["", f"{name}: the step was stopped; the phases it finished:" if report.get("partial") else
+                f"{name}: {report['model']}, {report['quantization']}, {report['dtype']}, tokenizer "
                 f"{report.get('tokenizer') or 'of the model directory'}, {report['prompts']} prompts x "
                 f"{report['generations']} x {report['max_new_tokens']} tokens (prompt {report['prompt_tokens']} "
                 f"tokens, images: {report.get('has_images')}), {report['device']}:", "",
                 "| phase | seconds | peak above start GiB | peak reserved GiB |", "|---|---:|---:|---:|"]
         out += [f"| {phase} | {fmt(p['seconds'])} | {fmt(p['peak_extra_gib'], 3)} | "
                 f"{fmt(p.get('peak_reserved_gib'), 3)} |" for phase, p in report["phases"].items()]
+        if report.get("partial"):
+            continue
         out += ["", "| component | planner GiB | measured GiB | measured / planner |", "|---|---:|---:|---:|"]
         out += [f"| {c} | {fmt(v['planner_gib'], 3)} | {fmt(v['measured_gib'], 3)} | {fmt(v['measured_vs_planner'])} |"
                 for c, v in report["components"].items()]

@@ -313,8 +313,8 @@ def part_line(part: Part) -> str:
     if report:
         mem = report.get("device_memory") or {}
         measured = (f"measured device peak (reserved + context) {mem['device_peak_gib']:.2f} GiB: "
-                    f"{'fits' if mem['fits'] else 'does not fit'} {mem['gpu_gib']:g} GiB" if mem
-                    else "no device memory on a CPU")
+                    f"{'fits' if mem['fits'] else 'does not fit'} {mem['gpu_gib']:g} GiB (live tensors + context "
+                    f"{mem['live_peak_gib']:.2f})" if mem else "no device memory on a CPU")
         decode = f"; decode timed: {', '.join(report['decode'])}" if report.get("decode") else ""
         return (f"planner peak {report['planner_peak_gib']:.2f} GiB "
                 f"({'fits' if report.get('planner_fits') else 'does not fit'}); {measured}{decode}")

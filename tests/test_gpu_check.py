@@ -147,7 +147,7 @@ def test_device_memory_is_the_peak_reserved_plus_the_cuda_context(monkeypatch):
     components = {}
     memory = cuda_memory(components, phases, parts, 24.0)
     assert memory == {"peak_allocated_gib": 20.0, "peak_reserved_gib": 22.5, "cuda_context_gib": 1.0,
-                      "device_peak_gib": 23.5, "gpu_gib": 24.0, "fits": True}
+                      "device_peak_gib": 23.5, "live_peak_gib": 21.0, "gpu_gib": 24.0, "fits": True}
     assert components == {"optimizer step scratch": {"planner_gib": 1.5, "measured_gib": 2.0},
                           "CUDA context and workspaces": {"planner_gib": 0.6, "measured_gib": 1.0}}
     assert cuda_memory({}, phases, parts, 23.0)["fits"] is False
@@ -161,7 +161,7 @@ def test_the_table_shows_what_a_stopped_or_failed_part_finished(gpu_check):
             "generations": 8, "max_new_tokens": 1024, "prompt_tokens": 110, "has_images": False, "device": "H200",
             "phases": {"generate": phase}, "planner_peak_gib": 9.4, "planner_fits": True,
             "components": {"weights": {"planner_gib": 2.0, "measured_gib": 2.1, "measured_vs_planner": 1.05}},
-            "device_memory": {"device_peak_gib": 24.5, "fits": False, "gpu_gib": 24.0},
+            "device_memory": {"device_peak_gib": 24.5, "live_peak_gib": 22.25, "fits": False, "gpu_gib": 24.0},
             "decode": {"dynamic": {"rows": 64, "new_tokens": 128, "first_run_seconds": 6.0, "seconds": 5.0,
                                    "tokens_per_second": 1638.4},
                        "compiled": {"error": "BackendCompilerFailed: boom"}}}
@@ -170,7 +170,7 @@ def test_the_table_shows_what_a_stopped_or_failed_part_finished(gpu_check):
                                     "report": {"partial": True, "phases": {"load": phase}}})]
     table = gpu_check.tables(parts, "## head")
     assert ("| e2e_fre | ok | 150.0 | planner peak 9.40 GiB (fits); measured device peak (reserved + context) "
-            "24.50 GiB: does not fit 24 GiB; decode timed: dynamic, compiled |") in table
+            "24.50 GiB: does not fit 24 GiB (live tensors + context 22.25); decode timed: dynamic, compiled |") in table
     assert "| e2e_mgt | timeout | 100.0 | stopped during the step; phases measured: load |" in table
     assert "e2e_mgt: the step was stopped; the phases it finished:" in table
     assert "| load | 12.50 | 3.250 | 20.000 |" in table and "| generate | 12.50 | 3.250 | 20.000 |" in table

@@ -29,6 +29,7 @@ import importlib.metadata
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -60,12 +61,12 @@ class Part:
 
 
 def parts_for(dry_run: bool) -> list[Part]:
-    if dry_run:
-        return [Part("install", 60, 5), Part("kernels", 90, 10), Part("loss", 90, 10), Part("e2e_fre", 150, 15),
-                Part("e2e_mgt", 150, 15)]
-    # estimates for an H200 (none measured yet): install ~15 s, kernels ~40 s, loss 60-100 s (torch.compile and Liger compile per
-    # shape), each 3B step ~130 s (load ~50, 64 x 1,024 tokens generated ~40, the passes ~30), decode ~20 s
-    # plus the compile of the compiled mode, which runs last so that it is the one a budget cuts
+    if dry_run:  # about 50 s of CPU in all; generous budgets, since a shared CPU can stretch that many times over
+        return [Part("install", 300, 5), Part("kernels", 300, 10), Part("loss", 300, 10), Part("e2e_fre", 300, 15),
+                Part("e2e_mgt", 300, 15)]
+    # estimates for an H200, none measured yet: install ~15 s, kernels ~40 s, loss 60-100 s (torch.compile and
+    # Liger compile per shape), each 3B step ~130 s (load ~50, 64 x 1,024 tokens generated ~40, the passes ~30),
+    # decode ~20 s plus the compile of the compiled mode, which runs last so that it is what a budget cuts
     return [Part("install", 60, 10), Part("kernels", 75, 30), Part("loss", 100, 40), Part("e2e_fre", 190, 100),
             Part("e2e_mgt", 150, 100)]
 
@@ -106,7 +107,7 @@ def check_carry(wheels: Path) -> int:
     problems = [f"{n}: {names.count(n)} versions (keep one)" for n in sorted(set(names)) if names.count(n) > 1]
     problems += ["torch is among the wheels: the device keeps its own"] * ("torch" in names)
     problems += [f"{total:.1f} MiB is over the {CARRY_LIMIT_MIB} MiB limit"] * (total > CARRY_LIMIT_MIB)
-    problems += [f"{wheels}: no wheels (run `make gpu-wheels`)"] * (not found)
+    problems += ["no wheels (run `make gpu-wheels`)"] * (not found)
     for problem in problems:
         print(f"{wheels}: {problem}", file=sys.stderr)
     return 2 if problems else 0
@@ -160,7 +161,7 @@ for module, dist in %r.items():
         out[dist] = importlib.metadata.version(dist)
     except Exception as err:
         out[dist] = None
-        out.setdefault("import_errors", {})[dist] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        out.setdefault("import_errors", {})[dist] = f"{type(err).__name__}: {str(err)[:160]}".splitlines()[0]
 try:
     import torch
     out["cuda"] = torch.cuda.is_available()
@@ -256,18 +257,24 @@ def collect(part: Part, args, log_path: Path, log_start: int) -> None:
             part.result["report"] = report
 
 
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_part(part: Part, args, env: dict, log, log_path: Path, start: float, tokenizer_dir: str | None) -> None:
     left = args.budget_s - (time.monotonic() - start)
     if left < part.min_s:
         part.result.update(status="skipped", seconds=0.0,
-                           note=f"{left:.0f} s of the {args.budget_s:.0f} s budget left; it needs at least {part.min_s:.0f} s")
+                           note=f"{left:.0f} s of the {args.budget_s:.0f} s budget left; "
+                                f"it needs at least {part.min_s:.0f} s")
         print(f"[gpu-check] {part.name}: skipped ({part.result['note']})", flush=True)
         return
     timeout = min(part.budget_s, left)
     print(f"[gpu-check] {part.name}: started, stopped after {timeout:.0f} s", flush=True)
     log.write(f"===== {part.name} (budget {timeout:.0f} s) =====\n")
     log.flush()
-    began = time.monotonic()
+    began, cpu_before = time.monotonic(), children_cpu_seconds()
     log_start = log_path.stat().st_size
     if part.name == "install":
         install(part, args, env, log, began + timeout)
@@ -276,7 +283,9 @@ def run_part(part: Part, args, env: dict, log, log_path: Path, start: float, tok
         part.result["status"] = "ok" if rc == 0 else "timeout" if rc is None else f"failed (exit {rc})"
         collect(part, args, log_path, log_start)
     part.result["seconds"] = time.monotonic() - began
-    print(f"[gpu-check] {part.name}: {part.result['status']} in {part.result['seconds']:.1f} s", flush=True)
+    part.result["cpu_seconds"] = children_cpu_seconds() - cpu_before  # against wall seconds: was the machine shared?
+    print(f"[gpu-check] {part.name}: {part.result['status']} in {part.result['seconds']:.1f} s "
+          f"({part.result['cpu_seconds']:.1f} s of CPU)", flush=True)
 
 
 def fmt(value, digits: int = 2) -> str:
@@ -289,7 +298,8 @@ def part_line(part: Part) -> str:
         env = r.get("environment", {})
         versions = ", ".join(f"{k} {env.get(k)}" for k in ("torch", "triton", "transformers", "bitsandbytes",
                                                              "liger-kernel") if k in env)
-        what = r.get("note") or f"{len(r.get('wheels_installed', []))} wheels installed, project built: {r.get('project_built')}"
+        what = r.get("note") or (f"{len(r.get('wheels_installed', []))} wheels installed, "
+                                 f"project built: {r.get('project_built')}")
         return f"{what}; {versions}; device {env.get('device')}"
     if part.name == "kernels" and "counts" in r:
         c = r["counts"]
@@ -298,11 +308,13 @@ def part_line(part: Part) -> str:
     report = r.get("report")
     if part.name == "loss" and report:
         return f"{len(report['rows'])} rows ({sum('error' in row for row in report['rows'])} with errors)"
+    if report and report.get("partial"):
+        return f"stopped during the step; phases measured: {', '.join(report['phases']) or 'none'}"
     if report:
         mem = report.get("device_memory") or {}
         measured = (f"measured device peak (reserved + context) {mem['device_peak_gib']:.2f} GiB: "
-                    f"{'fits' if mem['fits'] else 'does not fit'} {mem['gpu_gib']:g} GiB" if mem
-                    else "no device memory on a CPU")
+                    f"{'fits' if mem['fits'] else 'does not fit'} {mem['gpu_gib']:g} GiB (live tensors + context "
+                    f"{mem['live_peak_gib']:.2f})" if mem else "no device memory on a CPU")
         decode = f"; decode timed: {', '.join(report['decode'])}" if report.get("decode") else ""
         return (f"planner peak {report['planner_peak_gib']:.2f} GiB "
                 f"({'fits' if report.get('planner_fits') else 'does not fit'}); {measured}{decode}")
@@ -312,7 +324,8 @@ def part_line(part: Part) -> str:
 def tables(parts: list[Part], header: str) -> str:
     by_name = {p.name: p for p in parts}
     out = [header, "", "| part | status | seconds | result |", "|---|---|---:|---|"]
-    out += [f"| {p.name} | {p.result.get('status')} | {p.result.get('seconds', 0):.1f} | {part_line(p)} |" for p in parts]
+    out += [f"| {p.name} | {p.result.get('status')} | {p.result.get('seconds', 0):.1f} | {part_line(p)} |"
+            for p in parts]
     loss = by_name.get("loss") and by_name["loss"].result.get("report")
     if loss:
         out += ["", f"Loss from hidden states, forward + backward ({loss['device']}):", "",
@@ -320,7 +333,8 @@ def tables(parts: list[Part], header: str) -> str:
                 "|---:|---:|---:|---|---|---:|---:|---:|---:|"]
         for row in loss["rows"]:
             if "error" in row:
-                out.append(f"| {row['N']} | {row['H']} | {row['V']} | {row['dtype']} | {row['impl']} | {row['error']} | | | |")
+                out.append(f"| {row['N']} | {row['H']} | {row['V']} | {row['dtype']} | {row['impl']} | "
+                           f"{row['error']} | | | |")
             else:
                 out.append(f"| {row['N']} | {row['H']} | {row['V']} | {row['dtype']} | {row['impl']} | "
                            f"{fmt(row['fwd_ms'])} | {fmt(row['fwd_bwd_ms'])} | {fmt(row.get('peak_extra_mib'), 1)} | "
@@ -328,12 +342,16 @@ def tables(parts: list[Part], header: str) -> str:
     steps = [(name, by_name[name].result.get("report")) for name in ("e2e_fre", "e2e_mgt")
              if name in by_name and by_name[name].result.get("report")]
     for name, report in steps:
-        out += ["", f"{name}: {report['model']}, {report['quantization']}, {report['dtype']}, {report['prompts']} prompts x "
-                f"{report['generations']} x {report['max_new_tokens']} tokens (prompt {report['prompt_tokens']} tokens, "
-                f"images: {report.get('has_images')}), {report['device']}:", "",
+        out += ["", f"{name}: the step was stopped; the phases it finished:" if report.get("partial") else
+                f"{name}: {report['model']}, {report['quantization']}, {report['dtype']}, tokenizer "
+                f"{report.get('tokenizer') or 'of the model directory'}, {report['prompts']} prompts x "
+                f"{report['generations']} x {report['max_new_tokens']} tokens (prompt {report['prompt_tokens']} "
+                f"tokens, images: {report.get('has_images')}), {report['device']}:", "",
                 "| phase | seconds | peak above start GiB | peak reserved GiB |", "|---|---:|---:|---:|"]
-        out += [f"| {phase} | {fmt(p['seconds'])} | {fmt(p['peak_extra_gib'], 3)} | {fmt(p.get('peak_reserved_gib'), 3)} |"
-                for phase, p in report["phases"].items()]
+        out += [f"| {phase} | {fmt(p['seconds'])} | {fmt(p['peak_extra_gib'], 3)} | "
+                f"{fmt(p.get('peak_reserved_gib'), 3)} |" for phase, p in report["phases"].items()]
+        if report.get("partial"):
+            continue
         out += ["", "| component | planner GiB | measured GiB | measured / planner |", "|---|---:|---:|---:|"]
         out += [f"| {c} | {fmt(v['planner_gib'], 3)} | {fmt(v['measured_gib'], 3)} | {fmt(v['measured_vs_planner'])} |"
                 for c, v in report["components"].items()]
@@ -341,8 +359,8 @@ def tables(parts: list[Part], header: str) -> str:
             out += ["", "| decode cache | rows | new tokens | first run s | timed run s | tokens/s |",
                     "|---|---:|---:|---:|---:|---:|"]
             out += [f"| {mode} | {d['error']} | | | | |" if "error" in d else
-                    f"| {mode} | {d['rows']} | {d['new_tokens']} | {fmt(d['first_run_seconds'])} | {fmt(d['seconds'])} | "
-                    f"{fmt(d['tokens_per_second'], 1)} |" for mode, d in report["decode"].items()]
+                    f"| {mode} | {d['rows']} | {d['new_tokens']} | {fmt(d['first_run_seconds'])} | "
+                    f"{fmt(d['seconds'])} | {fmt(d['tokens_per_second'], 1)} |" for mode, d in report["decode"].items()]
     return "\n".join(out) + "\n"
 
 
@@ -354,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", default="/tmp/lmmr1-gpu-check/site", help="where the wheels are installed")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds for all parts together (default 525 on the GPU: the call stays under 9 minutes; "
-                             "300 with --dry-run)")
+                             "1200 with --dry-run)")
     parser.add_argument("--parts", default=None, help="comma-separated subset, e.g. 'install,e2e_mgt' for a rerun")
     parser.add_argument("--check-carry", metavar="WHEEL_DIR", default=None,
                         help="only check what the device call would carry, and exit")
@@ -362,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_carry:
         return check_carry(Path(args.check_carry))
     start = time.monotonic()
-    args.budget_s = args.budget_s or (300.0 if args.dry_run else 525.0)
+    args.budget_s = args.budget_s or (1200.0 if args.dry_run else 525.0)
     parts = parts_for(args.dry_run)
     if args.parts:
         chosen = args.parts.split(",")

@@ -102,7 +102,7 @@ def measure(name, fn, hidden, weight, targets, adv, mask, device, bench):
         row["error"] = "out of memory"
         torch.cuda.empty_cache()
     except Exception as err:  # one implementation failing (an API change, a compile error) must not cost the rest
-        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        row["error"] = f"{type(err).__name__}: {str(err)[:200]}".splitlines()[0]
     return row
 
 

@@ -30,7 +30,7 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "kernels")]))
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], capture_output=True,
-                          text=True, env=env, timeout=600)
+                          text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert files == ["e2e_fre.json", "e2e_mgt.json", "loss_kernels.json", "parts.log", "summary.json", "summary.md"]
@@ -147,7 +147,46 @@ def test_device_memory_is_the_peak_reserved_plus_the_cuda_context(monkeypatch):
     components = {}
     memory = cuda_memory(components, phases, parts, 24.0)
     assert memory == {"peak_allocated_gib": 20.0, "peak_reserved_gib": 22.5, "cuda_context_gib": 1.0,
-                      "device_peak_gib": 23.5, "gpu_gib": 24.0, "fits": True}
+                      "device_peak_gib": 23.5, "live_peak_gib": 21.0, "gpu_gib": 24.0, "fits": True}
     assert components == {"optimizer step scratch": {"planner_gib": 1.5, "measured_gib": 2.0},
                           "CUDA context and workspaces": {"planner_gib": 0.6, "measured_gib": 1.0}}
     assert cuda_memory({}, phases, parts, 23.0)["fits"] is False
+
+
+def test_the_table_shows_what_a_stopped_or_failed_part_finished(gpu_check):
+    """A step stopped mid-way (its partial report), a decode mode that failed, a CUDA step that does not fit."""
+    Part = gpu_check.Part
+    phase = {"seconds": 12.5, "peak_extra_gib": 3.25, "peak_reserved_gib": 20.0}
+    step = {"model": "3b", "tokenizer": None, "quantization": "nf4", "dtype": "bfloat16", "prompts": 8,
+            "generations": 8, "max_new_tokens": 1024, "prompt_tokens": 110, "has_images": False, "device": "H200",
+            "phases": {"generate": phase}, "planner_peak_gib": 9.4, "planner_fits": True,
+            "components": {"weights": {"planner_gib": 2.0, "measured_gib": 2.1, "measured_vs_planner": 1.05}},
+            "device_memory": {"device_peak_gib": 24.5, "live_peak_gib": 22.25, "fits": False, "gpu_gib": 24.0},
+            "decode": {"dynamic": {"rows": 64, "new_tokens": 128, "first_run_seconds": 6.0, "seconds": 5.0,
+                                   "tokens_per_second": 1638.4},
+                       "compiled": {"error": "BackendCompilerFailed: boom"}}}
+    parts = [Part("e2e_fre", 1, 1, {"status": "ok", "seconds": 150.0, "report": step}),
+             Part("e2e_mgt", 1, 1, {"status": "timeout", "seconds": 100.0,
+                                    "report": {"partial": True, "phases": {"load": phase}}})]
+    table = gpu_check.tables(parts, "## head")
+    assert ("| e2e_fre | ok | 150.0 | planner peak 9.40 GiB (fits); measured device peak (reserved + context) "
+            "24.50 GiB: does not fit 24 GiB (live tensors + context 22.25); decode timed: dynamic, compiled |") in table
+    assert "| e2e_mgt | timeout | 100.0 | stopped during the step; phases measured: load |" in table
+    assert "e2e_mgt: the step was stopped; the phases it finished:" in table
+    assert "| load | 12.50 | 3.250 | 20.000 |" in table and "| generate | 12.50 | 3.250 | 20.000 |" in table
+    assert "| weights | 2.000 | 2.100 | 1.05 |" in table
+    assert "| dynamic | 64 | 128 | 6.00 | 5.00 | 1638.4 |" in table
+    assert "| compiled | BackendCompilerFailed: boom | | | | |" in table
+
+
+def test_the_step_reports_each_phase_as_it_ends(tmp_path):
+    """bench/e2e_step.py's meter writes the phases so far after each one, so a stopped step keeps them."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from e2e_step import PhaseMeter
+
+    out = tmp_path / "step.json"
+    meter = PhaseMeter(False, out)
+    assert meter.measure("load", lambda: bytearray(32 * 2**20)) is not None
+    partial = json.loads(out.read_text())
+    assert partial["partial"] is True and list(partial["phases"]) == ["load"]
+    assert partial["phases"]["load"]["seconds"] > 0 and partial["phases"]["load"]["peak_extra_gib"] > 0.02

@@ -16,6 +16,7 @@ Each `*_score(row, completion)` returns the official verdict as 1.0/0.0.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 import types
@@ -52,6 +53,7 @@ def _latex_value(text):
 # ------------------------------------------------------------------------------------------------
 # lighteval: MATH500 (latex_gold_metric's extraction targets) and GPQA (gpqa_instruct_metric)
 # ------------------------------------------------------------------------------------------------
+@functools.cache  # loaded once: the patches below are not stacked
 def _lighteval():
     root = _root("lighteval")
     if root is None:
@@ -102,6 +104,7 @@ class _NoJudge:
         return types.SimpleNamespace(success=False, content="", error="no judge in tests")
 
 
+@functools.cache
 def _lmms_tasks() -> Path | None:
     root = _root("lmms_eval")
     if root is None:
@@ -115,7 +118,8 @@ def _lmms_tasks() -> Path | None:
     _stand_in("lmms_eval.verifiers.extractors", StripReasoningExtractor=object)
     _stand_in("lmms_eval.verifiers.openai", OpenAIVerifier=object)
     _stand_in("latex2sympy2", latex2sympy=_latex_value)
-    if "openai" not in sys.modules and importlib.util.find_spec("openai") is None:  # MathVerse's evaluator imports the client at import time
+    # MathVerse's evaluator builds an API client at import time
+    if "openai" not in sys.modules and importlib.util.find_spec("openai") is None:
         _stand_in("openai", OpenAI=types.SimpleNamespace, AzureOpenAI=types.SimpleNamespace)
     from loguru import logger
 
@@ -123,6 +127,7 @@ def _lmms_tasks() -> Path | None:
     return root / "tasks"
 
 
+@functools.cache
 def _mathvista():
     if _lmms_tasks() is None:
         return None

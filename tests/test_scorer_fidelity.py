@@ -367,7 +367,8 @@ def pairs_choice(rows, options_of, gold_of):
 DIFFERENCES = {
     "math500": {
         "bare formula": "LightEval reads LaTeX only inside $...$, \\[...\\] or \\boxed{}: a completion that is a bare "
-                        "`2\\sqrt{3}` reads as nothing or its first number; ours reads a last line that is a formula alone",
+                        "`2\\sqrt{3}` reads as nothing or its first number; ours reads a last line that is a "
+                        "formula alone",
         "lmmr1": "LightEval's expression regexes do not read a value written straight between tags "
                  "(`<answer>56</answer>`); ours reads the `<answer>` block, as the training reward does",
     },
@@ -446,7 +447,8 @@ def needs(package):
 MATH500_ROWS = [{"problem": "p", "answer": a, "unique_id": f"d/{i}"} for i, a in enumerate(
     ["56", "-4", "0.25", "1000", "\\frac{14}{3}", "2\\sqrt{3}", "\\frac{\\sqrt{3}}{2}", "(3, \\frac{\\pi}{2})",
      "x^2+1", "12\\pi", "[0, 1)", "\\frac{1}{2}"])]
-WRONG = {"56": "65", "-4": "4", "0.25": "0.3", "1000": "100", "\\frac{14}{3}": "\\frac{3}{14}", "2\\sqrt{3}": "3\\sqrt{2}",
+WRONG = {"56": "65", "-4": "4", "0.25": "0.3", "1000": "100", "\\frac{14}{3}": "\\frac{3}{14}",
+         "2\\sqrt{3}": "3\\sqrt{2}",
          "\\frac{\\sqrt{3}}{2}": "\\frac{\\sqrt{2}}{2}", "(3, \\frac{\\pi}{2})": "(3, \\pi)", "x^2+1": "x^2-1",
          "12\\pi": "6\\pi", "[0, 1)": "[0, 1]", "\\frac{1}{2}": "\\frac{1}{3}"}
 
@@ -457,7 +459,8 @@ def is_number(text):
 
 def test_math500_agrees_with_lighteval():
     needs("lighteval")
-    pairs = pairs_free(MATH500_ROWS, lambda r: r["answer"], lambda r: WRONG[r["answer"]], lambda r: is_number(r["answer"]))
+    pairs = pairs_free(MATH500_ROWS, lambda r: r["answer"], lambda r: WRONG[r["answer"]],
+                       lambda r: is_number(r["answer"]))
     compared, disagreements = agreement("math500", pairs, lambda row, c, stated: oracles.lighteval_math500(row, c))
     assert_agrees("math500", compared, disagreements)
 
@@ -490,8 +493,8 @@ def test_gsm8k_filters_agree_with_lm_eval(name):
                                                                              "hub_id", "split", "config", "required")})
     bench.filter = name
     golds = {"56": "65", "1012": "1102", "-3": "3", "0": "10", "18": "$18.50"}
-    pairs = pairs_free(GSM8K_ROWS, lambda r: r["answer"].split("#### ")[1], lambda r: golds[gsm8k.gold_number(r["answer"])],
-                       lambda r: True)
+    pairs = pairs_free(GSM8K_ROWS, lambda r: r["answer"].split("#### ")[1],
+                       lambda r: golds[gsm8k.gold_number(r["answer"])], lambda r: True)
     pairs += [(row, f"{REASONING}\nThe answer is {text}. Check: 2 + 2 = 4.", "strict sentence", text)
               for row in GSM8K_ROWS for text in (row["answer"].split("#### ")[1], "$1,012", "7")]
     compared, disagreements = agreement("gsm8k", pairs, lambda row, c, stated: oracles.lm_eval_gsm8k(row, c, name),
@@ -501,10 +504,12 @@ def test_gsm8k_filters_agree_with_lm_eval(name):
 
 MATHVISION_CHOICE = [mathvision(gold, options) for gold, options in [
     ("B", ["1", "2", "3", "4", "5"]), ("D", ["3/11", "5/11", "6/11", "8/11", "1"]),
-    ("A", ["\\frac{1}{2}", "\\frac{1}{3}", "\\frac{1}{4}", "1", "2"]), ("E", ["red", "blue", "green", "white", "black"]),
+    ("A", ["\\frac{1}{2}", "\\frac{1}{3}", "\\frac{1}{4}", "1", "2"]),
+    ("E", ["red", "blue", "green", "white", "black"]),
     ("C", ["2\\sqrt{3}", "\\sqrt{3}", "3", "4", "6"])]]
 MATHVISION_FREE = [mathvision(gold) for gold in ("56", "3.14", "2\\sqrt{3}", "\\frac{3}{4}", "0.5", "12", "(1, 2)")]
-MATHVISION_WRONG = {"56": "65", "3.14": "3.41", "2\\sqrt{3}": "3\\sqrt{2}", "\\frac{3}{4}": "\\frac{4}{3}", "0.5": "0.25",
+MATHVISION_WRONG = {"56": "65", "3.14": "3.41", "2\\sqrt{3}": "3\\sqrt{2}", "\\frac{3}{4}": "\\frac{4}{3}",
+                    "0.5": "0.25",
                     "12": "21", "(1, 2)": "(2, 1)"}
 
 
@@ -568,7 +573,8 @@ def test_mmstar_agrees_with_lmms_eval():
 
 
 OLYMPIAD_ROWS = [olympiad("$3, 5$", multiple=True), olympiad("$3.14$", error="1e-2"), olympiad("$12$", unit="m"),
-                 olympiad("$\\frac{\\sqrt{3}}{2}$", answer_type="Expression"), olympiad("$x = 5$", answer_type="Expression"),
+                 olympiad("$\\frac{\\sqrt{3}}{2}$", answer_type="Expression"),
+                 olympiad("$x = 5$", answer_type="Expression"),
                  olympiad("$7.1 \\times 10^{35}$", error="5e34"), olympiad(f"${TWELVE}$", multiple=True),
                  olympiad("$(-\\infty, 2]$", answer_type="Interval"), olympiad("$y = 2x + 1$", answer_type="Equation")]
 OLYMPIAD_WRONG = {"$3, 5$": "3, 6", "$3.14$": "3.3", "$12$": "13", "$\\frac{\\sqrt{3}}{2}$": "\\frac{1}{2}",
@@ -579,7 +585,8 @@ OLYMPIAD_WRONG = {"$3, 5$": "3, 6", "$3.14$": "3.3", "$12$": "13", "$\\frac{\\sq
 def test_olympiadbench_agrees_with_the_official_judge():
     needs("lmms_eval")
     forms = {"final answer boxed": "{r}\nSo the final answer is \\boxed{{{a}}}.",
-             "final answer": "{r}\nSo the final answer is ${a}$.", "lmmr1 boxed": "<think>{r}</think><answer>\\boxed{{{a}}}</answer>",
+             "final answer": "{r}\nSo the final answer is ${a}$.",
+             "lmmr1 boxed": "<think>{r}</think><answer>\\boxed{{{a}}}</answer>",
              "boxed": "{r}\n\\boxed{{{a}}}"}
     pairs = []
     for row in OLYMPIAD_ROWS:

@@ -18,8 +18,8 @@ MAX_CHARS = 500  # longer "answers" are not options; they are compared by nothin
 _LEADING = re.compile(r"\(?([A-Ja-j])(?:\)|\.|:|$)")
 _NAMED = re.compile(r"(?:option|choice)\s*\(?([A-J])\)?(?:\W|$)", re.IGNORECASE)
 _WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
-# An option letter standing alone ("(B)", "B.", "B or D"), not inside a word; "A" before a lower-case word is
-# the article ("A quick check shows ...").
+# An option letter standing alone ("(B)", "B.", "B or D"), not inside a word or after a backslash
+# (named_letters then skips the article: "A quick check shows ...").
 _STANDALONE = re.compile(r"(?<![A-Za-z0-9\\])(\()?([A-J])\)?(?![A-Za-z0-9])")
 SHORT_ANSWER = 100  # the nearest-option fallback reads answers up to this long (and twice the longest option)
 

@@ -25,6 +25,7 @@ import re
 
 from ..answers import answer_block, last_boxed
 from ..verifier import MAX_ANSWER_CHARS
+from .choices import named_letters
 
 # Phrases after which official extractors read the answer: MathVision's evaluate.py tries "the final answer
 # is", "the answer is", "the correct answer is", "the answer should be" (mathllm/MATH-V evaluation/evaluate.py);
@@ -37,10 +38,10 @@ TAIL_CHARS = 300  # how far before the end a closing option letter is looked for
 _LETTER_TAIL = re.compile(r"(?:^|[\s(*])\(?([A-J])\)?[\s.*)]*$")     # "... so D." / "(B)"
 _LETTER_LEAD = re.compile(r"\(?([A-J])(?:\)|\.|:)(?:\s|$)")             # a last line "B. 2" / "(B) 2"
 _LETTER_FIRST = re.compile(r"\(?([A-Ja-j])\)?\.?[ \t]*(?:\n|$)")      # a first line "B" or "a" (MATH-V's startswith)
-# a number: sign, digits with thousands separators, decimals, or a fraction a/b
 FORMULA_CHARS = 80  # a last line this short, with no word in it, is the answer itself
 _WORD = re.compile(r"[A-Za-z]{3,}")  # a word (after LaTeX commands are removed): prose, not a formula
 _COMMAND = re.compile(r"\\[A-Za-z]+")
+# a number: sign, digits with thousands separators, decimals, or a fraction a/b
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?")
 
 
@@ -48,7 +49,8 @@ def clean(answer: str) -> str:
     """Trim what wraps an answer but is not part of it: spaces, `$`, markdown `**`, quotes, a final full stop."""
     text = answer.strip()
     for _ in range(3):  # wrappers nest at most a few levels ("**$5$**.", "\\$34")
-        text = text.strip().strip("*").strip().rstrip(".").strip().removeprefix("\\$").strip("$").strip().strip("\"'`")
+        text = text.strip().strip("*").strip().rstrip(".").strip().removeprefix("\\$").strip("$").strip()
+        text = text.strip("\"'`")
         if text.startswith("\\(") and text.endswith("\\)"):
             text = text[2:-2]
     return text.strip()
@@ -85,8 +87,6 @@ def final_clause(text: str) -> str:
 
 def hedged(text: str, letters: str) -> bool:
     """Whether the conclusion names several option letters ("so it is either B or D")."""
-    from .choices import named_letters
-
     return len(named_letters(final_clause(text), letters)) > 1
 
 

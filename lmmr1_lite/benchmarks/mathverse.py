@@ -15,7 +15,8 @@ option's text as matching its letter; lmms-eval's rule part, quick_match, is the
 `answer`). Ours, without a language model: a multiple-choice row is right when the answer names the gold
 option, by letter or by the text of that option parsed from question_for_eval; the gold option is the
 letter `answer` names ("C", "(C)", "C:√{3}") or the one option whose text `answer` is; a gold naming no option,
-and a free-form row, are right when math-verify finds the answer equal to `answer`. The version is in every row's details.
+and a free-form row, are right when math-verify finds the answer equal to `answer`. The version is in every
+row's details.
 """
 from __future__ import annotations
 

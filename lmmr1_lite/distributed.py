@@ -205,7 +205,7 @@ def init(cfg) -> Distributed | None:
 
     Refused with one line (ConfigError, exit 2) before anything starts: WORLD_SIZE > 1 without the rest of a
     torchrun environment (RANK, MASTER_ADDR, MASTER_PORT), ranks out of range, more local ranks than GPUs,
-    a backend this machine lacks, or `prompts_per_step` not divisible by the world size. A refusal every
+    a backend this machine lacks, `prompts_per_step` not divisible by the world size, or `filter_groups`. A refusal every
     rank would make alike is printed by rank 0 only; the others exit 2 silently."""
     global _CURRENT
     world = world_size_from_env()
@@ -232,6 +232,9 @@ def init(cfg) -> Distributed | None:
     if cfg.prompts_per_step % world:
         refuse(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the world size {world}: every rank "
                f"takes the same number of prompts (their G completions stay on it); use a multiple of {world}")
+    if cfg.filter_groups:
+        refuse("filter_groups (dynamic sampling) runs in one process only for now: the ranks would have to agree "
+               "on every extra draw; launch without torchrun or set filter_groups=false")
     import torch.distributed as dist
     if not dist.is_available():
         refuse(f"WORLD_SIZE={world} but this torch build has no torch.distributed; launch one process")

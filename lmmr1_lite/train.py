@@ -163,9 +163,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         error = run = init_adapter = None
         try:
             rewards.check_names(cfg.rewards)
-            if dist is not None and cfg.filter_groups:
-                raise ConfigError("filter_groups (dynamic sampling) runs in one process only for now: the ranks "
-                                  "would have to agree on every draw; launch without torchrun or drop filter_groups")
             init_adapter, cfg = (None, cfg) if resume else resolve_init(cfg)
             cfg = with_absolute_paths(replace(cfg, output_dir=output_dir))
             hub.check_model_source(cfg.model, cfg.tokenizer)  # offline with a Hub id: one line now, not retries later

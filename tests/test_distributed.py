@@ -97,6 +97,8 @@ def test_a_launch_that_cannot_be_right_is_one_line(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     assert main(["train", "--output-dir", str(run), "--prompts-per-step", "3"]) == 2
     one_line(capsys.readouterr().err, "prompts_per_step=3 is not divisible by the world size 2")
+    assert main(["train", "--output-dir", str(run), "--set", "filter_groups=true"]) == 2
+    one_line(capsys.readouterr().err, "filter_groups (dynamic sampling) runs in one process only")
     monkeypatch.setenv("RANK", "1")  # the same refusal on another rank: rank 0 alone says it
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--output-dir", str(run), "--prompts-per-step", "3"])

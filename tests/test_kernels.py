@@ -197,7 +197,9 @@ def test_grpo_loss_at_real_vocab(backend, shape, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_output_element_is_written(backend, monkeypatch):
+@pytest.mark.parametrize("objective", [{}, {"importance_sampling_level": "sequence", "top_entropy_quantile": 0.5}],
+                         ids=["token", "gspo-top-entropy"])
+def test_every_output_element_is_written(backend, objective, monkeypatch):
     """Poison every buffer the kernels allocate (NaN) and check that no element is left unwritten."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
@@ -215,7 +217,7 @@ def test_every_output_element_is_written(backend, monkeypatch):
     logp = token_logprobs(hidden, weight, targets, 1.3, backend=backend, chunk_rows=4)
     logp.sum().backward()
     loss, metrics = grpo_loss(hidden, weight, targets, torch.ones_like(targets), torch.randn(3), beta=0.1,
-                              ref_logprobs=logp.detach(), backend=backend, chunk_rows=4)
+                              ref_logprobs=logp.detach(), backend=backend, chunk_rows=4, **objective)
     loss.backward()
     monkeypatch.undo()
     assert torch.isfinite(logp).all() and torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()

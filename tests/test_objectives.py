@@ -182,6 +182,18 @@ def tiny_scored(tokenizer, n=6, prompt=5, completion=7, seed=0):
     return ScoredRollout(batch, [None] * n, torch.zeros(n), {}, {}, torch.randn(n, generator=gen), None, None)
 
 
+def test_the_step_scores_soft_overlong_from_each_completions_token_count(tiny_cfg):
+    from lmmr1_lite import models
+    from lmmr1_lite.data import Example
+    from lmmr1_lite.step import StepContext, reward_rollouts
+
+    cfg = tiny_cfg(rewards={"soft_overlong": 1.0}, num_generations=2, max_new_tokens=7, soft_punish_cache=4)
+    tokenizer = models.load_tokenizer(cfg.model)
+    batch = tiny_scored(tokenizer).batch  # completion lengths 3, 7, 2, 5, 7, 6 (stop tokens included)
+    scored = reward_rollouts(StepContext(None, tokenizer, cfg), batch, [Example(prompt="q", answer="1")] * 3)
+    assert scored.rewards.tolist() == [0.0, -1.0, 0.0, -0.5, -1.0, -0.75]
+
+
 def lora_grads(policy) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in policy.parameters() if p.requires_grad])
 

@@ -30,7 +30,7 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "kernels")]))
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], capture_output=True,
-                          text=True, env=env, timeout=1500)
+                          text=True, env=env, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert files == ["e2e_fre.json", "e2e_mgt.json", "loss_kernels.json", "parts.log", "summary.json", "summary.md"]
@@ -70,12 +70,12 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
 
 
 def test_parts_are_skipped_with_a_line_when_the_budget_is_spent(gpu_check, tmp_path, capsys):
-    status = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "2", "--parts", "loss"])
+    status = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "0.5", "--parts", "loss"])
     assert status == 1
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert list(summary["parts"]) == ["install", "loss"]  # the install always runs first
     for part in summary["parts"].values():
-        assert part["status"] == "skipped" and re.fullmatch(r"\d+ s of the 2 s budget left; it needs at least \d+ s",
+        assert part["status"] == "skipped" and re.fullmatch(r"-?\d+ s of the 0 s budget left; it needs at least 1 s",
                                                             part["note"])
     assert "[gpu-check] loss: skipped (" in capsys.readouterr().out
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--parts", "loss,kernel"]) == 2

@@ -216,7 +216,8 @@ def test_every_output_element_is_written(backend, objective, monkeypatch):
     monkeypatch.setattr(torch, "empty_like", poisoned_like)
     logp = token_logprobs(hidden, weight, targets, 1.3, backend=backend, chunk_rows=4)
     logp.sum().backward()
-    loss, metrics = grpo_loss(hidden, weight, targets, torch.ones_like(targets), torch.randn(3), beta=0.1,
+    loss, metrics = grpo_loss(hidden, weight, targets, torch.ones_like(targets), torch.randn(3, device=DEVICE),
+                              beta=0.1,
                               ref_logprobs=logp.detach(), backend=backend, chunk_rows=4, **objective)
     loss.backward()
     monkeypatch.undo()

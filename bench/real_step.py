@@ -3,8 +3,9 @@
 Floors are measured here first, in the same process (torch, all threads): the memory read rate (a sum over
 a 1 GiB tensor) and the matmul rate at each dtype (a [2048, 896] x [896, 4864] GEMM, the model's MLP shape).
 Then, per dtype, one GRPO step of `configs/real_0_5b/fre.yaml` at a smaller batch (after a warm-up step):
-- generate: every decode step reads the language model's matmul weights (and the LM head) once, so its floor
-  is decode steps x weight bytes / read rate, plus the prefill's FLOPs / matmul rate; the decode loop's own
+- generate: every decode step reads the language model's matmul weights (and the LM head) once and multiplies
+  them by its live rows, so its floor is the larger of decode steps x weight bytes / read rate and
+  2 x matmul parameters x row-steps / matmul rate, plus the prefill's FLOPs / matmul rate; the decode loop's own
   share is measured by replaying one decode step's GEMMs at the batch's row count (`matmul_share`);
 - update (forward + backward of the training pass; LoRA: the frozen weights need only d(input)): about
   2 x 2 x matmul parameters x tokens FLOPs / matmul rate;
@@ -102,7 +103,10 @@ def one_dtype(model: str, dtype: str, args, rates: dict) -> dict:
     flops = rates[dtype]
     rows = batch.completion_ids.shape[0]
     gemm = decode_gemm_seconds(weights, rows)
-    floors = {"generate_seconds": decode_steps * weight_bytes / rates["read"] + 2 * matmul_params * prompt_tokens / flops,
+    # A decode step reads every weight once (read-bound at few rows) and multiplies it by its live rows
+    # (compute-bound at many): the larger of the two sums is a floor, and the prefill's GEMMs come on top.
+    decode_floor = max(decode_steps * weight_bytes / rates["read"], 2 * matmul_params * row_steps / flops)
+    floors = {"generate_seconds": decode_floor + 2 * matmul_params * prompt_tokens / flops,
               "update_seconds": 4 * matmul_params * train_tokens / flops,
               "score_seconds": (2 * matmul_params * train_tokens / flops) if cfg.beta > 0 else 0.0}
     phases = {k: metrics[k] for k in ("generate_seconds", "score_seconds", "update_seconds", "step_seconds")}

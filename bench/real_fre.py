@@ -168,16 +168,12 @@ def publish(results: Path, run_dir: Path, summary: dict, evals: dict[int, Path])
             shutil.copyfile(path, predictions / path.name)
     shutil.copyfile(run_dir / "metrics.jsonl", results / "metrics.jsonl")
     shutil.copyfile(run_dir / "config.yaml", results / "config.yaml")
-    rewards = list(yaml_rewards(run_dir / "config.yaml"))
-    plot_rewards(results / "metrics.jsonl", results / "reward_curve.png", terms=rewards,
-                 title=f"FRE on {Path(summary['model']).name}: multi_step (train batches)")
-    (results / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
-
-
-def yaml_rewards(config: Path) -> dict:
     from lmmr1_lite.config import load_yaml
 
-    return load_yaml(config).get("rewards", {})
+    run_config = load_yaml(run_dir / "config.yaml")
+    plot_rewards(results / "metrics.jsonl", results / "reward_curve.png", terms=list(run_config.get("rewards", {})),
+                 title=f"FRE on {Path(summary['model']).name}: {run_config.get('data')} (train batches)")
+    (results / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def main() -> int:

@@ -90,7 +90,16 @@ def one_dtype(model: str, dtype: str, args, rates: dict) -> dict:
     ctx = StepContext(policy, tokenizer, cfg, optimizer, scheduler)
     train, _ = tasks.generate(cfg.data, 64, 0, seed=0, level=cfg.task_level)
     grpo_step(ctx, train[:cfg.prompts_per_step])  # warm-up: first-call allocations and one-time setup
-    metrics, scored = grpo_step(ctx, train[cfg.prompts_per_step: 2 * cfg.prompts_per_step])
+    measured = train[cfg.prompts_per_step: 2 * cfg.prompts_per_step]
+    if args.profile:  # where the step's time goes, by op (self time), beside the phase totals
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            metrics, scored = grpo_step(ctx, measured)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        args.out.with_name(f"{args.out.stem}-profile-{dtype}.txt").write_text(table + "\n")
+    else:
+        metrics, scored = grpo_step(ctx, measured)
     weights = matmul_weights(policy)
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     matmul_params = sum(w.numel() for w in weights)
@@ -126,7 +135,10 @@ def main() -> int:
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "real_step.json")
+    parser.add_argument("--profile", action="store_true", help="also write the measured step's top ops by self "
+                        "time (torch.profiler) beside --out; the profiler's overhead inflates the phase times")
     args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     from lmmr1_lite import real_model
 
     model = str(real_model.build(log=lambda line: print(line, file=sys.stderr)))
@@ -136,7 +148,6 @@ def main() -> int:
               "shape": f"{args.prompts} prompts x {args.generations} completions x <= {args.max_new_tokens} tokens",
               "floors_measured": {"read_GB_per_s": rates["read"] / 1e9, "float32_GFLOP_per_s": rates["float32"] / 1e9,
                                   "bfloat16_GFLOP_per_s": rates["bfloat16"] / 1e9}, "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"read {rates['read'] / 1e9:.1f} GB/s, fp32 {rates['float32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {rates['bfloat16'] / 1e9:.0f} GFLOP/s; {result['shape']}")

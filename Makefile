@@ -49,7 +49,7 @@ bench: install
 	$(BIN)/python bench/kernels_cpu_memory.py
 
 # Wheels for the lent GPU machine (Python 3.12, manylinux x86_64, no network there): what its image lacks, pinned to
-# the versions tested here, into $(GPU_WHEELS) (ignored; carried by the `run` call, see the README's "GPU check").
+# the versions tested here, into $(GPU_WHEELS) (ignored; carried by the `run` call, see docs/tests-and-benchmarks.md, "The GPU check").
 # Never torch: the device keeps its own. setuptools + wheel build the project there (pip's isolated build, offline).
 GPU_WHEELS ?= .whl
 GPU_WHEEL_SPECS ?= bitsandbytes==0.50.2 liger-kernel==0.8.5 math-verify==0.9.0 latex2sympy2_extended==1.11.0 \

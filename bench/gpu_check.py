@@ -1,4 +1,4 @@
-"""Every GPU claim of the README measured in one call of under 9 minutes on the lent H200 (issue 28).
+"""Every GPU claim of the README and docs/ measured in one call of under 9 minutes on the lent H200 (issue 28).
 
 On the GPU machine (no network there; the wheels of `make gpu-wheels` carried in .whl), from the repository root:
     python3 bench/gpu_check.py --out $OUT

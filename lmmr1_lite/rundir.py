@@ -1,7 +1,7 @@
 """The run directory: what a run writes there (known by name), a lock while it writes, and the checks
 made before anything is written.
 
-Guarantees (README "Runs that survive"):
+Guarantees (docs/resume.md, "Runs that survive"):
 - a run writes only the entries named in `RUN_ENTRIES` (plus the marker and the lock), so `--overwrite`
   removes only those, and only after the config, data and model source have been checked;
 - a directory that holds a `config.yaml` or `metrics.jsonl` that lmmr1-lite did not write (no marker) is

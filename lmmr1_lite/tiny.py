@@ -12,7 +12,7 @@ The model directory is then loaded exactly like a downloaded checkpoint (`--mode
 
 `instruct_prior` stands in for the instruction tuning LMM-R1's starting point (an Instruct model) has
 had: RL reinforces only answers that are sampled, and a random model almost never samples a right
-one (see the README's "What the demo does").
+one (see docs/demos.md).
 """
 from __future__ import annotations
 

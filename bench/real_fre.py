@@ -90,12 +90,12 @@ def evaluate(cli: list[str], model: Path, adapter: Path, data: Path, cap: int, o
     if cached.is_file() and not (predictions / base_name).is_file():
         shutil.copyfile(cached, predictions / base_name)  # rows it lacks are generated, then kept for next time
     subprocess.run(cli + ["eval", "--benchmark", "gsm8k", "--data", str(data), "--model", str(model),
-                          "--adapter", str(adapter), "--prompt", "cot", "--max-new-tokens", str(cap),
+                          "--adapter", str(adapter), "--merge", "--prompt", "cot", "--max-new-tokens", str(cap),
                           "--batch-size", str(batch_size), "--set", "dtype=bfloat16", "--set", "quantization=none",
                           "--out", str(out)], check=True)
     cached.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(predictions / base_name, cached)
-    return {"base": predictions / base_name, "adapter": predictions / f"{model_label(adapter)}-cot-{cap}.jsonl"}
+    return {"base": predictions / base_name, "adapter": predictions / f"{model_label(adapter)}-merged-cot-{cap}.jsonl"}
 
 
 def golds_of(rows: list[dict]) -> dict[str, str]:
@@ -225,6 +225,7 @@ def main() -> int:
 
     sets = problem_sets(shipped, extra)
     summary = {"model": str(model), "run_dir": str(args.run_dir), "config": str(args.config), "prompt": "cot",
+               "adapter": "merged into the base weights (eval --merge)",
                "train_cap": train_cap, "caps": list(dict.fromkeys(caps)), "tables": {},
                "problem_sets": {name: list(golds_of(rows)) for name, rows in sets.items()},
                "problems": golds_of(shipped + extra)}

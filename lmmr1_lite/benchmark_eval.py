@@ -58,6 +58,7 @@ class EvalRequest:
     out: str = "evals/benchmarks"
     sets: dict | None = None
     scoring: dict[str, str] | None = None  # benchmark -> scoring rule (--scoring), when not its default
+    merge: bool = False                    # adapters folded into the base weights (--merge)
 
 
 def parse_request(args) -> EvalRequest:
@@ -87,7 +88,8 @@ def parse_request(args) -> EvalRequest:
         scoring[name] = rule
     max_new_tokens = EvalRequest.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
     return EvalRequest(names, data, args.model, args.adapter, args.prompt, args.limit, max_new_tokens,
-                       args.batch_size, args.out or "evals/benchmarks", parse_sets(args.sets), scoring)
+                       args.batch_size, args.out or "evals/benchmarks", parse_sets(args.sets), scoring,
+                       bool(getattr(args, "merge", False)))
 
 
 def model_label(adapter: Path | None) -> str:
@@ -247,6 +249,8 @@ def rules(request: EvalRequest, results: dict[str, dict[str, dict]] | None = Non
     lines.append(f"Greedy decoding, at most {request.max_new_tokens} new tokens; prompt mode {request.prompt} "
                  "(cot: the benchmark's chain-of-thought prompt, no system prompt; lmmr1: LMM-R1's; run: the "
                  "adapter's own run's system prompt and template).")
+    if request.merge:
+        lines.append("Adapters merged into the base weights before generating (--merge; `-merged` rows).")
     for label, spec in (prompts or {}).items():
         lines.append(f"- prompt of {label}: {spec.describe()}")
     return "\n".join(lines) + "\n"
@@ -308,12 +312,12 @@ def _run(request: EvalRequest) -> Path:
     for adapter in adapters:
         cfg = run_config(adapter if adapter is not None else (Path(request.adapters[0]) if request.adapters else None),
                          request.model, request.sets or {})
-        label = model_label(adapter)
+        label = model_label(adapter) + ("-merged" if adapter is not None and request.merge else "")
         row_name = f"base ({Path(cfg.model).name})" if adapter is None else label
         mode_of = request.prompt if request.prompt != "auto" else ("cot" if adapter is None else "lmmr1")
         spec = PromptSpec.of(mode_of, cfg)  # run mode: the base row takes the first adapter's run config
         tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
-        policy = load_policy(replace(cfg, output_dir=None), adapter)
+        policy = load_policy(replace(cfg, output_dir=None), adapter, request.merge)
         image_processor = models.load_image_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
         row_label = f"{row_name}, {spec.name}"
         results[row_label], prompts[row_label] = {}, spec

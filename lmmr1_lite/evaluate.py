@@ -41,14 +41,17 @@ def run_config(adapter: Path | None, model: str | None, sets: dict) -> TrainConf
     return TrainConfig(**values)
 
 
-def load_policy(cfg: TrainConfig, adapter: Path | None):
-    """The base model in `dtype` (never quantised: eval and export see exact weights), adapter applied."""
+def load_policy(cfg: TrainConfig, adapter: Path | None, merge: bool = False):
+    """The base model in `dtype` (never quantised: eval and export see exact weights), adapter applied; with
+    `merge`, folded into the base weights (peft's merge_and_unload: no LoRA side path per layer, so generation
+    runs at the base's speed; the merged weights are rounded to `dtype`, which can flip a few greedy tokens)."""
     base = models.load_base_model(cfg, models.pick_device())
     if adapter is None:
         return base
     from peft import PeftModel
     try:
-        return PeftModel.from_pretrained(base, adapter)
+        policy = PeftModel.from_pretrained(base, adapter)
+        return policy.merge_and_unload() if merge else policy
     except (RuntimeError, ValueError, KeyError) as err:  # e.g. LoRA shapes of another base: size mismatch
         lines = str(err).strip().splitlines() or [type(err).__name__]
         detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])
@@ -131,8 +134,9 @@ def run_eval(args) -> Path:
     for adapter in adapter_paths:
         adapter_cfg = run_config(adapter, model, sets)
         label = adapter.parent.name + "/" + adapter.name if (adapter.parent / "config.yaml").exists() else str(adapter)
-        rows.append((label, evaluate_model(load_policy(adapter_cfg, adapter), tokenizer, test, adapter_cfg, pass_k,
-                                           images)))
+        rows.append((label + (" (merged)" if args.merge else ""),
+                     evaluate_model(load_policy(adapter_cfg, adapter, args.merge), tokenizer, test, adapter_cfg,
+                                    pass_k, images)))
     out_dir = Path(out or f"evals/{datetime.now():%Y%m%d-%H%M%S}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps({"data": data, "results": dict(rows)}, indent=2))
@@ -242,6 +246,10 @@ def add_parsers(sub) -> None:
     ev.add_argument("--pass-k", type=int, default=0, help="also sample k completions per prompt for pass@k")
     ev.add_argument("--out", default=None, help="output directory (default evals/<timestamp>); --benchmark "
                     "resumes from the predictions already there")
+    ev.add_argument("--merge", action="store_true", help="merge each adapter into the base weights before "
+                    "generating: the merged model is the base architecture, so it generates at the base's speed "
+                    "(unmerged LoRA layers took 3.3 s a GSM8K problem against the base's 2.3 here); merged bf16 "
+                    "weights can flip a few greedy answers; rows and prediction files are labelled `merged`")
     ev.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ex = sub.add_parser("export", help="save an adapter merged into its base (Hugging Face format)")
     ex.add_argument("--adapter", required=True)

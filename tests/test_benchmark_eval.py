@@ -161,3 +161,45 @@ def test_offline_hub_benchmark_is_one_line(tmp_path, capsys, monkeypatch):
     assert main(["eval", "--benchmark", "math500", "--model", "x", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "needs the network or a local copy" in err, err
+
+
+def test_merge_folds_the_adapter_into_the_base_and_predicts_what_the_unmerged_adapter_does(setup, tmp_path,
+                                                                                          monkeypatch):
+    """--merge: generation sees a plain model (no LoRA layers), the rows and files say `merged`, and the merged
+    fp32 weights give the unmerged adapter's greedy completions; the adapter is made strong enough (random LoRA
+    B matrices) that its completions differ from the base's, so the comparison means something."""
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    trained, files = setup
+    run = tmp_path / "strong_run"
+    shutil.copytree(trained, run)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(v.shape, generator=generator) if "lora_B" in k else v for k, v in load_file(weights).items()}
+    save_file(tensors, weights)
+    models_seen = []
+    real = benchmark_eval.generate
+
+    def recording(policy, tokenizer, messages, **kwargs):
+        models_seen.append(isinstance(policy, PeftModel))
+        return real(policy, tokenizer, messages, **kwargs)
+    monkeypatch.setattr(benchmark_eval, "generate", recording)
+
+    def completions(out, pattern):
+        [path] = (out / "predictions" / "math500").glob(pattern)
+        return [json.loads(line)["completion"] for line in path.read_text().splitlines()]
+
+    args = ["eval", "--benchmark", "math500", "--data", files[0], "--adapter", str(run / "adapter"), "--prompt", "cot",
+            "--max-new-tokens", "6"]
+    assert main(args + ["--out", str(tmp_path / "plain")]) == 0
+    assert models_seen == [False, True]
+    assert main(args + ["--out", str(tmp_path / "merged"), "--merge"]) == 0
+    assert models_seen[2:] == [False, False], "the merged adapter generates as a plain model"
+    unmerged = completions(tmp_path / "plain", "strong_run-*[0-9a-f]-cot-6.jsonl")
+    assert completions(tmp_path / "plain", "base-cot-6.jsonl") != unmerged, "the adapter changes the answers"
+    assert completions(tmp_path / "merged", "strong_run-*-merged-cot-6.jsonl") == unmerged
+    assert "merged into the base weights" in (tmp_path / "merged" / "eval.md").read_text()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -100,6 +100,25 @@ def micro_rows(cfg: TrainConfig, batch: Rollout, size: int) -> int:
     return size
 
 
+def micro_batches(batch: Rollout, size: int):
+    """`(rows, width)` per micro-batch of `size` rows: `width` is the micro-batch's own longest completion, so its
+    passes skip the padding that longer completions elsewhere put on the whole batch (about 16 % of a step's
+    training tokens at 4 x 8 completions of 130-400 tokens, measured on the real model's rollouts). Exact: a
+    completion is a prefix of its row, and under causal attention the cut columns follow every real token."""
+    real = batch.completion_mask.bool()
+    for start in range(0, real.shape[0], size):
+        rows = slice(start, start + size)
+        columns = real[rows].any(0).nonzero()
+        yield rows, int(columns[-1]) + 1 if len(columns) else 1
+
+
+def cut(micro: Rollout, width: int) -> Rollout:
+    """A micro-batch with its completions cut to `width` columns."""
+    return replace(micro, completion_ids=micro.completion_ids[:, :width],
+                   completion_mask=micro.completion_mask[:, :width],
+                   logprobs=None if micro.logprobs is None else micro.logprobs[:, :width])
+
+
 def halve_on_oom(run, size: int, what: str) -> tuple[object, int]:
     """`run(size)`, halving `size` on CUDA out-of-memory down to 1; returns (result, size that worked)."""
     while True:
@@ -143,11 +162,12 @@ def policy_logprobs(ctx: StepContext, batch: Rollout) -> torch.Tensor:
 
     def run(size: int) -> torch.Tensor:
         out = []
-        for start in range(0, batch.completion_ids.shape[0], size):
-            micro = batch.rows(slice(start, start + size))
-            out.append(token_logprobs(models.completion_hidden(ctx.policy, micro, cfg.share_prompt), weight,
-                                      micro.completion_ids, cfg.temperature, backend=cfg.logprob_backend,
-                                      chunk_bytes=cfg.logprob_chunk_bytes or None))
+        for rows, width in micro_batches(batch, size):
+            micro = cut(batch.rows(rows), width)
+            logp = token_logprobs(models.completion_hidden(ctx.policy, micro, cfg.share_prompt), weight,
+                                  micro.completion_ids, cfg.temperature, backend=cfg.logprob_backend,
+                                  chunk_bytes=cfg.logprob_chunk_bytes or None)
+            out.append(torch.nn.functional.pad(logp, (0, batch.completion_ids.shape[1] - width)))
         return torch.cat(out)
     rows = micro_rows(cfg, batch, ctx.logprob_batch_size or batch.completion_ids.shape[0])
     logp, worked = halve_on_oom(run, rows, "a log-prob pass")
@@ -260,16 +280,15 @@ def _loss_sums(ctx: StepContext, scored: ScoredRollout, micro_batch_size: int, t
     keys = ("kl", "clip_low", "clip_high", "ratio", "entropy")
     sums = {key: torch.zeros((), device=mask.device) for key in ("loss",) + keys}
     size = micro_rows(cfg, batch, micro_batch_size)
-    for start in range(0, mask.shape[0], size):
-        rows = slice(start, start + size)
-        micro = batch.rows(rows)
+    for rows, width in micro_batches(batch, size):
+        micro, columns = cut(batch.rows(rows), width), (rows, slice(0, width))
         loss, metrics = grpo_loss(
-            models.completion_hidden(ctx.policy, micro, cfg.share_prompt), weight, micro.completion_ids, mask[rows],
-            scored.advantages[rows], None if scored.old_logp is None else scored.old_logp[rows],
-            None if scored.ref_logp is None else scored.ref_logp[rows], beta=cfg.beta,
+            models.completion_hidden(ctx.policy, micro, cfg.share_prompt), weight, micro.completion_ids,
+            mask[columns], scored.advantages[rows], None if scored.old_logp is None else scored.old_logp[columns],
+            None if scored.ref_logp is None else scored.ref_logp[columns], beta=cfg.beta,
             epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, temperature=cfg.temperature,
             loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
-            top_entropy_quantile=cfg.top_entropy_quantile, token_weight=weights_all[rows],
+            top_entropy_quantile=cfg.top_entropy_quantile, token_weight=weights_all[columns],
             backend=cfg.logprob_backend, chunk_bytes=cfg.logprob_chunk_bytes or None)
         loss.backward()
         share = mask[rows].sum() / total_tokens

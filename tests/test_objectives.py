@@ -227,6 +227,44 @@ def test_mask_truncated_completions_drops_the_truncated_rows_from_the_loss(tiny_
     assert float((lora_grads(policy) - want).norm() / want.norm()) > 1e-3, "unfiltered, the truncated rows count"
 
 
+@pytest.mark.parametrize("objective", [dict(loss_agg="token_mean"), dict(loss_agg="seq_mean_token_sum_norm"),
+                                       dict(importance_sampling_level="sequence", beta=0.05)], ids=str)
+def test_micro_batches_cut_to_their_own_longest_completion_change_nothing(tiny_policy, monkeypatch, objective):
+    """Each micro-batch computes only up to its own longest completion (widths 7, 5, 3 here instead of 7 each),
+    and the loss, the LoRA gradients and the log-probs equal those of the uncut micro-batches."""
+    from dataclasses import replace
+
+    from lmmr1_lite import models, step
+    from lmmr1_lite.step import StepContext, compute_gradients, micro_batches, policy_logprobs
+
+    policy, tokenizer, cfg = tiny_policy
+    cfg = replace(cfg, micro_batch_size=2, max_tokens_per_micro_batch=0, **{"beta": 0.0, **objective})
+    scored = tiny_scored(tokenizer)
+    lengths = torch.tensor([3, 7, 2, 5, 2, 3])
+    scored.batch.completion_mask = (torch.arange(7)[None] < lengths[:, None]).long()
+    scored.ref_logp = -torch.rand(6, 7, generator=torch.Generator().manual_seed(3)) if cfg.beta else None
+    assert [width for _, width in micro_batches(scored.batch, 2)] == [7, 5, 3]
+    widths, real = [], models.completion_hidden
+
+    def recording(policy, micro, share):
+        widths.append(micro.completion_ids.shape[1])
+        return real(policy, micro, share)
+    monkeypatch.setattr(models, "completion_hidden", recording)
+    ctx = StepContext(policy, tokenizer, cfg)
+    ctx.logprob_batch_size = 2  # the no-grad pass too, in micro-batches of 2
+    cut_sums, cut_grads, cut_logp = compute_gradients(ctx, scored), lora_grads(policy), policy_logprobs(ctx, scored.batch)
+    assert widths == [7, 5, 3, 7, 5, 3], "the training pass, then the log-prob pass"
+    cut_to_own = step.micro_batches  # now every micro-batch at the batch's width:
+    monkeypatch.setattr(step, "micro_batches", lambda batch, size: ((rows, 7) for rows, _ in cut_to_own(batch, size)))
+    full_sums, full_grads, full_logp = compute_gradients(ctx, scored), lora_grads(policy), policy_logprobs(ctx, scored.batch)
+    assert widths[6:] == [7] * 6
+    assert full_grads.norm() > 0 and float((cut_grads - full_grads).norm() / full_grads.norm()) < 1e-5
+    assert abs(float(cut_sums["loss"] - full_sums["loss"])) < 1e-6
+    real_tokens = scored.batch.completion_mask.bool()
+    assert torch.allclose(cut_logp[real_tokens], full_logp[real_tokens], atol=1e-5)
+    assert cut_logp.shape == full_logp.shape and not cut_logp[2:4, 5:].any() and not cut_logp[4:, 3:].any()
+
+
 # ---- dynamic sampling ----------------------------------------------------------------------------------------
 def fake_generation(monkeypatch, tokenizer, completion=4):
     """`generate_rollouts` replaced by G fixed-length rows per example whose text is `<answer>-<row>`."""

@@ -27,7 +27,10 @@ Checkpoints, resume, signals and out-of-memory back-off are the loop's only othe
 
 Under torchrun (`distributed.py`, README "More than one GPU") every rank runs this loop: the same prompts
 are drawn on every rank and split, the update is the one-process update on all ranks' rollouts, the ranks
-agree on a stop at every step boundary, and rank 0 alone writes the run directory.
+agree on a stop at every step boundary, and rank 0 alone writes the run directory (`RunDirectory`'s
+`@rank0_only` methods). One process is a world of one (`OneProcess`), so the code below never asks.
+
+`train` = `_setup` (checks, then policy, optimizer, starting point) + `_loop` (the steps) + `_finish`.
 """
 from __future__ import annotations
 

@@ -188,7 +188,8 @@ class RunDirectory:
     @rank0_only
     def save_checkpoint(self, step: int, policy, optimizer, scheduler, sampler, extra: dict, keep_last: int,
                         rng_by_rank: list[dict]) -> Path:
-        return checkpoint.save_checkpoint(self.path, step, policy, optimizer, scheduler, sampler, extra, keep_last, rng_by_rank)
+        return checkpoint.save_checkpoint(self.path, step, policy, optimizer, scheduler, sampler, extra, keep_last,
+                                          rng_by_rank)
 
     @rank0_only
     def save_adapter(self, policy, tokenizer) -> None:
@@ -201,8 +202,8 @@ class RunDirectory:
         (self.path / "eval.json").write_text(json.dumps({"before": eval_before, "after": eval_after}, indent=2))
         adapter = self.path / "adapter"
         (adapter / "README.md").write_text(model_card(cfg, adapter, merged=False))  # over peft's template
-        plot = plot_rewards(self.path / "metrics.jsonl", self.path / "reward_curve.png",
-                            title=f"lmmr1-lite {cfg.stage}: {Path(cfg.model).name} on {cfg.data}", terms=list(cfg.rewards))
+        plot = plot_rewards(self.path / "metrics.jsonl", self.path / "reward_curve.png", terms=list(cfg.rewards),
+                            title=f"lmmr1-lite {cfg.stage}: {Path(cfg.model).name} on {cfg.data}")
         self.close()
         return plot
 

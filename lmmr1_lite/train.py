@@ -42,6 +42,7 @@ import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -243,8 +244,7 @@ def _inputs(cfg: TrainConfig, run: RunDirectory, dist: Distributed) -> tuple:
 def _pick_checkpoint(cfg: TrainConfig, run_dir: Path, dist: Distributed) -> dict:
     """The checkpoint to resume: rank 0 picks the newest readable one (a damaged newer one: one line), the
     other ranks read that one. ConfigError when there is none or it is not before max_steps."""
-    warn = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    checkpoint = newest_readable_checkpoint(run_dir, warn=warn) if dist.is_main else None
+    checkpoint = newest_readable_checkpoint(run_dir, warn=partial(print, file=sys.stderr)) if dist.is_main else None
     path = dist.broadcast_object(None if checkpoint is None else checkpoint["path"], "the start-up")
     if path is None:
         raise ConfigError(f"{run_dir}: no complete, readable checkpoint to resume from")

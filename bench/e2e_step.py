@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from lmmr1_lite import models
     from lmmr1_lite.config import parse_sets, resolve_config
-    from lmmr1_lite.distributed import start_verifier_pool
+    from lmmr1_lite.distributed import OneProcess, start_verifier_pool
     from lmmr1_lite.plan import estimate
     from lmmr1_lite.step import (StepContext, compute_gradients, generate_rollouts, policy_logprobs, score_rollouts,
                                  update_policy)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meter = PhaseMeter(cuda, Path(args.out))
 
-    start_verifier_pool(cfg, None)  # its workers are processes of their own: outside this process's memory
+    start_verifier_pool(cfg, OneProcess())  # its workers are processes of their own: outside this process's memory
     examples, _ = draw(cfg.data, cfg.prompts_per_step, 0, cfg.seed)
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
     has_images = any(e.images for e in examples)

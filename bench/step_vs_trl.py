@@ -81,7 +81,7 @@ def run_ours(model_dir: str, shape: dict, steps: int) -> dict:
 
     from lmmr1_lite import models
     from lmmr1_lite.config import resolve_config
-    from lmmr1_lite.distributed import start_verifier_pool
+    from lmmr1_lite.distributed import OneProcess, start_verifier_pool
     from lmmr1_lite.example import Example
     from lmmr1_lite.step import StepContext, grpo_step
     from lmmr1_lite.train import seed_everything
@@ -99,7 +99,7 @@ def run_ours(model_dir: str, shape: dict, steps: int) -> dict:
     optimizer = models.make_optimizer([p for p in policy.parameters() if p.requires_grad], cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     processor = models.load_image_processor(cfg.model, cfg.min_pixels, cfg.max_pixels) if shape["image"] else None
-    start_verifier_pool(cfg, None)
+    start_verifier_pool(cfg, OneProcess())
     texts = build_prompts(tokenizer, shape["prompt_tokens"])
     images = prompt_images(len(texts)) if shape["image"] else [None] * len(texts)
     examples = [Example(prompt=t, answer="0", images=[i] if i is not None else []) for t, i in zip(texts, images)]

@@ -81,7 +81,8 @@ def restore_rng(state: dict, sampler: random.Random) -> None:
 def save_checkpoint(run_dir: Path, step: int, policy, optimizer, scheduler, sampler: random.Random,
                     extra: dict, keep_last: int, rng_by_rank: list[dict] | None = None) -> Path:
     """Write checkpoint-<step> atomically, then delete all but the newest `keep_last` complete ones.
-    `rng_by_rank` (torchrun): every rank's `rank_rng_state`, in rank order."""
+    `rng_by_rank`: every rank's `rank_rng_state`, in rank order; kept only for several ranks (one process's
+    states are `rng` and the tensors')."""
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -93,7 +94,7 @@ def save_checkpoint(run_dir: Path, step: int, policy, optimizer, scheduler, samp
         tensors["cuda_rng"] = torch.cuda.get_rng_state_all()
     torch.save(tensors, tmp / TENSOR_FILE)
     state = {"step": step, "rng": rng_state(sampler), **extra, "world_size": len(rng_by_rank or [None])}
-    if rng_by_rank:
+    if rng_by_rank and len(rng_by_rank) > 1:
         state["rng_by_rank"] = {str(rank): rng for rank, rng in enumerate(rng_by_rank)}
     with open(tmp / STATE_FILE, "w") as handle:  # written last: its presence marks a complete checkpoint
         json.dump(state, handle)

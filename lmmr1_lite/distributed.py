@@ -22,8 +22,11 @@ What the ranks share:
   every rank, and the adapters stay identical (they start identical: rank 0's LoRA weights are
   broadcast once after the adapter is built).
 
+One process is a world of size one (`OneProcess`: rank 0, whose collectives return their input and whose
+barrier does nothing), so the training loop runs the same code for one process and for many.
+
 Rank 0 alone writes the run directory (config, metrics, completions, plots, checkpoints, adapter,
-eval.json) and holds its lock; the others only read it (a random-init base that rank 0 saved there, the
+eval.json: `rundir.RunDirectory`, whose writes run on rank 0 only) and holds its lock; the others only read it (a random-init base that rank 0 saved there, the
 checkpoint rank 0 chose on --resume). A checkpoint holds every rank's RNG state (`trainer_state.json`,
 `rng_by_rank`), so a stop and `--resume` at the same world size continue bit-exactly on CPU.
 
@@ -52,6 +55,7 @@ class RanksLost(TrainingAborted):
 
 @dataclass
 class Distributed:
+    """This process's place in a torchrun world, and the collectives over it (one process: `OneProcess`)."""
     rank: int
     world_size: int
     local_rank: int
@@ -160,6 +164,20 @@ class Distributed:
             offset += p.numel()
         return [flat[offset + i] for i in range(len(extra))]
 
+    @property
+    def launcher(self) -> str:
+        """The command that starts this world again (for `--resume`)."""
+        nodes = self.world_size // self.local_world_size
+        if nodes > 1:
+            return (f"torchrun --nnodes {nodes} --nproc-per-node {self.local_world_size} --rdzv-backend c10d "
+                    "--rdzv-endpoint HOST:PORT $(which lmmr1-lite)")
+        return f"torchrun --standalone --nproc-per-node {self.world_size} $(which lmmr1-lite)"
+
+    def print_main(self, *args, **kwargs) -> None:
+        """`print` on rank 0 only."""
+        if self.is_main:
+            print(*args, **kwargs)
+
     def agree(self, error: Exception | None) -> None:
         """A check made on every rank (or on rank 0 only): when any rank failed it, every rank stops. The
         lowest failing rank raises its error (the one line the user sees, exit 2), the others exit 2
@@ -172,13 +190,59 @@ class Distributed:
             raise error if self.rank == 0 else ConfigError(f"rank {self.rank}: {error}")
         raise SystemExit(2)
 
+    def check(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)`, a check made on every rank (or, through a rank-0-only call, on rank 0 alone):
+        its ConfigError is agreed over the ranks (`agree`); returns what `fn` returns."""
+        error = result = None
+        try:
+            result = fn(*args, **kwargs)
+        except ConfigError as err:
+            error = err
+        self.agree(error)
+        return result
 
-def agree(dist: Distributed | None, error: Exception | None) -> None:
-    """`dist.agree(error)`, or for one process: raise `error` when there is one."""
-    if dist is not None:
-        dist.agree(error)
-    elif error is not None:
+
+def said_by_rank0(rank: int, error: Exception, code: int):
+    """An error every rank meets alike: rank 0 raises it (the one line the user sees), the others exit `code`
+    without a word."""
+    if rank == 0:
         raise error
+    raise SystemExit(code)
+
+
+class OneProcess(Distributed):
+    """One process, as a world of size one: rank 0 of 1, every collective returns its input (a gather: the
+    list of that one input), the barrier does nothing. The training loop takes this or a torchrun
+    `Distributed` alike, so it never asks whether it runs alone."""
+
+    def __init__(self, device: torch.device | None = None):
+        super().__init__(rank=0, world_size=1, local_rank=0, local_world_size=1,
+                         device=device if device is not None else torch.device("cpu"), backend="none")
+
+    @property
+    def launcher(self) -> str:
+        return "lmmr1-lite"
+
+    def barrier(self, what: str = "a barrier") -> None:
+        pass
+
+    def all_reduce_sum_(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        return tensor
+
+    def all_gather_tensor(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        return tensor.unsqueeze(0)
+
+    def all_gather_object(self, obj, what: str) -> list:
+        return [obj]
+
+    def gather_object(self, obj, what: str) -> list:
+        return [obj]
+
+    def broadcast_object(self, obj, what: str):
+        return obj
+
+    def broadcast_tensors_(self, tensors: list[torch.Tensor], what: str) -> None:
+        pass
 
 
 # ---- launch ---------------------------------------------------------------------------------------
@@ -199,8 +263,8 @@ def world_size_from_env() -> int:
 _CURRENT: Distributed | None = None
 
 
-def init(cfg) -> Distributed | None:
-    """None for one process (no torchrun, WORLD_SIZE unset or 1). Under torchrun: the process group (NCCL on
+def init(cfg) -> Distributed:
+    """`OneProcess` for one process (no torchrun, WORLD_SIZE unset or 1). Under torchrun: the process group (NCCL on
     CUDA, one GPU per local rank; gloo on CPU), started once per process (a pipeline's two stages share it).
 
     Refused with one line (ConfigError, exit 2) before anything starts: WORLD_SIZE > 1 without the rest of a
@@ -212,7 +276,8 @@ def init(cfg) -> Distributed | None:
     if world < 1:
         raise ConfigError(f"WORLD_SIZE={world}: must be >= 1")
     if world == 1:
-        return None
+        from .models import pick_device
+        return OneProcess(pick_device())
     missing = [name for name in REQUIRED_ENV if not os.environ.get(name, "").strip()]
     if missing:
         raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch several processes with "
@@ -225,9 +290,7 @@ def init(cfg) -> Distributed | None:
                           f"WORLD_SIZE={world}; launch with torchrun")
 
     def refuse(message: str):  # the same on every rank: rank 0 says it
-        if rank == 0:
-            raise ConfigError(message)
-        raise SystemExit(2)
+        said_by_rank0(rank, ConfigError(message), 2)
 
     if cfg.prompts_per_step % world:
         refuse(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the world size {world}: every rank "
@@ -289,12 +352,13 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
 
 
 # ---- per-rank resources ---------------------------------------------------------------------------
-def verifier_workers(configured: int, dist: Distributed | None) -> int | None:
+def verifier_workers(configured: int, dist: Distributed) -> int | None:
     """Answer-checking workers for this process: `reward_workers` when set; under torchrun the cores this
-    process may use divided by the ranks on this node; else None (the pool's default, one per core, at most 8)."""
+    process may use divided by the ranks on this node; one process: None (the pool's default, one per core,
+    at most 8)."""
     if configured:
         return configured
-    if dist is None:
+    if dist.world_size == 1:
         return None
     try:
         cores = len(os.sched_getaffinity(0))
@@ -303,28 +367,29 @@ def verifier_workers(configured: int, dist: Distributed | None) -> int | None:
     return max(1, cores // dist.local_world_size)
 
 
-def start_verifier_pool(cfg, dist: Distributed | None) -> None:
+def start_verifier_pool(cfg, dist: Distributed) -> None:
     """Start the answer-checking workers now (not inside step 1), sized per rank under torchrun."""
     from . import verifier
     verifier.pool(cfg.reward_timeout, workers=verifier_workers(cfg.reward_workers, dist))
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
-def evaluate_sharded(policy, tokenizer, examples: list, cfg, image_processor, dist: Distributed | None) -> dict:
+def evaluate_sharded(policy, tokenizer, examples: list, cfg, image_processor, dist: Distributed) -> dict:
     """`evaluate_model` on this rank's contiguous slice of `examples`, merged over the ranks (every rank gets the
     result): counts summed, rates weighted by each slice's size, the commonest-answer bar recomputed on all
-    examples, the first samples in the original order. One process: `evaluate_model` itself."""
+    examples, the first samples in the original order. One process: `evaluate_model` of all `examples`."""
     from .evaluate import evaluate_model
-    if dist is None:
-        return evaluate_model(policy, tokenizer, examples, cfg, image_processor=image_processor)
     local = evaluate_model(policy, tokenizer, dist.shard(examples), cfg, image_processor=image_processor)
     return merge_evals(dist.all_gather_object(local, "the evaluation"), examples)
 
 
 def merge_evals(parts: list[dict], examples: list) -> dict:
+    """One evaluation from the ranks' parts; a single part is the whole evaluation and is returned as it is."""
     parts = [p for p in parts if p]
     if not parts or not examples:
         return {}
+    if len(parts) == 1:
+        return parts[0]
     total = sum(p["n"] for p in parts)
     merged: dict = {}
     for key, value in parts[0].items():
@@ -341,9 +406,3 @@ def merge_evals(parts: list[dict], examples: list) -> dict:
             merged[key] = value
     return merged
 
-
-
-def print_main(dist: Distributed | None, *args, **kwargs) -> None:
-    """`print` on rank 0 only (one process: always)."""
-    if dist is None or dist.is_main:
-        print(*args, **kwargs)

@@ -46,9 +46,11 @@ class StepContext:
     generation_batch_size: int = 0
     micro_batch_size: int = 0
     logprob_batch_size: int = 0  # rows per forward of the no-grad passes once an out-of-memory halved it; 0: any
-    dist: object = None  # distributed.Distributed under torchrun, else None
+    dist: object = None  # distributed.Distributed under torchrun; None for one process (a world of one is None)
 
     def __post_init__(self):
+        if self.dist is not None and self.dist.world_size == 1:
+            self.dist = None  # no one to talk to: the one-process update and metrics, exactly (no exchange, no merge)
         if not self.stop_ids and self.tokenizer is not None:
             self.stop_ids = [self.tokenizer.eos_token_id]
         self.generation_batch_size = self.generation_batch_size or self.cfg.generation_batch_size \

@@ -16,10 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmmr1_lite import distributed, models
 from lmmr1_lite.checkpoint import complete_checkpoints, latest_checkpoint
 from lmmr1_lite.cli import main
-from lmmr1_lite.distributed import merge_evals
-from lmmr1_lite.step import TIMING_METRICS, merge_rows
+from lmmr1_lite.config import ConfigError, resolve_config
+from lmmr1_lite.distributed import Distributed, OneProcess, merge_evals
+from lmmr1_lite.step import TIMING_METRICS, StepContext, merge_rows
 
 TIMING = set(TIMING_METRICS)
 SMALL = ["--eval-size", "4", "--prompts-per-step", "4", "--num-generations", "4", "--set", "beta=0.02",
@@ -120,6 +122,99 @@ def test_plan_per_gpu(capsys):
     one_line(capsys.readouterr().err, "not divisible by --gpus 3")
     assert main(["plan", "--gpus", "0"]) == 2
     assert "--gpus" in capsys.readouterr().err
+
+
+# ---- one process is a world of one; only rank 0 writes ----------------------------------------------
+def test_one_process_is_a_world_of_one(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    one = distributed.init(resolve_config("fre", None, {}))
+    assert isinstance(one, OneProcess) and (one.rank, one.world_size, one.is_main) == (0, 1, True)
+    t = torch.randn(3)
+    kept = t.clone()
+    assert one.all_reduce_sum_(t, "x") is t and torch.equal(t, kept), "the sum over one rank is its input"
+    assert torch.equal(one.all_gather_tensor(t, "x"), kept[None])
+    assert one.all_gather_object({"a": 1}, "x") == [{"a": 1}] and one.gather_object(5, "x") == [5]
+    assert one.broadcast_object("runs/a", "x") == "runs/a"
+    one.broadcast_tensors_([t], "x")
+    one.barrier()
+    assert torch.equal(t, kept) and one.shard(list("abcde")) == list("abcde")
+    assert one.stop_ranks(True) == [0] and one.stop_ranks(False) == []
+    param = torch.nn.Parameter(torch.randn(4))
+    param.grad = torch.randn(4)
+    grad = param.grad.clone()
+    extra = one.all_reduce_gradients([param], [torch.tensor(2.5)])
+    assert torch.equal(param.grad, grad) and float(extra[0]) == 2.5
+    assert one.check(lambda x: x + 1, 1) == 2
+    with pytest.raises(ConfigError, match="bad value"):
+        one.check(lambda: (_ for _ in ()).throw(ConfigError("bad value")))
+    assert one.launcher == "lmmr1-lite"
+    assert StepContext(None, None, resolve_config("fre", None, {}), dist=one).dist is None, \
+        "a step in a world of one exchanges nothing: the one-process update exactly"
+
+
+class MirroredRank1(Distributed):
+    """Rank 1 of a 2-rank world whose other rank is a mirror of this one (every collective stubbed, no process
+    group): gathers hold this rank's value twice, sums double, rank 0's broadcasts are this rank's values.
+    `stop_after`: the step after which a stop signal reaches rank 0."""
+
+    def __init__(self, stop_after: int | None):
+        super().__init__(rank=1, world_size=2, local_rank=1, local_world_size=2, device=torch.device("cpu"),
+                         backend="gloo")
+        self.stop_after, self.calls = stop_after, []
+
+    def barrier(self, what="a barrier"):
+        self.calls.append(what)
+
+    def all_reduce_sum_(self, tensor, what):
+        self.calls.append(what)
+        return tensor.mul_(2)
+
+    def all_gather_tensor(self, tensor, what):
+        self.calls.append(what)
+        if what == "the stop-flag exchange":  # this rank's flag, and rank 0's
+            step = self.calls.count(what)
+            return torch.stack([torch.tensor([int(step == self.stop_after)]), tensor])
+        return torch.stack([tensor, tensor])
+
+    def all_gather_object(self, obj, what):
+        self.calls.append(what)
+        return [obj, obj]
+
+    def gather_object(self, obj, what):
+        self.calls.append(what)
+        return None
+
+    def broadcast_object(self, obj, what):
+        self.calls.append(what)
+        return obj
+
+    def broadcast_tensors_(self, tensors, what):
+        self.calls.append(what)
+
+
+@pytest.mark.parametrize("stop_after", [None, 1], ids=["to-the-end", "stopped"])
+def test_a_rank_other_than_0_writes_nothing(tmp_path, monkeypatch, capsys, stop_after):
+    """A whole training on rank 1 (a fake 2-rank world): every step, its metrics, completions, checkpoints,
+    the evaluations and the finish (or a stop) run, and the run directory is byte for byte as rank 0 left it
+    (here: just the random-init base that rank 0 saved)."""
+    run = tmp_path / "run"
+    cfg = resolve_config("fre", None, {})
+    models.save_base_model(models.load_base_model(cfg, torch.device("cpu")), models.load_tokenizer(cfg.model),
+                           run / "base_model", cfg.model)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    rank1 = MirroredRank1(stop_after)
+    monkeypatch.setattr(distributed, "init", lambda cfg: rank1)
+    assert main(["train", "--output-dir", str(run), "--max-steps", "2", "--save-every", "1",
+                 "--log-completions-every", "1", "--eval-size", "2", "--prompts-per-step", "2",
+                 "--num-generations", "2", "--max-new-tokens", "6", "--train-size", "16"]) == 0
+    steps = 1 if stop_after else 2
+    assert rank1.calls.count("the stop-flag exchange") == steps, rank1.calls
+    assert rank1.calls.count("the completions gather") == steps
+    assert rank1.calls.count("the checkpoint's RNG gather") == steps
+    assert rank1.calls.count("the evaluation") == (1 if stop_after else 2), "before, and after the last step"
+    assert rank1.calls.count("the gradient all-reduce") == steps
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before, "rank 1 wrote into the run"
+    assert "lmmr1-lite" not in capsys.readouterr().out, "only rank 0 speaks"
 
 
 # ---- metrics and evaluation merged over ranks ----------------------------------------------------

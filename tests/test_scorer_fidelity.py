@@ -518,35 +518,35 @@ GSM8K_KIT_CLASSES = {
 }
 
 
-def gsm8k_kit_class(completion: str, kit_answer: str | None, flexible: str) -> str | None:
+def gsm8k_kit_class(completion: str, kit_answer: str | None) -> str | None:
     """The class of GSM8K_KIT_CLASSES a disagreement of the kit's rule with flexible-extract falls in (None:
-    none): from where flexible-extract's last match lies against the kit's answer (its last occurrence)."""
+    none), from where flexible-extract's match (lm-eval's regex, its last match) lies against the kit's answer
+    (the answer's last occurrence in the completion)."""
     from lmmr1_lite.benchmarks.gsm8k import lm_eval_normal
 
-    if kit_answer is None:
+    matches = list(re.finditer(oracles.LM_EVAL_FILTERS["flexible-extract"][0], completion))
+    start = completion.rfind(kit_answer) if kit_answer else -1
+    if not matches or start < 0:
         return None
+    found, end = matches[-1], start + len(kit_answer)
     try:
-        if float(kit_answer.replace(",", "")) == float(lm_eval_normal(flexible)):
+        if float(kit_answer.replace(",", "")) == float(lm_eval_normal(found.group().strip())):
             return "decimal zeros"
     except ValueError:
         pass
-    matches = list(re.finditer(oracles.LM_EVAL_FILTERS["flexible-extract"][0], completion))
-    start = completion.rfind(kit_answer)
-    if not matches or start < 0:
-        return None
-    found = matches[-1]
-    if start <= found.start() and found.end() <= start + len(kit_answer):
+    if start <= found.start() and found.end() <= end:
         return "number inside the answer"
-    return "number after the answer" if found.start() >= start + len(kit_answer) else None
+    return "number after the answer" if found.start() >= end else None
 
 
 def test_gsm8k_kit_class_by_hand():
-    assert gsm8k_kit_class("So \\(\\boxed{4.00}\\).", "4.00", "4.00") == "decimal zeros"
-    assert gsm8k_kit_class("So \\boxed{13} years old in 3 years.", "13", "3") == "number after the answer"
-    assert gsm8k_kit_class("It is \\(\\boxed{\\frac{3}{2}}\\) pints.", "\\frac{3}{2}", "2") == \
-        "number inside the answer"
-    assert gsm8k_kit_class("3 apples, so \\boxed{5}.", "5", "3") is None  # flexible's number lies before the answer
-    assert gsm8k_kit_class("No answer here, 7.", None, "7.") is None
+    assert gsm8k_kit_class("So \\(\\boxed{4.00}\\).", "4.00") == "decimal zeros"
+    assert gsm8k_kit_class("So \\boxed{13} years old in 3 years.", "13") == "number after the answer"
+    assert gsm8k_kit_class("It is \\(\\boxed{\\frac{3}{2}}\\) pints.", "\\frac{3}{2}") == "number inside the answer"
+    # flexible-extract's number lies before the kit's answer, or there is no answer: no class
+    assert gsm8k_kit_class("We get 12 in all.\n<answer>twelve</answer>", "twelve") is None
+    assert gsm8k_kit_class("No answer here, 7.", None) is None
+    assert gsm8k_kit_class("So \\boxed{5}.", "6") is None
 
 
 def test_gsm8k_on_real_model_completions(capsys):
@@ -578,8 +578,7 @@ def test_gsm8k_on_real_model_completions(capsys):
                 official.setdefault(name, []).append(oracles.lm_eval_gsm8k(row, completion, name))
                 ours.setdefault(name, []).append(float(variants[name]))
             if record["score"] != official["flexible-extract"][-1]:
-                found = gsm8k_kit_class(completion, gsm8k.BENCHMARK.extract(row, completion),
-                                        gsm8k.lm_eval_filter(completion, "flexible-extract"))
+                found = gsm8k_kit_class(completion, gsm8k.BENCHMARK.extract(row, completion))
                 classes.setdefault(found, []).append(key)
         assert ours == official, f"{path.name}: our filters and lm-eval's disagree on a row"
         n = len(kit)

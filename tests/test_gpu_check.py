@@ -71,7 +71,7 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
         assert re.search(rf"^\| {part} \| ok \| [\d.]+ \| .+ \|$", table, re.M), part
     assert "| 14 passed, 0 failed (tests/test_kernels.py, tests/test_objectives.py) |" in table
     assert "| static | 8 | 4 |" in table and "| lmmr1_kernels |" in table
-    assert re.search(r"^\| 64 \| 32 \| 1000 \| torch.float32 \| lmmr1 gspo \|( [\d.]+ \|){5}$", table, re.M)
+    assert re.search(r"^\| 64 \| 32 \| 1000 \| torch.float32 \| lmmr1 gspo \|( [\d.]* \|){4} [\d.]+ \|$", table, re.M)
     assert proc.stdout.rstrip().endswith(table.rstrip()), "the table is printed last"
     assert "===== e2e_mgt" in (out / "parts.log").read_text()
 

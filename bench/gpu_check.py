@@ -11,10 +11,12 @@ Parts, in this order, each in its own process group with its own time budget: a 
 when less time is left than it needs, and stopped at its budget, so one slow or hung part cannot cost the rest.
   install  the carried wheels the image lacks into --site (pip --no-index --no-deps: never the device's torch),
            the project built offline (setuptools from the wheels), then every import and version checked
-  kernels  tests/test_kernels.py on CUDA: compiled Triton and torch paths against the float64 reference, fp32
-           and bf16, Qwen's vocabulary (151,936) at the 3B's hidden size over 1,024 tokens
+  kernels  the tests marked `device` of tests/test_kernels.py and tests/test_objectives.py on CUDA: compiled
+           Triton and torch paths against the float64 reference, fp32 and bf16, Qwen's vocabulary (151,936) at
+           the 3B's hidden size over 1,024 tokens; the GRPO family (CISPO, GSPO, high-entropy tokens) too
   loss     bench/loss_kernels.py at LMM-R1's shapes: naive torch, torch.compile, Liger's fused GRPO loss and
-           ours (with loss_kernels.OBJECTIVES), forward + backward time and peak memory, the LM-head GEMM floor
+           ours (with loss_kernels.OBJECTIVES, each also as a multiple of the token-level loss's time), forward +
+           backward time and peak memory, the LM-head GEMM floor
   e2e_fre  bench/e2e_step.py: the 3B architecture with random weights, NF4, bf16, Qwen's tokenizer and
            configs/qwen2_5_vl_3b/fre.yaml; each phase's peak CUDA memory beside the planner's, whether the step
            fits 24 GiB; then decode timed with the dynamic, static and compiled caches
@@ -50,6 +52,7 @@ MODEL_3B = "configs/models/qwen2_5_vl_3b"
 # and the 7B's (3,584), and twice the tokens at the 3B's
 LOSS_SHAPES = "8192x2048,16384x2048,8192x3584"
 DECODE_MODES = "dynamic,static,compiled"
+KERNEL_TESTS = ("tests/test_kernels.py", "tests/test_objectives.py")  # their tests marked `device`
 
 
 @dataclass
@@ -64,10 +67,11 @@ def parts_for(dry_run: bool) -> list[Part]:
     if dry_run:  # about 50 s of CPU in all; budgets that only a hang reaches, since a busy CPU (a niced run beside
         # others: 40 s of CPU took 21 minutes here once) stretches that without bound; tests check the budgets
         return [Part(name, 1800, 1) for name in ("install", "kernels", "loss", "e2e_fre", "e2e_mgt")]
-    # estimates for an H200, none measured yet: install ~15 s, kernels ~40 s, loss 60-100 s (torch.compile and
+    # estimates for an H200, none measured yet: install ~15 s, kernels ~60 s (tests/test_objectives.py's ~140 device
+    # tests beside test_kernels.py's, mostly small shapes), loss 60-100 s (torch.compile and
     # Liger compile per shape), each 3B step ~130 s (load ~50, 64 x 1,024 tokens generated ~40, the passes ~30),
     # decode ~20 s plus the compile of the compiled mode, which runs last so that it is what a budget cuts
-    return [Part("install", 60, 10), Part("kernels", 75, 30), Part("loss", 100, 40), Part("e2e_fre", 190, 100),
+    return [Part("install", 60, 10), Part("kernels", 90, 30), Part("loss", 100, 40), Part("e2e_fre", 190, 100),
             Part("e2e_mgt", 150, 100)]
 
 
@@ -215,8 +219,8 @@ def command_for(name: str, args, tokenizer_dir: str | None) -> list:
     out = Path(args.out)
     py = sys.executable
     if name == "kernels":
-        return [py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "tests/test_kernels.py",
-                *(["-k", "real_vocab and torch"] if args.dry_run else [])]
+        return [py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-m", "device", *KERNEL_TESTS,
+                *(["-k", "real_vocab and torch or each_objective and torch"] if args.dry_run else [])]
     if name == "loss":
         return [py, "bench/loss_kernels.py", "--out", out / "loss_kernels.json",
                 *(["--smoke"] if args.dry_run else ["--shapes", LOSS_SHAPES])]
@@ -304,7 +308,7 @@ def part_line(part: Part) -> str:
         return f"{what}; {versions}; device {env.get('device')}"
     if part.name == "kernels" and "counts" in r:
         c = r["counts"]
-        line = f"{c.get('passed', 0)} passed, {c.get('failed', 0)} failed (tests/test_kernels.py)"
+        line = f"{c.get('passed', 0)} passed, {c.get('failed', 0)} failed ({', '.join(KERNEL_TESTS)})"
         return line + (f": {', '.join(r['failures'])}" if r.get("failures") else "")
     report = r.get("report")
     if part.name == "loss" and report:
@@ -330,16 +334,16 @@ def tables(parts: list[Part], header: str) -> str:
     loss = by_name.get("loss") and by_name["loss"].result.get("report")
     if loss:
         out += ["", f"Loss from hidden states, forward + backward ({loss['device']}):", "",
-                "| N | H | V | dtype | impl | fwd ms | f+b ms | peak extra MiB | x GEMM floor |",
-                "|---:|---:|---:|---|---|---:|---:|---:|---:|"]
+                "| N | H | V | dtype | impl | fwd ms | f+b ms | peak extra MiB | x GEMM floor | x token-level |",
+                "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|"]
         for row in loss["rows"]:
             if "error" in row:
                 out.append(f"| {row['N']} | {row['H']} | {row['V']} | {row['dtype']} | {row['impl']} | "
-                           f"{row['error']} | | | |")
+                           f"{row['error']} | | | | |")
             else:
                 out.append(f"| {row['N']} | {row['H']} | {row['V']} | {row['dtype']} | {row['impl']} | "
                            f"{fmt(row['fwd_ms'])} | {fmt(row['fwd_bwd_ms'])} | {fmt(row.get('peak_extra_mib'), 1)} | "
-                           f"{fmt(row['vs_gemm_floor'])} |")
+                           f"{fmt(row['vs_gemm_floor'])} | {fmt(row.get('vs_token_level'))} |")
     steps = [(name, by_name[name].result.get("report")) for name in ("e2e_fre", "e2e_mgt")
              if name in by_name and by_name[name].result.get("report")]
     for name, report in steps:

@@ -54,9 +54,11 @@ def make_cases(device: str):
 
 
 # lmmr1_kernels' objectives, each timed beside the token-level loss from the same inputs (bench/gpu_check.py runs
-# them at LMM-R1's shapes; GSPO and the entropy quantile rescale d logp / d hidden rows after the pass); their
-# correctness against the float64 reference is tests/test_kernels.py's. name -> grpo_loss keyword arguments.
-OBJECTIVES = {"lmmr1_kernels": {}, "lmmr1 cispo": {"loss_type": "cispo"},
+# them at LMM-R1's shapes; GSPO and the entropy quantile rescale d logp / d hidden rows after the pass; each row's
+# `vs_token_level` is its forward + backward time over the token-level loss's); their correctness against the
+# float64 reference is tests/test_objectives.py's (on CUDA in gpu_check's kernels part). name -> grpo_loss kwargs.
+TOKEN_LEVEL = "lmmr1_kernels"
+OBJECTIVES = {TOKEN_LEVEL: {}, "lmmr1 cispo": {"loss_type": "cispo"},
               "lmmr1 gspo": {"importance_sampling_level": "sequence"}, "lmmr1 top-ent 0.2": {"top_entropy_quantile": 0.2}}
 
 
@@ -152,17 +154,22 @@ def main() -> None:
                    "gemm_floor_fwd_ms": floor_fwd, "gemm_floor_fwd_bwd_ms": floor_fwd + floor_bwd}
             if "fwd_bwd_ms" in row:
                 row["vs_gemm_floor"] = row["fwd_bwd_ms"] / row["gemm_floor_fwd_bwd_ms"]
+            token_level = next((r for r in rows if r["impl"] == TOKEN_LEVEL and (r["N"], r["H"]) == (n, h)), {})
+            if name in OBJECTIVES and "fwd_bwd_ms" in row and "fwd_bwd_ms" in token_level:
+                row["vs_token_level"] = row["fwd_bwd_ms"] / token_level["fwd_bwd_ms"]
             rows.append(row)
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
             print(json.dumps(row), flush=True)
     print(f"device: {device_name}")
-    print(f"{'N':>6}{'H':>6}  {'impl':<19}{'fwd ms':>9}{'bwd ms':>9}{'f+b ms':>9}{'peak MiB':>10}{'x floor':>9}")
+    print(f"{'N':>6}{'H':>6}  {'impl':<19}{'fwd ms':>9}{'bwd ms':>9}{'f+b ms':>9}{'peak MiB':>10}{'x floor':>9}"
+          f"{'x token':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['N']:>6}{r['H']:>6}  {r['impl']:<19}{r['error']}")
             continue
         print(f"{r['N']:>6}{r['H']:>6}  {r['impl']:<19}{r['fwd_ms']:>9.2f}{r['bwd_ms']:>9.2f}{r['fwd_bwd_ms']:>9.2f}"
-              f"{r.get('peak_extra_mib', float('nan')):>10.1f}{r['vs_gemm_floor']:>9.2f}")
+              f"{r.get('peak_extra_mib', float('nan')):>10.1f}{r['vs_gemm_floor']:>9.2f}"
+              f"{r.get('vs_token_level', float('nan')):>9.2f}")
     print(f"wrote {args.out}")
 
 

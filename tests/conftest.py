@@ -8,6 +8,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The device of the tests marked `device` (the kernels against their float64 references): `LMMR1_TEST_DEVICE=cuda`
+# (with `TRITON_INTERPRET=0`) runs them on a GPU, compiled Triton; bench/gpu_check.py does this with `-m device`.
+TEST_DEVICE = torch.device(os.environ.get("LMMR1_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture(autouse=True)
+def on_test_device(request):
+    """A test marked `device` makes every tensor whose device it does not name on TEST_DEVICE (a generator's
+    device must be named: `torch.Generator(TEST_DEVICE)`); other tests are left as they are."""
+    if request.node.get_closest_marker("device") is None:
+        yield
+        return
+    with TEST_DEVICE:
+        yield
+
 
 @pytest.fixture
 def tiny_cfg():

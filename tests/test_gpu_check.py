@@ -43,12 +43,18 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
     environment = parts["install"]["environment"]
     assert environment["lmmr1_lite"].startswith(str(REPO_ROOT)) and environment["torch"]
     assert parts["install"]["wheels_installed"] == []  # a dry run installs nothing
-    assert parts["kernels"]["counts"] == {"passed": 4, "deselected": parts["kernels"]["counts"]["deselected"]}
+    # test_kernels.py's 4 real-vocabulary torch tests and test_objectives.py's 10 (5 objectives x fp32, bf16)
+    assert parts["kernels"]["counts"] == {"passed": 14, "deselected": parts["kernels"]["counts"]["deselected"]}
     assert parts["kernels"]["failures"] == []
 
     loss = parts["loss"]["report"]["rows"]
-    assert {"naive", "liger", "lmmr1_kernels"} <= {row["impl"] for row in loss}
+    objectives = ["lmmr1 cispo", "lmmr1 gspo", "lmmr1 top-ent 0.2"]  # each timed beside the token-level loss
+    assert [row["impl"] for row in loss] == ["naive", "liger", "lmmr1_kernels", *objectives]
     assert all(row["fwd_bwd_ms"] > 0 and row["gemm_floor_fwd_bwd_ms"] > 0 for row in loss)
+    token_level = loss[2]["fwd_bwd_ms"]
+    for row in loss[3:]:
+        assert row["vs_token_level"] == pytest.approx(row["fwd_bwd_ms"] / token_level)
+    assert all("vs_token_level" not in row for row in loss[:3])
 
     fre, mgt = parts["e2e_fre"]["report"], parts["e2e_mgt"]["report"]
     assert fre["has_images"] is False and mgt["has_images"] is True
@@ -63,8 +69,9 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
     assert table.startswith("## DRY RUN on the CPU at tiny shapes: not GPU numbers: cpu, ")
     for part in PARTS:
         assert re.search(rf"^\| {part} \| ok \| [\d.]+ \| .+ \|$", table, re.M), part
-    assert "| 4 passed, 0 failed (tests/test_kernels.py) |" in table
+    assert "| 14 passed, 0 failed (tests/test_kernels.py, tests/test_objectives.py) |" in table
     assert "| static | 8 | 4 |" in table and "| lmmr1_kernels |" in table
+    assert re.search(r"^\| 64 \| 32 \| 1000 \| torch.float32 \| lmmr1 gspo \|( [\d.]* \|){4} [\d.]+ \|$", table, re.M)
     assert proc.stdout.rstrip().endswith(table.rstrip()), "the table is printed last"
     assert "===== e2e_mgt" in (out / "parts.log").read_text()
 

@@ -1,27 +1,21 @@
 """lmmr1_kernels against a float64 torch reference (full logits), torch and Triton (interpreted) paths.
 
 `LMMR1_TEST_DEVICE=cuda` (with `TRITON_INTERPRET=0`) runs the same tests on a GPU, compiled Triton, with
-LMM-R1-sized shapes added at the real vocabulary (bench/gpu_check.py does this)."""
-import os
-
+LMM-R1-sized shapes added at the real vocabulary (bench/gpu_check.py does this; every test here is marked
+`device`: conftest.py's `on_test_device` puts its tensors there)."""
 import pytest
 import torch
 
+from conftest import TEST_DEVICE as DEVICE
 from lmmr1_kernels import grpo_loss, token_logprobs
+
+pytestmark = pytest.mark.device
 
 # dtype -> max relative error ||out - ref|| / ||ref|| (style.md's numerics note)
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 BACKENDS = ["torch", "triton"]
-DEVICE = torch.device(os.environ.get("LMMR1_TEST_DEVICE", "cpu"))
 # Qwen2.5's real vocabulary at a tiny shape, and on a GPU also at the 3B's hidden size over 1,024 tokens
 REAL_VOCAB_SHAPES = [(1, 3, 8, 151_936)] + ([(2, 512, 2048, 151_936)] if DEVICE.type != "cpu" else [])
-
-
-@pytest.fixture(autouse=True)
-def on_test_device():
-    """Every tensor a test makes without naming a device (generators included) lives on DEVICE."""
-    with DEVICE:
-        yield
 
 
 def rel_err(out, ref):

@@ -60,6 +60,7 @@ gpu-wheels:
 	mkdir -p $(GPU_WHEELS)
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		$(addprefix --platform ,$(GPU_PLATFORMS)) -d $(GPU_WHEELS) $(GPU_WHEEL_SPECS)
+	$(PYTHON) bench/gpu_check.py --slim-wheels $(GPU_WHEELS)
 	$(PYTHON) bench/gpu_check.py --check-carry $(GPU_WHEELS)
 
 # The GPU check's steps at tiny shapes on this CPU (the default test suite runs it too: tests/test_gpu_check.py)

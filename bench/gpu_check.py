@@ -4,8 +4,9 @@ On the GPU machine (no network there; the wheels of `make gpu-wheels` carried in
     python3 bench/gpu_check.py --out $OUT
 On a CPU, the same steps at tiny shapes (the torch path, no wheels; tests/test_gpu_check.py runs this):
     python bench/gpu_check.py --dry-run --out /tmp/gpu-check
-What a call would carry (the wheels, the tree; the device's limit is 64 MiB):
-    python bench/gpu_check.py --check-carry .whl
+What a call would carry (the wheels, the tree; the device's limit is 64 MiB), after dropping the native
+libraries the device never loads (`make gpu-wheels` does both):
+    python bench/gpu_check.py --slim-wheels .whl && python bench/gpu_check.py --check-carry .whl
 
 Parts, in this order, each in its own process group with its own time budget: a part is skipped with a line
 when less time is left than it needs, and stopped at its budget, so one slow or hung part cannot cost the rest.
@@ -91,6 +92,36 @@ def wheels_to_install(found: list[Path]) -> list[Path]:
     """The wheels whose distribution this Python lacks or has at another version; never the build-only ones."""
     return [w for w in found if wheel_name_version(w)[0] not in BUILD_ONLY
             and installed_version(wheel_name_version(w)[0]) != wheel_name_version(w)[1]]
+
+
+DEVICE_CUDA = "cuda13"  # the device image's torch is built for CUDA 13 (bitsandbytes loads libbitsandbytes_cuda13x.so)
+
+
+def slim_wheel(wheel: Path, keep: str = DEVICE_CUDA) -> int:
+    """Rewrite a bitsandbytes wheel without the native libraries of other CUDA and ROCm versions (43 MB of its
+    45 are five CUDA 11/12 builds the device never loads), its RECORD rows dropped with them, so the wheel and
+    the tree fit the 64 MiB carry. Returns the bytes saved; a wheel without such libraries is left as it is."""
+    import re
+    import zipfile
+
+    other = re.compile(r"libbitsandbytes_(cuda\d+|rocm\d+)\.so$")
+    with zipfile.ZipFile(wheel) as source:
+        dropped = {n for n in source.namelist() if other.search(n) and keep not in n}
+        if not dropped:
+            return 0
+        before = wheel.stat().st_size
+        slim = wheel.with_suffix(".slim")
+        with zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as target:
+            for info in source.infolist():
+                if info.filename in dropped:
+                    continue
+                data = source.read(info.filename)
+                if info.filename.endswith(".dist-info/RECORD"):
+                    data = "".join(line for line in data.decode().splitlines(keepends=True)
+                                   if line.split(",")[0] not in dropped).encode()
+                target.writestr(info, data)
+    slim.replace(wheel)
+    return before - wheel.stat().st_size
 
 
 def check_carry(wheels: Path) -> int:
@@ -381,7 +412,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default=None, help="comma-separated subset, e.g. 'install,e2e_mgt' for a rerun")
     parser.add_argument("--check-carry", metavar="WHEEL_DIR", default=None,
                         help="only check what the device call would carry, and exit")
+    parser.add_argument("--slim-wheels", metavar="WHEEL_DIR", default=None,
+                        help=f"only drop the native libraries the device never loads (bitsandbytes' builds for CUDA "
+                             f"other than {DEVICE_CUDA}, and ROCm) from the wheels in WHEEL_DIR, and exit")
     args = parser.parse_args(argv)
+    if args.slim_wheels:
+        for wheel in sorted(Path(args.slim_wheels).glob("*.whl")):
+            saved = slim_wheel(wheel)
+            print(f"{wheel.name}: {saved / 2**20:.1f} MiB of other CUDA/ROCm builds dropped" if saved else
+                  f"{wheel.name}: kept as it is")
+        return 0
     if args.check_carry:
         return check_carry(Path(args.check_carry))
     start = time.monotonic()

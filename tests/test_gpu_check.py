@@ -197,3 +197,30 @@ def test_the_step_reports_each_phase_as_it_ends(tmp_path):
     partial = json.loads(out.read_text())
     assert partial["partial"] is True and list(partial["phases"]) == ["load"]
     assert partial["phases"]["load"]["seconds"] > 0 and partial["phases"]["load"]["peak_extra_gib"] > 0.02
+
+
+def test_slim_wheels_drop_only_the_native_builds_the_device_never_loads(gpu_check, tmp_path):
+    """A bitsandbytes-shaped wheel loses its CUDA 11/12 and ROCm libraries and their RECORD rows; the CUDA 13
+    builds, the CPU build and the Python files stay byte for byte, and a wheel with nothing to drop is untouched."""
+    import zipfile
+
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    keep = ["bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda130.so",
+            "bitsandbytes/libbitsandbytes_cuda132.so"]
+    drop = ["bitsandbytes/libbitsandbytes_cuda118.so", "bitsandbytes/libbitsandbytes_cuda128.so",
+            "bitsandbytes/libbitsandbytes_rocm72.so"]
+    record = "bitsandbytes-0.50.2.dist-info/RECORD"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for i, name in enumerate(keep + drop):
+            z.writestr(name, bytes([i]) * 4096)
+        z.writestr(record, "".join(f"{name},sha256=x,4096\n" for name in keep + drop) + f"{record},,\n")
+    assert gpu_check.slim_wheel(wheel) > 0
+    with zipfile.ZipFile(wheel) as z:
+        assert sorted(z.namelist()) == sorted(keep + [record])
+        assert all(z.read(name) == bytes([i]) * 4096 for i, name in enumerate(keep))
+        assert [line.split(",")[0] for line in z.read(record).decode().splitlines()] == keep + [record]
+    other = tmp_path / "liger_kernel-0.8.5-py3-none-any.whl"
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("liger_kernel/__init__.py", "")
+    before = other.read_bytes()
+    assert gpu_check.slim_wheel(other) == 0 and other.read_bytes() == before

@@ -31,7 +31,7 @@ from .loading import CHUNK_ROWS, LoadReport, load_rows, load_splits
 from .prompts import IMAGE_TOKEN_PIXELS, answer_kind, build_messages, prepare, prompt_tokens
 from .sources import DATA_SUFFIXES, HUB_ID, SPLIT_NAMES, looks_like_hub_id
 
-__all__ = ["CHUNK_ROWS", "DATA_SUFFIXES", "HUB_ID", "IMAGE_TOKEN_PIXELS", "PRESETS", "SPLIT_NAMES", "BadImage", "BadRow",
-           "DataOptions", "Example", "ImageRef", "LoadReport", "RowFormat", "answer_kind", "build_messages",
+__all__ = ["CHUNK_ROWS", "DATA_SUFFIXES", "HUB_ID", "IMAGE_TOKEN_PIXELS", "PRESETS", "SPLIT_NAMES", "BadImage",
+           "BadRow", "DataOptions", "Example", "ImageRef", "LoadReport", "RowFormat", "answer_kind", "build_messages",
            "check_image", "fit_pixels", "image_source", "load_rows", "load_splits", "looks_like_hub_id", "open_image",
            "parse_row", "prepare", "prompt_tokens", "resolve_images"]

@@ -121,12 +121,12 @@ def real_vocab_model(tokenizer, hidden: int, layers: int, seed: int = 0):
 
 
 def generation(args) -> dict:
-    from lmmr1_lite import rollout
+    from lmmr1_lite import decoding, rollout
 
     tokenizer = qwen_tokenizer()
     model = real_vocab_model(tokenizer, args.hidden, args.layers)
     sampled_s = []
-    original = rollout.next_tokens
+    original = decoding.next_tokens  # the name the decode loop calls
 
     def timed_next_tokens(*a, **k):  # the share of the new path spent drawing tokens (CPU seconds)
         start = time.process_time()
@@ -134,7 +134,7 @@ def generation(args) -> dict:
         sampled_s[-1] += time.process_time() - start
         return out
 
-    rollout.next_tokens = timed_next_tokens
+    decoding.next_tokens = timed_next_tokens
     words = "Compute the maximum of the numbers listed and answer inside tags. "
     cases = {
         "all_rows_run_to_the_end": dict(stop_ids=[tokenizer.eos_token_id], prompt=words * 8),
@@ -181,7 +181,7 @@ def generation(args) -> dict:
             }
             print(name, json.dumps(results[name]), flush=True)
     finally:
-        rollout.next_tokens = original
+        decoding.next_tokens = original
     return results
 
 

@@ -17,15 +17,16 @@ math-verify (seconds on a busy machine). So workers are not started from scratch
 (the "zygote", a fresh interpreter that imported math-verify and ran a few dozen checks once) forks each
 worker on request, in milliseconds, already warm. The training process itself never forks (its torch
 threads make fork unsafe); the zygote is single-threaded. Nothing is ever evaluated as Python.
+
+Modules: `answer_scan` (the structural scan: what is rejected unparsed), `verifier_worker` (the check
+itself, the workers and the zygote: what runs in the other processes) and this one (the pool in the
+training process, `pool()`). Their public names are importable from here too.
 """
 from __future__ import annotations
 
 import atexit
 import json
-import math
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -33,11 +34,10 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
-MAX_ANSWER_CHARS = 1000  # longer (or brace-unbalanced) answers are not parsed at all: counted as rejected
-MAX_DIGITS = 100_000  # a power / factorial / binomial of literals larger than 10^MAX_DIGITS is rejected unparsed
-MAX_TOWER = 3  # `a^{b^{c^{d}}}` (three carets) passes the scan, a fourth level is rejected
-MAX_COMPOUND_EXPONENT = 200  # `(x+1)^{n}`: sympy expands it (n = 1,000: seconds); larger n is rejected
-MAX_NESTING = 50  # brackets nested deeper than this are rejected
+from .answer_scan import (MAX_ANSWER_CHARS, MAX_COMPOUND_EXPONENT, MAX_DIGITS,  # noqa: F401  (re-exported)
+                          MAX_NESTING, MAX_TOWER, rejected, too_expensive)
+from .verifier_worker import equivalent, zygote  # noqa: F401  (re-exported)
+
 MAX_WORKERS = 8  # default pool size: the cores this process may use, at most this many
 
 
@@ -48,288 +48,6 @@ def default_workers() -> int:
     except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 1
     return max(1, min(cores, MAX_WORKERS))
-
-
-def _balanced(text: str) -> bool:
-    """Braces balance (a malformed LaTeX answer is rejected without parsing)."""
-    depth = 0
-    for char in text:
-        depth += {"{": 1, "}": -1}.get(char, 0)
-        if depth < 0:
-            return False
-    return depth == 0
-
-
-# --- the structural scan ------------------------------------------------------------------------
-
-class _Reject(Exception):
-    pass
-
-
-_TOKEN = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+|\\[A-Za-z]+|\\.|\*\*|\s+|.", re.DOTALL)
-_NUMBER = re.compile(r"\.?[0-9]")
-_OPEN = {"{", "(", "[", "\\{", "\\lbrace", "\\langle", "\\lfloor", "\\lceil"}
-_CLOSE = {"}", ")", "]", "\\}", "\\rbrace", "\\rangle", "\\rfloor", "\\rceil"}
-_IGNORED = {"\\left", "\\right", "\\,", "\\;", "\\:", "\\!", "\\ ", "$", "\\displaystyle", "\\textstyle",
-            "\\quad", "\\qquad", "\\limits", "\\nolimits"}
-_OPERATORS = {"\\cdot", "\\times", "\\div", "\\pm", "\\mp", "\\%", "\\ast"}  # between units: no size of their own
-_ONE_ARG = {"\\sqrt", "\\overline", "\\mathrm", "\\mathbf", "\\operatorname", "\\text", "\\textbf", "\\mbox"}
-_TWO_ARGS = {"\\frac", "\\dfrac", "\\tfrac", "\\cfrac"}
-_BINOMS = {"\\binom", "\\dbinom", "\\tbinom"}
-_LOG2 = math.log10(2)
-
-
-def _power_of_ten(log: float) -> float:
-    return 10.0 ** log if log < 300 else math.inf
-
-
-class _Scanner:
-    """Recursive descent over LaTeX-ish tokens that bounds how big each literal subexpression can get.
-
-    Each unit gets a size: an upper bound on log10 of its value (of numerator and denominator alike for
-    a fraction; at least log10 2), or None when it involves a symbol. A group's size is the sum of its
-    units' (a bound for their sums, products and quotients alike); a power's is 10^size(exponent) x
-    size(base); a factorial's n log10 n. Over-estimates are fine: only sizes over MAX_DIGITS are rejected,
-    and no sensible final answer has a hundred thousand digits. Carets nested deeper than MAX_TOWER, and
-    a compound symbolic base (`(x+1)`, not `x`) raised past MAX_COMPOUND_EXPONENT, are rejected too."""
-
-    def __init__(self, text: str):
-        self.tokens = [t for t in _TOKEN.findall(text) if not t.isspace() and t not in _IGNORED]
-        self.i = 0
-        self.depth = 0  # brackets
-        self.tower = 0  # carets around the current token
-
-    def peek(self) -> str | None:
-        return self.tokens[self.i] if self.i < len(self.tokens) else None
-
-    def scan(self) -> None:
-        while self.i < len(self.tokens):
-            self.group()  # a stray closing bracket at the top level ends a "group": carry on after it
-
-    def group(self) -> float | None:
-        """Units up to the closing bracket (or the end); the opening one is already consumed."""
-        self.depth += 1
-        if self.depth > MAX_NESTING:
-            raise _Reject
-        total: float | None = 0.0
-        while (tok := self.peek()) is not None and tok not in _CLOSE:
-            if tok in _OPERATORS or not (tok[0].isalnum() or tok[0] == "\\" or tok in _OPEN or _NUMBER.match(tok)):
-                self.i += 1  # an operator, punctuation, or a stray ^ _ !: nothing to bound
-                continue
-            size = self.unit()
-            total = None if total is None or size is None else total + size
-        self.i += 1  # the closing bracket (past the end: harmless)
-        self.depth -= 1
-        return None if total is None else max(total, _LOG2)
-
-    def unit(self) -> float | None:
-        """A power with its factorials: `atom (_ atom)* (^ unit)? !*`."""
-        size, compound = self.atom()
-        while self.peek() == "_":  # a subscript names a symbol: scanned for rejects, not for size
-            self.i += 1
-            self.atom()
-        if self.peek() in ("^", "**"):
-            self.i += 1
-            self.tower += 1
-            if self.tower > MAX_TOWER:
-                raise _Reject
-            exponent = self.unit()  # right-associative: a^b^c = a^(b^c)
-            self.tower -= 1
-            if exponent is None:
-                size = None
-            elif size is not None:
-                size = _power_of_ten(exponent) * size
-            elif compound and _power_of_ten(exponent) > MAX_COMPOUND_EXPONENT:
-                raise _Reject
-        while self.peek() == "!":
-            while self.peek() == "!":  # n!! <= n!
-                self.i += 1
-            if size is not None:
-                value = _power_of_ten(size)
-                size = max(_LOG2, value * math.log10(value))
-        if size is not None and size > MAX_DIGITS:
-            raise _Reject
-        return size
-
-    def atom(self) -> tuple[float | None, bool]:
-        """(size, compound) of a number, a bracketed group, a command with its arguments, or a symbol."""
-        tok = self.peek()
-        if tok is None or tok in _CLOSE:
-            return None, False
-        self.i += 1
-        if _NUMBER.match(tok):
-            digits = tok.split(".")[0].lstrip("0")
-            return (math.log10(max(float(tok), 2.0)) if len(digits) < 15 else float(len(digits))), False
-        if tok in _OPEN:
-            return self.group(), True
-        if tok in _TWO_ARGS:
-            first, second = self.argument(), self.argument()
-            return (None if first is None or second is None else first + second), True
-        if tok in _BINOMS:
-            n, k = self.argument(), self.argument()
-            if n is None or k is None:
-                return None, True
-            return max(_LOG2, min(_power_of_ten(n) * _LOG2, _power_of_ten(k) * n)), True  # C(n,k) <= 2^n, n^k
-        if tok in _ONE_ARG:
-            if self.peek() == "[":  # \sqrt[n]{...}
-                self.i += 1
-                self.group()
-            return self.argument(), True
-        if tok == "\\pi":
-            return math.log10(math.pi), False
-        return None, False  # a letter or any other command: a symbol
-
-    def argument(self) -> float | None:
-        if self.peek() in _OPEN:
-            self.i += 1
-            return self.group()
-        return self.atom()[0]
-
-
-def too_expensive(answer: str) -> bool:
-    """Whether an answer's structure makes it astronomically expensive to parse or compare (see _Scanner):
-    a power tower more than MAX_TOWER high, a power/factorial/binomial of literals over MAX_DIGITS digits,
-    a compound symbolic base raised past MAX_COMPOUND_EXPONENT, brackets nested past MAX_NESTING.
-    Linear in the answer's length."""
-    try:
-        _Scanner(answer).scan()
-    except (_Reject, RecursionError):
-        return True
-    return False
-
-
-def _reject(answer: str) -> bool:
-    return len(answer) > MAX_ANSWER_CHARS or not _balanced(answer) or too_expensive(answer)
-
-
-# --- the check itself (runs in a worker) ----------------------------------------------------------
-
-def _wrap(text: str) -> str:
-    return text if "$" in text else f"${text}$"
-
-
-def equivalent(predicted: str, gold: str) -> bool:
-    """math-verify equivalence of two answers (runs inside a worker; no time limit of its own)."""
-    from math_verify import parse, verify
-
-    gold_parsed = parse(_wrap(gold), parsing_timeout=None)
-    pred_parsed = parse(_wrap(predicted), parsing_timeout=None)
-    return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None))
-
-
-def _answer(line: bytes) -> bytes:
-    try:
-        reply = ["ok", equivalent(*json.loads(line))]
-    except Exception:  # noqa: BLE001 - malformed input of any kind scores 0
-        reply = ["error", False]
-    return (json.dumps(reply) + "\n").encode()
-
-
-# Answers the zygote checks once before forking anything: every lazily imported module is loaded, and the
-# LaTeX parser's prediction cache (ANTLR's DFA, built per construct; a construct seen for the first time
-# costs a fresh process up to a few hundred ms) holds the usual forms, so a forked worker is warm at once.
-_WARM_UP = ["7", "-3", "0.5", "\\frac{1}{2}", "\\dfrac{3}{4}", "-\\frac{7}{3}", "\\sqrt{2}", "2\\sqrt{3}",
-            "\\frac{\\sqrt{2}}{2}", "\\sqrt[3]{2}", "3\\pi", "\\frac{\\pi}{4}", "6+9i", "2-3i", "(1,2)",
-            "(-\\infty,3]", "[0,1)", "(-\\infty,-2]\\cup[3,\\infty)", "\\{1,2\\}", "x=3", "y=2x+1", "x^2-1",
-            "(x-1)(x+1)", "2x^{3}+\\frac{x}{2}", "30^\\circ", "50\\%", "3\\text{ cm}", "12 \\text{ m}^2",
-            "1{,}000", "12,345", "(A)", "\\text{(B)}", "\\pm 2", "x<3", "x \\geq 2", "2^{10}", "\\log_2 3",
-            "\\sin x", "e^{2}", "5!", "\\binom{5}{2}", "\\infty", "3, 5, 7", "\\$32", "\\text{yes}",
-            "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\left(3, \\frac{\\pi}{2}\\right)", "a+b"]
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this process when its parent dies (no orphaned workers spinning)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - not Linux: the EOF on the parent's socket still ends an idle worker
-        pass
-
-
-def _worker_main(conn: socket.socket) -> None:
-    """A forked worker: one JSON line in, one out, until the pool closes its end."""
-    reader = conn.makefile("rb")
-    for line in reader:
-        conn.sendall(_answer(line))
-
-
-def zygote(fd: int) -> None:
-    """The template process: imports math-verify, warms it up, then forks a worker for each `fork`
-    request on the control socket (a SOCK_SEQPACKET socket; the request carries the worker's end of a
-    socket pair) and replies with the worker's pid. `kill <pid>` kills one of its workers. When the pool
-    closes the control socket (or its process dies), the zygote kills its workers and exits."""
-    import gc
-    import logging
-
-    logging.disable(logging.WARNING)  # math-verify warns that its own timeouts are off: ours are outside
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle; it closes us
-    control = socket.socket(fileno=fd)
-    for pair in zip(_WARM_UP, _WARM_UP[1:] + _WARM_UP[:1]):
-        try:
-            equivalent(*pair)
-        except Exception:  # noqa: BLE001
-            pass
-    gc.collect()
-    gc.freeze()  # keep the collector off the template's objects: children share those pages copy-on-write
-    children: set[int] = set()
-    me = os.getpid()
-    control.sendall(b"ready")
-    while True:
-        while children:  # reap finished workers (a killed one is a zombie until then, its pid not reused)
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                children.clear()
-                break
-            if pid == 0:
-                break
-            children.discard(pid)
-        if not wait([control], timeout=1.0):
-            continue
-        try:
-            message, fds, _flags, _addr = socket.recv_fds(control, 64, 1)
-        except OSError:
-            message, fds = b"", []
-        if not message:
-            break
-        if message == b"fork" and fds:
-            try:
-                pid = os.fork()
-            except OSError:
-                os.close(fds[0])
-                control.sendall(b"error")
-                continue
-            if pid == 0:  # the worker
-                code = 0
-                try:
-                    control.close()
-                    _die_with_parent()  # the zygote: if it dies, a worker stuck in sympy goes with it
-                    if os.getppid() != me:  # it died before the line above
-                        raise SystemExit
-                    _worker_main(socket.socket(fileno=fds[0]))
-                except BaseException:  # noqa: BLE001
-                    code = 1
-                finally:
-                    os._exit(code)
-            os.close(fds[0])
-            children.add(pid)
-            control.sendall(str(pid).encode())
-        elif message.startswith(b"kill "):
-            pid = int(message[5:])
-            if pid in children:  # only its own, not yet reaped workers: a pid that cannot have been reused
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for fd_ in fds if message != b"fork" else []:
-            os.close(fd_)
-    for pid in children:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    os._exit(0)
 
 
 # --- the pool (runs in the training process) ------------------------------------------------------
@@ -371,7 +89,7 @@ class VerifierPool:
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
         # A fresh interpreter (not fork: torch's threads; not multiprocessing's spawn, which re-imports the
         # user's __main__), started where it imports this very lmmr1_lite (`-c` puts its directory first).
-        command = [sys.executable, "-c", f"from lmmr1_lite.verifier import zygote; zygote({child.fileno()})"]
+        command = [sys.executable, "-c", f"from lmmr1_lite.verifier_worker import zygote; zygote({child.fileno()})"]
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self._zygote = subprocess.Popen(command, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, cwd=here,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -482,7 +200,7 @@ class VerifierPool:
         retried = [False] * len(pairs)
         pending = []
         for i, (predicted, _gold) in enumerate(pairs):
-            if _reject(predicted):
+            if rejected(predicted):
                 results[i] = (False, "rejected")
                 self.stats.rejected += 1
             else:

@@ -1,0 +1,221 @@
+"""The rollouts' decode loop (`decode`) over the HF model and its KV cache, and its stop strings.
+
+  * prefill: the backbone (`models.backbone`) once per prompt, with the same positions HF `generate`
+    computes (`cumsum(mask) - 1`, and Qwen2.5-VL's 3-D multimodal rotary positions when
+    `mm_token_type_ids` are given); then the `DynamicCache`, the attention mask and the last
+    positions are repeated to the G rows of each group (`batch_repeat_interleave`). The positions of
+    every later token are `last + 1` per row, so the rotary offsets of the image rows (HF keeps them
+    as `rope_deltas`) travel with the expanded rows without touching the model's state.
+  * decode: one token per row per step; logits only for the last position (`hidden @ lm_head.T`,
+    fp32), never `[tokens, vocab]` for the prompt; the token drawn by `sampling.next_tokens`.
+  * finished rows (a stop token, or a stop string that may span several tokens: `StopStrings`) leave
+    the batch and the cache (`batch_select_indices`) at once; the output is padded back to a
+    right-padded `[N, C]`. With `cache_mode` 'static' or 'compiled' (`StaticDecodeStep`) they stay.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import models
+from .sampling import next_tokens
+
+
+class StopStrings:
+    """Stop strings that may span several tokens (`</answer>` is `</`, `answer`, `>` for Qwen).
+
+    A row stops at the token that completes a stop string; that token may run past the string's end
+    (`>\\n` completes `</answer>`), as HF's StopStringCriteria allows. Checked after every token, so
+    only the last `len(utf-8 bytes) + 1` tokens need decoding, and only for rows whose last token
+    can end a stop string (its text holds the string's last character, or a partial UTF-8 byte)."""
+
+    def __init__(self, tokenizer, strings):
+        self.tokenizer = tokenizer
+        self.strings = [s for s in strings if s]
+        self.window = max((len(s.encode("utf-8")) for s in self.strings), default=0) + 1
+        self.last_chars = {s[-1] for s in self.strings}
+        self._text: dict[int, str] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.strings)
+
+    def _token_text(self, token: int) -> str:
+        if token not in self._text:
+            self._text[token] = self.tokenizer.decode([token], skip_special_tokens=False,
+                                                      clean_up_tokenization_spaces=False)
+        return self._text[token]
+
+    def __call__(self, history: torch.Tensor) -> torch.Tensor:
+        """`history [n, t]` (the rows' generated tokens so far, CPU) -> bool `[n]`: ends a stop string."""
+        done = torch.zeros(history.shape[0], dtype=torch.bool)
+        tail = history[:, -self.window:].tolist()
+        for row, tokens in enumerate(tail):
+            last = self._token_text(tokens[-1])
+            if "\ufffd" not in last and not any(c in last for c in self.last_chars):
+                continue
+            text = self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            done[row] = any(s in text for s in self.strings)
+        return done
+
+
+def split_stop_strings(tokenizer, stop_strings) -> tuple[list[int], list[str]]:
+    """Stop strings that are one token of this tokenizer (-> ids) and those that are several."""
+    ids, multi = [], []
+    for text in stop_strings or ():
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        (ids.append(encoded[0]) if len(encoded) == 1 else multi.append(text))
+    return ids, multi
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode loop
+# ---------------------------------------------------------------------------------------------
+def _output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+class StaticDecodeStep:
+    """The decode step over a preallocated `StaticCache`: the same shapes every step (`[rows, 1]` tokens,
+    a `[rows, prompt + max_new_tokens]` mask), so `torch.compile` can trace it once and, on CUDA with
+    `mode="reduce-overhead"`, replay it as a CUDA graph: a step of a small model on a GPU is bound by
+    kernel launches, not arithmetic. The price: finished rows stay in the batch (their tokens are
+    masked afterwards), where the dynamic cache lets them leave. The cache length is rounded up to a
+    multiple of `LENGTH_QUANTUM`, and one instance (its cache, mask buffer and compiled step) is kept
+    per (rows, length), so a run whose steps have the same batch shape compiles once."""
+
+    LENGTH_QUANTUM = 128
+    _instances: dict = {}
+
+    def __init__(self, policy, rows: int, max_len: int, compiled: bool):
+        from transformers import StaticCache
+
+        self.body = models.backbone(policy)
+        self.cache_kw = models.cache_keyword(self.body)
+        self.cache = StaticCache(config=models.unwrap(policy).config, max_cache_len=max_len)
+        self.mask = None
+        self.length = 0
+        cuda = policy.device.type == "cuda"
+        self.forward = (torch.compile(self._forward, mode="reduce-overhead" if cuda else "default", dynamic=False)
+                        if compiled else self._forward)
+
+    @classmethod
+    def for_batch(cls, policy, prefilled, attention_mask: torch.Tensor, max_new_tokens: int, compiled: bool):
+        """The step for this batch, its cache holding the prefilled (and row-expanded) `prefilled` cache."""
+        rows, prompt_len = attention_mask.shape
+        max_len = -(-(prompt_len + max_new_tokens) // cls.LENGTH_QUANTUM) * cls.LENGTH_QUANTUM
+        # keyed by the backbone, which each instance holds: its id cannot be reused while the entry exists
+        key = (id(models.backbone(policy)), rows, max_len, compiled)
+        if key not in cls._instances:
+            cls._instances = {k: v for k, v in cls._instances.items() if k[0] == key[0]}  # another model's: dropped
+            cls._instances[key] = cls(policy, rows, max_len, compiled)
+        step = cls._instances[key]
+        step.load(prefilled, attention_mask)
+        return step
+
+    def load(self, prefilled, attention_mask: torch.Tensor) -> None:
+        prompt_len = attention_mask.shape[1]
+        for layer, source in zip(self.cache.layers, prefilled.layers):
+            if not layer.is_initialized:
+                layer.lazy_initialization(source.keys, source.values)
+            layer.keys.zero_()
+            layer.values.zero_()
+            layer.keys[:, :, :prompt_len].copy_(source.keys)
+            layer.values[:, :, :prompt_len].copy_(source.values)
+            layer.cumulative_length.fill_(prompt_len)
+        if self.mask is None:
+            self.mask = attention_mask.new_zeros(attention_mask.shape[0], self.cache.layers[0].max_cache_len)
+        self.mask.zero_()
+        self.mask[:, :prompt_len] = attention_mask
+        self.length = prompt_len
+
+    def _forward(self, input_ids, attention_mask, position_ids):
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=True, **{self.cache_kw: self.cache})
+        return out.last_hidden_state[:, -1]
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden state `[rows, H]` after feeding one token per row at `position_ids [4, rows, 1]`."""
+        self.mask[:, self.length] = 1
+        self.length += 1
+        return self.forward(input_ids, self.mask, position_ids).clone()  # a CUDA graph reuses its output
+
+
+@torch.no_grad()
+def decode(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: dict | None = None, *,
+           count: int, max_new_tokens: int, temperature: float, stop_ids, pad_id: int, greedy: bool = False,
+           top_k: int = 0, top_p: float = 1.0, suppress=None, stop_strings: StopStrings | None = None,
+           mm_token_type_ids: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           cache_mode: str = "dynamic"):
+    """Generate `count` continuations of each left-padded prompt row (row i*count + j: prompt i).
+
+    Returns `(tokens [N, C], lengths [N], logprobs [N, C])`: tokens right-padded with `pad_id` after
+    each row's end, `lengths` the tokens up to and including the stop (C if none), `logprobs` of
+    the kept tokens (0 after the end); C is the longest row's length, at most `max_new_tokens`.
+    `cache_mode` (see `StaticDecodeStep`): 'dynamic' (finished rows leave the batch and the cache),
+    'static' or 'compiled' (a preallocated cache and fixed shapes; finished rows stay, masked)."""
+    body, weight = models.backbone(policy), models.lm_head_weight(policy)
+    bias = getattr(models.unwrap(policy).get_output_embeddings(), "bias", None)
+    device = input_ids.device
+    cache_kw = models.cache_keyword(body)
+    rows = input_ids.shape[0] * count
+    tokens = torch.full((rows, max(max_new_tokens, 0)), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(tokens.shape, dtype=torch.float32, device=device)
+    lengths = torch.full((rows,), max(max_new_tokens, 0), dtype=torch.long, device=device)
+    if max_new_tokens <= 0:
+        return tokens, lengths, logprobs
+    stop_tensor = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    suppress = torch.as_tensor(suppress if suppress is not None else [], dtype=torch.long, device=device)
+
+    positions = models.prefill_positions(policy, input_ids, attention_mask, vision or {}, mm_token_type_ids)
+    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+               **(vision or {}))
+    cache, hidden = _output_cache(out), out.last_hidden_state[:, -1]
+    last_position = positions[..., -1:]  # [4, B, 1]
+    if count > 1:  # one prefill per prompt; its cache serves the prompt's `count` rows
+        cache.batch_repeat_interleave(count)
+        hidden = hidden.repeat_interleave(count, dim=0)
+        attention_mask = attention_mask.repeat_interleave(count, dim=0)
+        last_position = last_position.repeat_interleave(count, dim=1)
+    active = torch.arange(rows, device=device)  # the output row of each row of the batch
+    static = None if cache_mode == "dynamic" else StaticDecodeStep.for_batch(
+        policy, cache, attention_mask, max_new_tokens, compiled=cache_mode == "compiled")
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    steps = 0
+    for step in range(max_new_tokens):
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        chosen, logp = next_tokens(logits, temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p,
+                                   suppress=suppress, generator=generator)
+        del logits
+        tokens[active, step] = chosen
+        logprobs[active, step] = logp
+        steps = step + 1
+        finished = torch.isin(chosen, stop_tensor)
+        if stop_strings:
+            finished |= stop_strings(tokens[active, : step + 1].cpu()).to(device)
+        if static is not None:  # every row stays; a row's first stop sets its length
+            lengths[finished & ~done] = step + 1
+            done |= finished
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            last_position = last_position + 1
+            hidden = static(chosen[:, None], last_position)
+            continue
+        if bool(finished.any()):
+            lengths[active[finished]] = step + 1
+            keep = (~finished).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            cache.batch_select_indices(keep)  # finished rows leave the batch and the cache
+            active, chosen = active[keep], chosen[keep]
+            attention_mask, last_position = attention_mask[keep], last_position[:, keep]
+        if step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        last_position = last_position + 1
+        out = body(input_ids=chosen[:, None], attention_mask=attention_mask, position_ids=last_position,
+                   use_cache=True, **{cache_kw: cache})
+        cache, hidden = _output_cache(out), out.last_hidden_state[:, -1]
+    lengths.clamp_(max=steps)
+    keep_mask = torch.arange(steps, device=device)[None, :] < lengths[:, None]
+    return (tokens[:, :steps].masked_fill(~keep_mask, pad_id), lengths,
+            logprobs[:, :steps].masked_fill(~keep_mask, 0.0))

@@ -78,7 +78,7 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
     seq = prompt + cfg.max_new_tokens
     sequences = cfg.prompts_per_step * cfg.num_generations
     micro = cfg.micro_batch_size
-    if cfg.max_tokens_per_micro_batch:  # as step.micro_rows caps it
+    if cfg.max_tokens_per_micro_batch:  # as micro_batching.micro_rows caps it
         micro = min(micro, max(1, cfg.max_tokens_per_micro_batch // seq))
     micro = min(micro, sequences)
     # tokens one training micro-batch runs through the model: with share_prompt each of its prompts once

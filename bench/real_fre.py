@@ -94,7 +94,8 @@ def evaluate(cli: list[str], model: Path, adapter: Path, data: Path, cap: int, o
                           "--batch-size", str(batch_size), "--set", "dtype=bfloat16", "--set", "quantization=none",
                           "--out", str(out)], check=True)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(predictions / base_name, cached)
+    if not cached.is_file() or len(read_jsonl(predictions / base_name)) > len(read_jsonl(cached)):
+        shutil.copyfile(predictions / base_name, cached)  # the cache only grows: a smaller file never replaces it
     return {"base": predictions / base_name, "adapter": predictions / f"{model_label(adapter)}-merged-cot-{cap}.jsonl"}
 
 

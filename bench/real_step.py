@@ -75,10 +75,11 @@ def decode_gemm_seconds(weights: list[torch.Tensor], rows: int) -> float:
 
 def one_dtype(model: str, dtype: str, args, rates: dict) -> dict:
     from lmmr1_lite import models, tasks
-    from lmmr1_lite.config import resolve_config
-    from lmmr1_lite.step import StepContext, grpo_step
+    from lmmr1_lite.config import parse_sets, resolve_config
+    from lmmr1_lite.step import StepContext, grpo_step, rows_with_loss
 
-    cfg = resolve_config("fre", str(REPO / "configs" / "real_0_5b" / "fre.yaml"), {"model": model})
+    cfg = resolve_config("fre", str(REPO / "configs" / "real_0_5b" / "fre.yaml"),
+                         {"model": model, **parse_sets(args.sets)})
     cfg = replace(cfg, dtype=dtype, prompts_per_step=args.prompts, num_generations=args.generations,
                   max_new_tokens=args.max_new_tokens)
     torch.manual_seed(0)
@@ -108,7 +109,9 @@ def one_dtype(model: str, dtype: str, args, rates: dict) -> dict:
     decode_steps = int(lengths.max())
     row_steps = int(lengths.sum())
     prompt_tokens = int(batch.prompt_mask[::cfg.num_generations].sum())  # each prompt once (shared)
-    train_tokens = prompt_tokens + row_steps
+    trained = rows_with_loss(cfg, scored.advantages)  # rows of tied groups carry no loss and skip the update
+    first_rows = sorted({row // cfg.num_generations * cfg.num_generations for row in trained.tolist()})
+    train_tokens = int(batch.prompt_mask[first_rows].sum()) + int(lengths[trained].sum())
     flops = rates[dtype]
     rows = batch.completion_ids.shape[0]
     gemm = decode_gemm_seconds(weights, rows)
@@ -121,7 +124,7 @@ def one_dtype(model: str, dtype: str, args, rates: dict) -> dict:
     phases = {k: metrics[k] for k in ("generate_seconds", "score_seconds", "update_seconds", "step_seconds")}
     return {"dtype": dtype, "rows": rows, "decode_steps": decode_steps, "row_steps": row_steps,
             "prompt_tokens": prompt_tokens, "train_tokens": train_tokens, "weight_bytes": weight_bytes,
-            "matmul_params": matmul_params, "phases": phases, "floors": floors,
+            "matmul_params": matmul_params, "rows_trained": len(trained), "phases": phases, "floors": floors,
             "over_floor": {k: phases[k] / floors[k] for k in floors if floors[k] > 0},
             "decode_step_seconds": metrics["generate_seconds"] / max(decode_steps, 1),
             "decode_step_gemm_seconds_at_full_batch": gemm,
@@ -135,6 +138,8 @@ def main() -> int:
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "real_step.json")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config field over configs/real_0_5b/fre.yaml (e.g. merge_for_rollouts=true)")
     parser.add_argument("--profile", action="store_true", help="also write the measured step's top ops by self "
                         "time (torch.profiler) beside --out; the profiler's overhead inflates the phase times")
     args = parser.parse_args()
@@ -146,6 +151,7 @@ def main() -> int:
     runs = [one_dtype(model, dtype, args, rates) for dtype in args.dtypes.split(",")]
     result = {"date": str(date.today()), "threads": torch.get_num_threads(), "model": model,
               "shape": f"{args.prompts} prompts x {args.generations} completions x <= {args.max_new_tokens} tokens",
+              "sets": args.sets,
               "floors_measured": {"read_GB_per_s": rates["read"] / 1e9, "float32_GFLOP_per_s": rates["float32"] / 1e9,
                                   "bfloat16_GFLOP_per_s": rates["bfloat16"] / 1e9}, "runs": runs}
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -122,6 +122,12 @@ class TrainConfig:
                            "and the cache), 'static' (preallocated, fixed shapes; finished rows stay, masked) or "
                            "'compiled' (static, and the decode step under torch.compile: CUDA graphs on CUDA, "
                            "where a small model's step is bound by kernel launches). Not yet measured on a GPU.")
+    merge_for_rollouts: bool = _f(False, "Generate rollouts with the LoRA folded into a copy of the base's weights: no "
+                                  "LoRA side path in every layer's decode step (on the 2-core CPU the real 0.5B model "
+                                  "generates faster, bench/RESULTS.md). The sampling weights are rounded to `dtype`, "
+                                  "as a vLLM-served policy's are; the update still computes the exact policy. Costs a "
+                                  "copy of the adapted weights while generating; a 4-bit base cannot merge and keeps "
+                                  "the side path (with a warning).")
     stop_tokens: list = _f(["</answer>"], "Strings (besides EOS) that end a completion, one or several tokens each "
                            "(`</answer>` is three in Qwen's vocabulary); the completion keeps the stop string.")
     # --- rewards -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ the training pass computes (`Rollout.logprobs`).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -79,9 +80,12 @@ class Rollout:
             None if any(p.clipped is None for p in parts) else torch.cat([p.clipped for p in parts]),
             None if any(p.prompt_index is None for p in parts) else torch.cat(offset_prompt_indices(parts)))
 
-    def rows(self, index: slice) -> "Rollout":
+    def rows(self, index: slice | torch.Tensor) -> "Rollout":
+        """These rows: a slice, or a 1-D tensor of row numbers."""
+        pick = (lambda items: items[index]) if isinstance(index, slice) else \
+            (lambda items: [items[i] for i in index.tolist()])
         return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
-                       self.completion_mask[index], self.texts[index], self.vision[index],
+                       self.completion_mask[index], pick(self.texts), pick(self.vision),
                        None if self.logprobs is None else self.logprobs[index],
                        None if self.clipped is None else self.clipped[index],
                        None if self.prompt_index is None else self.prompt_index[index])
@@ -94,6 +98,36 @@ def offset_prompt_indices(parts: list[Rollout]) -> list[torch.Tensor]:
         out.append(part.prompt_index + offset)
         offset += int(part.prompt_index.max()) + 1 if part.prompt_index.numel() else 0
     return out
+
+
+@contextmanager
+def adapter_merged(policy):
+    """Inside: each LoRA layer's base weight replaced by a merged copy (W + scaling * B A, summed in fp32, rounded
+    to W's dtype) and the adapters disabled, so a forward runs one GEMM per layer instead of three; on exit
+    the original weight tensors come back untouched (merging in place and unmerging would round W twice and
+    let it drift step after step). A quantised (4-bit) base cannot take the merge: then nothing changes."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in policy.modules() if isinstance(m, LoraLayer) and m.active_adapters]
+    if not layers or any(not m.get_base_layer().weight.dtype.is_floating_point for m in layers):
+        if layers:
+            warn_once("merge_for_rollouts: the 4-bit base cannot take the LoRA merged in; generating with "
+                      "the side path")
+        yield
+        return
+    originals = []
+    with torch.no_grad():
+        for layer in layers:
+            base = layer.get_base_layer()
+            delta = sum(layer.get_delta_weight(name).float() for name in layer.active_adapters if name in layer.lora_A)
+            originals.append((base, base.weight))
+            base.weight = torch.nn.Parameter((base.weight.float() + delta).to(base.weight.dtype), requires_grad=False)
+    try:
+        with policy.disable_adapter():
+            yield
+    finally:
+        for base, weight in originals:
+            base.weight = weight
 
 
 def stop_token_ids(tokenizer, stop_tokens: list[str]) -> list[int]:

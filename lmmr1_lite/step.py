@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +28,7 @@ from .config import TrainConfig
 from .data import Example, build_messages
 from .micro_batching import TrainingAborted  # noqa: F401  (train, cli and distributed import it from here)
 from .micro_batching import cut, halve_on_oom, micro_batches, micro_rows
-from .rollout import Rollout, generate
+from .rollout import Rollout, adapter_merged, generate
 
 
 @dataclass
@@ -104,7 +105,8 @@ def generate_rollouts(ctx: StepContext, examples: list[Example]) -> Rollout:
                      stop_strings=cfg.stop_tokens, top_k=cfg.top_k, top_p=cfg.top_p,
                      image_processor=ctx.image_processor, cache_mode=cfg.decode_cache)
             for i in range(0, len(messages), size)], ctx.tokenizer.pad_token_id)
-    batch, ctx.generation_batch_size = halve_on_oom(run, ctx.generation_batch_size, "generation")
+    with adapter_merged(ctx.policy) if cfg.merge_for_rollouts else nullcontext():
+        batch, ctx.generation_batch_size = halve_on_oom(run, ctx.generation_batch_size, "generation")
     return batch
 
 
@@ -197,17 +199,33 @@ def loss_mask(cfg: TrainConfig, batch: Rollout) -> torch.Tensor:
     return mask
 
 
-def batch_totals(ctx: StepContext, mask: torch.Tensor) -> dict | None:
+def rows_with_loss(cfg: TrainConfig, advantages: torch.Tensor) -> torch.Tensor:
+    """`[n]` the rows the training pass runs on. Without a KL term (beta = 0) a row whose advantage is 0 (every
+    row of a group whose rewards are all equal) has loss 0 and gradient 0 under every objective here (each
+    policy term is a multiple of A), so its forward and backward are skipped: the same update up to float
+    rounding, a group's share of the pass less per such group (frac_reward_zero_std). Not with the entropy
+    quantile, whose threshold is taken over the call's tokens. When no row carries loss the first still runs
+    (its gradient is 0), so every LoRA parameter the pass reaches gets a gradient and the optimizer steps as
+    before."""
+    every = torch.arange(advantages.shape[0], device=advantages.device)
+    if cfg.beta != 0 or cfg.top_entropy_quantile < 1.0:
+        return every
+    trained = (advantages != 0).nonzero().squeeze(1)
+    return trained if trained.numel() else every[:1]
+
+
+def batch_totals(ctx: StepContext, mask: torch.Tensor, trained: torch.Tensor) -> dict | None:
     """The whole batch's counts over every rank, for the loss aggregation's denominators: completion tokens,
-    sequences, and the padded completion length (the longest rank's: the one-process batch is padded to it).
-    None for one process (the batch is the whole batch). One all-gather."""
+    sequences, and the padded completion length (the longest rank's: the one-process batch is padded to it);
+    and the loss tokens of the rows that train (`trained`), which weight the metrics. None for one process
+    (the batch is the whole batch). One all-gather."""
     if ctx.dist is None:
         return None
-    local = torch.tensor([float(mask.sum()), float(mask.shape[0]), float(mask.shape[1])], dtype=torch.float64,
-                         device=mask.device)
-    every = ctx.dist.all_gather_tensor(local, "the token-count exchange")  # [world, 3]
+    local = torch.tensor([float(mask.sum()), float(mask.shape[0]), float(mask.shape[1]), float(mask[trained].sum())],
+                         dtype=torch.float64, device=mask.device)
+    every = ctx.dist.all_gather_tensor(local, "the token-count exchange")  # [world, 4]
     return {"tokens": every[:, 0].sum().item(), "sequences": every[:, 1].sum().item(),
-            "length": every[:, 2].max().item()}
+            "length": every[:, 2].max().item(), "trained_tokens": every[:, 3].sum().item()}
 
 
 def global_token_weights(mask: torch.Tensor, loss_agg: str, totals: dict | None) -> torch.Tensor:
@@ -226,14 +244,18 @@ def global_token_weights(mask: torch.Tensor, loss_agg: str, totals: dict | None)
 
 
 def _loss_sums(ctx: StepContext, scored: ScoredRollout, micro_batch_size: int, totals: dict | None = None) -> dict:
-    """Forward + backward over micro-batches; metric sums stay on the device (one sync at the end). With
-    `totals` (several ranks) the weights and token shares use the whole batch's counts, so the sums over
-    the ranks of the gradients and of these sums are the whole batch's."""
-    cfg, batch = ctx.cfg, scored.batch
-    weight = models.lm_head_weight(ctx.policy)
-    mask = loss_mask(cfg, batch)  # [N, C]
+    """Forward + backward over micro-batches of the rows that carry loss (`rows_with_loss`); metric sums stay
+    on the device (one sync at the end) and are token-weighted over those rows. With `totals` (several ranks)
+    the weights and token shares use the whole batch's counts, so the sums over the ranks of the gradients
+    and of these sums are the whole batch's."""
+    cfg, weight = ctx.cfg, models.lm_head_weight(ctx.policy)
+    mask = loss_mask(cfg, scored.batch)  # [N, C]
     weights_all = global_token_weights(mask, cfg.loss_agg, totals)  # over the whole batch, not per micro-batch
-    total_tokens = mask.sum().clamp(min=1) if totals is None else max(totals["tokens"], 1.0)
+    trained = rows_with_loss(cfg, scored.advantages)
+    batch, mask, weights_all, advantages = (scored.batch.rows(trained), mask[trained], weights_all[trained],
+                                            scored.advantages[trained])
+    old_logp, ref_logp = (None if logp is None else logp[trained] for logp in (scored.old_logp, scored.ref_logp))
+    total_tokens = mask.sum().clamp(min=1) if totals is None else max(totals["trained_tokens"], 1.0)
     keys = ("kl", "clip_low", "clip_high", "ratio", "entropy")
     sums = {key: torch.zeros((), device=mask.device) for key in ("loss",) + keys}
     size = micro_rows(cfg, batch, micro_batch_size)
@@ -241,8 +263,8 @@ def _loss_sums(ctx: StepContext, scored: ScoredRollout, micro_batch_size: int, t
         micro, columns = cut(batch.rows(rows), width), (rows, slice(0, width))
         loss, metrics = grpo_loss(
             models.completion_hidden(ctx.policy, micro, cfg.share_prompt), weight, micro.completion_ids,
-            mask[columns], scored.advantages[rows], None if scored.old_logp is None else scored.old_logp[columns],
-            None if scored.ref_logp is None else scored.ref_logp[columns], beta=cfg.beta,
+            mask[columns], advantages[rows], None if old_logp is None else old_logp[columns],
+            None if ref_logp is None else ref_logp[columns], beta=cfg.beta,
             epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, temperature=cfg.temperature,
             loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
             top_entropy_quantile=cfg.top_entropy_quantile, token_weight=weights_all[columns],
@@ -262,7 +284,8 @@ def compute_gradients(ctx: StepContext, scored: ScoredRollout) -> dict:
     policy = ctx.policy
     lora_params = [p for p in policy.parameters() if p.requires_grad]
     policy.train()  # train mode: gradient checkpointing on (when configured)
-    totals = batch_totals(ctx, loss_mask(ctx.cfg, scored.batch))  # before the back-off: a collective runs once
+    # before the back-off: a collective runs once
+    totals = batch_totals(ctx, loss_mask(ctx.cfg, scored.batch), rows_with_loss(ctx.cfg, scored.advantages))
 
     def run(size: int) -> dict:
         for p in lora_params:

@@ -319,6 +319,47 @@ def test_micro_batches_cut_to_their_own_longest_completion_change_nothing(tiny_p
     assert cut_logp.shape == full_logp.shape and not cut_logp[2:4, 5:].any() and not cut_logp[4:, 3:].any()
 
 
+@pytest.mark.parametrize("objective", [dict(loss_agg="token_mean"), dict(loss_agg="seq_mean_token_mean"),
+                                       dict(loss_type="cispo"), dict(importance_sampling_level="sequence")], ids=str)
+def test_rows_without_advantage_skip_the_training_pass_and_change_nothing(tiny_policy, monkeypatch, objective):
+    """Without a KL term the rows of a group whose rewards tie (advantage 0) carry no loss: the training pass
+    runs on the other rows only, and the loss and LoRA gradients equal the pass over every row; with a KL term
+    (beta > 0) every row runs; when no row carries loss one row still runs and the gradient is zero."""
+    from dataclasses import replace
+
+    from lmmr1_lite import models, step
+    from lmmr1_lite.step import StepContext, compute_gradients
+
+    policy, tokenizer, cfg = tiny_policy
+    cfg = replace(cfg, micro_batch_size=4, max_tokens_per_micro_batch=0, beta=0.0, **objective)
+    scored = tiny_scored(tokenizer)
+    scored.advantages[2:4] = 0.0  # the middle group's rewards tie
+    rows, real = [], models.completion_hidden
+
+    def recording(policy, micro, share):
+        rows.append(micro.completion_ids.shape[0])
+        return real(policy, micro, share)
+    monkeypatch.setattr(models, "completion_hidden", recording)
+    ctx = StepContext(policy, tokenizer, cfg)
+    skipped_sums, skipped_grads = compute_gradients(ctx, scored), lora_grads(policy)
+    assert rows == [4], "rows 0, 1, 4, 5 in one micro-batch of 4"
+    every_row = lambda cfg, advantages: torch.arange(advantages.shape[0])  # noqa: E731
+    monkeypatch.setattr(step, "rows_with_loss", every_row)
+    all_sums, all_grads = compute_gradients(ctx, scored), lora_grads(policy)
+    assert rows[1:] == [4, 2]
+    assert all_grads.norm() > 0 and float((skipped_grads - all_grads).norm() / all_grads.norm()) < 1e-5
+    assert abs(float(skipped_sums["loss"] - all_sums["loss"])) < 1e-6
+    monkeypatch.undo()
+    monkeypatch.setattr(models, "completion_hidden", recording)
+    del rows[:]
+    compute_gradients(StepContext(policy, tokenizer, replace(cfg, beta=0.05)), scored)
+    assert rows == [4, 2], "a KL term: every row has a gradient"
+    scored.advantages[:] = 0.0
+    del rows[:]
+    sums = compute_gradients(ctx, scored)
+    assert rows == [1] and float(sums["loss"]) == 0.0 and not lora_grads(policy).any()
+
+
 # ---- dynamic sampling ----------------------------------------------------------------------------------------
 def fake_generation(monkeypatch, tokenizer, completion=4):
     """`generate_rollouts` replaced by G fixed-length rows per example whose text is `<answer>-<row>`."""

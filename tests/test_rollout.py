@@ -247,3 +247,45 @@ def test_compiled_decode_gives_the_dynamic_tokens(tiny_policy):
     dynamic = generate(policy, tokenizer, PROMPTS * 3, **kwargs)
     compiled = generate(policy, tokenizer, PROMPTS * 3, cache_mode="compiled", **kwargs)
     assert torch.equal(dynamic.completion_ids, compiled.completion_ids)
+
+
+def test_rollouts_from_merged_weights_are_the_adapted_policy_and_leave_the_base_untouched(tiny_policy):
+    """`adapter_merged` (merge_for_rollouts): greedy tokens and log-probs of the merged weights equal those of the
+    LoRA side path, the adapter is live inside (merged into the weights, not dropped), and on exit every base
+    weight is the same tensor with the same values and the side path is back."""
+    from lmmr1_lite.rollout import adapter_merged
+
+    policy, tokenizer, _ = tiny_policy
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    base = {n: (p, p.detach().clone()) for n, p in policy.named_parameters() if "base_layer" in n}
+    kwargs = dict(num_generations=2, max_new_tokens=16, temperature=1.0, greedy=True, stop_ids=[])
+    side_path = generate(policy, tokenizer, PROMPTS, **kwargs)
+    with policy.disable_adapter():
+        without = generate(policy, tokenizer, PROMPTS, **kwargs)
+    with adapter_merged(policy):
+        merged = generate(policy, tokenizer, PROMPTS, **kwargs)
+    assert not torch.equal(without.completion_ids, side_path.completion_ids), "the adapter changes the tokens"
+    assert torch.equal(merged.completion_ids, side_path.completion_ids)
+    assert (merged.logprobs - side_path.logprobs).abs().max() < 1e-4
+    for name, p in policy.named_parameters():
+        if "base_layer" in name:
+            assert p is base[name][0] and torch.equal(p, base[name][1]), name
+    assert torch.equal(generate(policy, tokenizer, PROMPTS, **kwargs).completion_ids, side_path.completion_ids)
+
+
+def test_a_4bit_base_keeps_the_side_path_when_asked_to_merge(tiny_cfg):
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    from lmmr1_lite.rollout import adapter_merged
+
+    cfg = tiny_cfg(quantization="nf4", gradient_checkpointing=False)
+    policy = models.add_lora(models.load_base_model(cfg, torch.device("cpu")), cfg)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in policy.modules())
+    weights = {n: p for n, p in policy.named_parameters()}
+    with pytest.warns(UserWarning, match="4-bit base cannot take the LoRA merged in"), adapter_merged(policy):
+        assert all(weights[n] is p for n, p in policy.named_parameters())
+        assert not any(m.disable_adapters for m in policy.modules() if isinstance(m, LoraLayer)), "adapters stay on"

@@ -252,6 +252,19 @@ def lora_grads(policy) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in policy.parameters() if p.requires_grad])
 
 
+def recorded_passes(monkeypatch) -> list[tuple[int, int]]:
+    """`(rows, width)` of every micro-batch the passes run from now on (`models.completion_hidden` recorded)."""
+    from lmmr1_lite import models
+
+    shapes, real = [], models.completion_hidden
+
+    def recording(policy, micro, share):
+        shapes.append(tuple(micro.completion_ids.shape))
+        return real(policy, micro, share)
+    monkeypatch.setattr(models, "completion_hidden", recording)
+    return shapes
+
+
 def test_mask_truncated_completions_drops_the_truncated_rows_from_the_loss(tiny_policy):
     """Overlong filtering's gradient is the gradient of the batch without its truncated completions (token_mean:
     the denominator counts only the kept tokens); without it they count."""
@@ -288,7 +301,7 @@ def test_micro_batches_cut_to_their_own_longest_completion_change_nothing(tiny_p
     and the loss, the LoRA gradients and the log-probs equal those of the uncut micro-batches."""
     from dataclasses import replace
 
-    from lmmr1_lite import models, step
+    from lmmr1_lite import step
     from lmmr1_lite.step import StepContext, compute_gradients, micro_batches, policy_logprobs
 
     policy, tokenizer, cfg = tiny_policy
@@ -298,20 +311,15 @@ def test_micro_batches_cut_to_their_own_longest_completion_change_nothing(tiny_p
     scored.batch.completion_mask = (torch.arange(7)[None] < lengths[:, None]).long()
     scored.ref_logp = -torch.rand(6, 7, generator=torch.Generator().manual_seed(3)) if cfg.beta else None
     assert [width for _, width in micro_batches(scored.batch, 2)] == [7, 5, 3]
-    widths, real = [], models.completion_hidden
-
-    def recording(policy, micro, share):
-        widths.append(micro.completion_ids.shape[1])
-        return real(policy, micro, share)
-    monkeypatch.setattr(models, "completion_hidden", recording)
+    passes = recorded_passes(monkeypatch)
     ctx = StepContext(policy, tokenizer, cfg)
     ctx.logprob_batch_size = 2  # the no-grad pass too, in micro-batches of 2
     cut_sums, cut_grads, cut_logp = compute_gradients(ctx, scored), lora_grads(policy), policy_logprobs(ctx, scored.batch)
-    assert widths == [7, 5, 3, 7, 5, 3], "the training pass, then the log-prob pass"
+    assert [width for _, width in passes] == [7, 5, 3, 7, 5, 3], "the training pass, then the log-prob pass"
     cut_to_own = step.micro_batches  # now every micro-batch at the batch's width:
     monkeypatch.setattr(step, "micro_batches", lambda batch, size: ((rows, 7) for rows, _ in cut_to_own(batch, size)))
     full_sums, full_grads, full_logp = compute_gradients(ctx, scored), lora_grads(policy), policy_logprobs(ctx, scored.batch)
-    assert widths[6:] == [7] * 6
+    assert [width for _, width in passes[6:]] == [7] * 6
     assert full_grads.norm() > 0 and float((cut_grads - full_grads).norm() / full_grads.norm()) < 1e-5
     assert abs(float(cut_sums["loss"] - full_sums["loss"])) < 1e-6
     real_tokens = scored.batch.completion_mask.bool()
@@ -327,37 +335,31 @@ def test_rows_without_advantage_skip_the_training_pass_and_change_nothing(tiny_p
     (beta > 0) every row runs; when no row carries loss one row still runs and the gradient is zero."""
     from dataclasses import replace
 
-    from lmmr1_lite import models, step
+    from lmmr1_lite import step
     from lmmr1_lite.step import StepContext, compute_gradients
 
     policy, tokenizer, cfg = tiny_policy
     cfg = replace(cfg, micro_batch_size=4, max_tokens_per_micro_batch=0, beta=0.0, **objective)
     scored = tiny_scored(tokenizer)
     scored.advantages[2:4] = 0.0  # the middle group's rewards tie
-    rows, real = [], models.completion_hidden
-
-    def recording(policy, micro, share):
-        rows.append(micro.completion_ids.shape[0])
-        return real(policy, micro, share)
-    monkeypatch.setattr(models, "completion_hidden", recording)
+    passes = recorded_passes(monkeypatch)
     ctx = StepContext(policy, tokenizer, cfg)
     skipped_sums, skipped_grads = compute_gradients(ctx, scored), lora_grads(policy)
-    assert rows == [4], "rows 0, 1, 4, 5 in one micro-batch of 4"
+    assert [rows for rows, _ in passes] == [4], "rows 0, 1, 4, 5 in one micro-batch of 4"
     every_row = lambda cfg, advantages: torch.arange(advantages.shape[0])  # noqa: E731
     monkeypatch.setattr(step, "rows_with_loss", every_row)
     all_sums, all_grads = compute_gradients(ctx, scored), lora_grads(policy)
-    assert rows[1:] == [4, 2]
+    assert [rows for rows, _ in passes[1:]] == [4, 2]
     assert all_grads.norm() > 0 and float((skipped_grads - all_grads).norm() / all_grads.norm()) < 1e-5
     assert abs(float(skipped_sums["loss"] - all_sums["loss"])) < 1e-6
     monkeypatch.undo()
-    monkeypatch.setattr(models, "completion_hidden", recording)
-    del rows[:]
+    passes = recorded_passes(monkeypatch)
     compute_gradients(StepContext(policy, tokenizer, replace(cfg, beta=0.05)), scored)
-    assert rows == [4, 2], "a KL term: every row has a gradient"
+    assert [rows for rows, _ in passes] == [4, 2], "a KL term: every row has a gradient"
     scored.advantages[:] = 0.0
-    del rows[:]
+    del passes[:]
     sums = compute_gradients(ctx, scored)
-    assert rows == [1] and float(sums["loss"]) == 0.0 and not lora_grads(policy).any()
+    assert [rows for rows, _ in passes] == [1] and float(sums["loss"]) == 0.0 and not lora_grads(policy).any()
 
 
 # ---- dynamic sampling ----------------------------------------------------------------------------------------

@@ -153,7 +153,12 @@ def add_logprobs(ctx: StepContext, scored: ScoredRollout) -> ScoredRollout:
     if ctx.cfg.beta > 0:
         with ctx.policy.disable_adapter():
             scored.ref_logp = policy_logprobs(ctx, scored.batch)
-    scored.old_logp = policy_logprobs(ctx, scored.batch) if ctx.cfg.num_iterations > 1 else None
+    scored.old_logp = None
+    if ctx.cfg.num_iterations > 1:  # only the rows that train read them (`rows_with_loss`); the others stay 0
+        trained = rows_with_loss(ctx.cfg, scored.advantages)
+        old = policy_logprobs(ctx, scored.batch.rows(trained))
+        scored.old_logp = old.new_zeros(scored.batch.completion_ids.shape)
+        scored.old_logp[trained] = old
     return scored
 
 
@@ -243,15 +248,14 @@ def global_token_weights(mask: torch.Tensor, loss_agg: str, totals: dict | None)
     return token_weights(mask, loss_agg)  # raises: an unknown aggregation
 
 
-def _loss_sums(ctx: StepContext, scored: ScoredRollout, micro_batch_size: int, totals: dict | None = None) -> dict:
-    """Forward + backward over micro-batches of the rows that carry loss (`rows_with_loss`); metric sums stay
-    on the device (one sync at the end) and are token-weighted over those rows. With `totals` (several ranks)
-    the weights and token shares use the whole batch's counts, so the sums over the ranks of the gradients
-    and of these sums are the whole batch's."""
+def _loss_sums(ctx: StepContext, scored: ScoredRollout, micro_batch_size: int, mask: torch.Tensor,
+               trained: torch.Tensor, totals: dict | None = None) -> dict:
+    """Forward + backward over micro-batches of the rows `trained` (`rows_with_loss`) of the loss mask `mask`
+    (`[N, C]`); metric sums stay on the device (one sync at the end) and are token-weighted over those rows.
+    With `totals` (several ranks) the weights and token shares use the whole batch's counts, so the sums over
+    the ranks of the gradients and of these sums are the whole batch's."""
     cfg, weight = ctx.cfg, models.lm_head_weight(ctx.policy)
-    mask = loss_mask(cfg, scored.batch)  # [N, C]
     weights_all = global_token_weights(mask, cfg.loss_agg, totals)  # over the whole batch, not per micro-batch
-    trained = rows_with_loss(cfg, scored.advantages)
     batch, mask, weights_all, advantages = (scored.batch.rows(trained), mask[trained], weights_all[trained],
                                             scored.advantages[trained])
     old_logp, ref_logp = (None if logp is None else logp[trained] for logp in (scored.old_logp, scored.ref_logp))
@@ -284,13 +288,13 @@ def compute_gradients(ctx: StepContext, scored: ScoredRollout) -> dict:
     policy = ctx.policy
     lora_params = [p for p in policy.parameters() if p.requires_grad]
     policy.train()  # train mode: gradient checkpointing on (when configured)
-    # before the back-off: a collective runs once
-    totals = batch_totals(ctx, loss_mask(ctx.cfg, scored.batch), rows_with_loss(ctx.cfg, scored.advantages))
+    mask, trained = loss_mask(ctx.cfg, scored.batch), rows_with_loss(ctx.cfg, scored.advantages)
+    totals = batch_totals(ctx, mask, trained)  # before the back-off: a collective runs once
 
     def run(size: int) -> dict:
         for p in lora_params:
             p.grad = None
-        return _loss_sums(ctx, scored, size, totals)
+        return _loss_sums(ctx, scored, size, mask, trained, totals)
     sums, ctx.micro_batch_size = halve_on_oom(run, ctx.micro_batch_size, "the training pass")
     if ctx.dist is not None:
         keys = list(sums)

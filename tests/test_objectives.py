@@ -362,6 +362,25 @@ def test_rows_without_advantage_skip_the_training_pass_and_change_nothing(tiny_p
     assert [rows for rows, _ in passes] == [1] and float(sums["loss"]) == 0.0 and not lora_grads(policy).any()
 
 
+def test_the_old_log_prob_pass_runs_only_on_rows_that_train(tiny_policy, monkeypatch):
+    """num_iterations > 1 without a KL term: the old log-probs of a tied group's rows are never read, so their
+    no-grad pass skips them; the other rows' old log-probs equal the pass over every row."""
+    from dataclasses import replace
+
+    from lmmr1_lite.step import StepContext, add_logprobs, policy_logprobs
+
+    policy, tokenizer, cfg = tiny_policy
+    ctx = StepContext(policy, tokenizer, replace(cfg, num_iterations=2, beta=0.0, max_tokens_per_micro_batch=0))
+    scored = tiny_scored(tokenizer)
+    scored.advantages[2:4] = 0.0
+    passes = recorded_passes(monkeypatch)
+    old = add_logprobs(ctx, scored).old_logp
+    assert [rows for rows, _ in passes] == [4]
+    every = policy_logprobs(ctx, scored.batch)
+    kept = [0, 1, 4, 5]
+    assert torch.allclose(old[kept], every[kept], atol=1e-6) and not old[2:4].any()
+
+
 # ---- dynamic sampling ----------------------------------------------------------------------------------------
 def fake_generation(monkeypatch, tokenizer, completion=4):
     """`generate_rollouts` replaced by G fixed-length rows per example whose text is `<answer>-<row>`."""

@@ -7,6 +7,7 @@ weight directly, so the `[tokens, vocab]` logits are never materialised.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
@@ -216,6 +217,27 @@ def unwrap(policy):
 def backbone(policy):
     """The module whose forward returns last hidden states (LoRA layers included): `model.model`."""
     return unwrap(policy).model
+
+
+@contextlib.contextmanager
+def lora_autocast(policy, enabled: bool = True):
+    """Inside: a LoRA side path on a bf16 base computed in bf16, its fp32 weights cast once per call by
+    autocast (and their gradients returned in fp32, the optimizer's master copy), as TRL's bf16 training
+    does. Without it peft casts each layer's input to fp32, runs the two small GEMMs in fp32, adds the bf16
+    base output to an fp32 result and casts that back: three copies of a layer's activations per layer
+    (bench/RESULTS.md). A no-op unless the base's linear weights are bf16 and the LoRA's fp32 (a 4-bit base
+    keeps peft's casts). Wrap only the model's forward: autocast would also lower the log-prob kernels' fp32."""
+    layer = next((m for m in policy.modules() if getattr(m, "lora_A", None)), None) if enabled else None
+    base = layer.get_base_layer().weight.dtype if layer is not None else None
+    lora = next(iter(layer.lora_A.values())).weight.dtype if layer is not None else None
+    if base != torch.bfloat16 or lora != torch.float32:
+        yield
+        return
+    from peft.helpers import disable_input_dtype_casting
+
+    with torch.autocast(layer.get_base_layer().weight.device.type, dtype=torch.bfloat16), \
+            disable_input_dtype_casting(policy):
+        yield
 
 
 def lm_head_weight(policy) -> torch.Tensor:

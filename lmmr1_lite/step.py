@@ -110,6 +110,13 @@ def generate_rollouts(ctx: StepContext, examples: list[Example]) -> Rollout:
     return batch
 
 
+def policy_hidden(ctx: StepContext, micro: Rollout) -> torch.Tensor:
+    """`models.completion_hidden` of a micro-batch under the policy, its LoRA in bf16 when `lora_autocast`
+    (the log-prob kernels that take these hidden states stay outside autocast)."""
+    with models.lora_autocast(ctx.policy, ctx.cfg.lora_autocast):
+        return models.completion_hidden(ctx.policy, micro, ctx.cfg.share_prompt)
+
+
 @torch.no_grad()
 def policy_logprobs(ctx: StepContext, batch: Rollout) -> torch.Tensor:
     """Per-token log-probs `[N, C]` of a rollout's completions under the current policy (or, inside
@@ -123,7 +130,7 @@ def policy_logprobs(ctx: StepContext, batch: Rollout) -> torch.Tensor:
         out = []
         for rows, width in micro_batches(batch, size):
             micro = cut(batch.rows(rows), width)
-            logp = token_logprobs(models.completion_hidden(ctx.policy, micro, cfg.share_prompt), weight,
+            logp = token_logprobs(policy_hidden(ctx, micro), weight,
                                   micro.completion_ids, cfg.temperature, backend=cfg.logprob_backend,
                                   chunk_bytes=cfg.logprob_chunk_bytes or None)
             out.append(torch.nn.functional.pad(logp, (0, batch.completion_ids.shape[1] - width)))
@@ -266,7 +273,7 @@ def _loss_sums(ctx: StepContext, scored: ScoredRollout, micro_batch_size: int, m
     for rows, width in micro_batches(batch, size):
         micro, columns = cut(batch.rows(rows), width), (rows, slice(0, width))
         loss, metrics = grpo_loss(
-            models.completion_hidden(ctx.policy, micro, cfg.share_prompt), weight, micro.completion_ids,
+            policy_hidden(ctx, micro), weight, micro.completion_ids,
             mask[columns], advantages[rows], None if old_logp is None else old_logp[columns],
             None if ref_logp is None else ref_logp[columns], beta=cfg.beta,
             epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, temperature=cfg.temperature,

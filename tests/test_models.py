@@ -1,4 +1,5 @@
 """One copy of the weights: the reference is the adapter switched off; only LoRA trains."""
+import pytest
 import torch
 
 from lmmr1_kernels import grpo_loss, token_logprobs
@@ -87,3 +88,51 @@ def test_instruct_prior_teaches_the_format_and_answer_words_not_the_answers(tiny
     assert all(0.1 < share < 0.45 for share in shares.values()), shares  # every colour word, none dominant
     accuracy = sum(accuracy_batch(batch.texts, [e.answer for e in test for _ in range(8)])) / len(answers)
     assert 0.1 < accuracy < 0.4, f"the prior must not teach the answers: sampled accuracy {accuracy:.2f}"
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_autocast_runs_the_side_path_in_bf16_and_keeps_fp32_gradients(build_tiny_policy, checkpointing):
+    """`lora_autocast` on a bf16 base: every LoRA GEMM gets a bf16 input (peft would cast it to the fp32 LoRA
+    weights), the loss and the fp32 LoRA gradients agree with peft's fp32 side path to bf16 rounding, also when
+    gradient checkpointing recomputes the layers in backward (outside the context)."""
+    policy, tokenizer, cfg = build_tiny_policy(dtype="bfloat16", gradient_checkpointing=checkpointing)
+    enc, targets = _batch(tokenizer)
+    lora_a = [m for n, m in policy.named_modules() if n.endswith("lora_A.default")]
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype)) for m in lora_a]
+    trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    assert lora_a and all(p.dtype == torch.float32 for p in trainable.values())
+    policy.train()
+    runs = {}
+    for autocast in (False, True):
+        seen.clear()
+        policy.zero_grad()
+        with models.lora_autocast(policy, autocast):
+            hidden = models.hidden_states(policy, **enc)
+        assert hidden.dtype == torch.bfloat16
+        loss, _ = grpo_loss(hidden, models.lm_head_weight(policy), targets, enc["attention_mask"],
+                            torch.tensor([1.0, -1.0]))
+        loss.backward()
+        forward_inputs = seen[:len(lora_a)]
+        assert set(forward_inputs) == {torch.bfloat16 if autocast else torch.float32}
+        grads = {n: p.grad for n, p in trainable.items()}
+        assert all(g is not None and g.dtype == torch.float32 for g in grads.values())
+        runs[autocast] = loss.detach(), torch.cat([g.flatten() for g in grads.values()])
+    (loss_fp32, grad_fp32), (loss_bf16, grad_bf16) = runs[False], runs[True]
+    assert abs(loss_bf16 - loss_fp32) <= 2e-2 * abs(loss_fp32) + 1e-3
+    cosine = torch.nn.functional.cosine_similarity(grad_bf16, grad_fp32, dim=0)
+    assert cosine > 0.99 and not torch.equal(grad_bf16, grad_fp32), cosine
+    for hook in hooks:
+        hook.remove()
+
+
+def test_lora_autocast_leaves_an_fp32_base_alone(tiny_policy):
+    """On an fp32 base (the tiny default) the context changes nothing: no autocast, peft's casts stay on."""
+    policy, tokenizer, _ = tiny_policy
+    enc, _ = _batch(tokenizer)
+    with torch.no_grad():
+        plain = models.hidden_states(policy, **enc)
+        with models.lora_autocast(policy):
+            assert not torch.is_autocast_enabled("cpu")
+            inside = models.hidden_states(policy, **enc)
+    assert torch.equal(plain, inside)

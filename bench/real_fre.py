@@ -116,23 +116,47 @@ def prediction_files(directory: Path, cap: int) -> dict[str, Path]:
     return {"base": base[0], "adapter": others[0]}
 
 
-def judged(path: Path, golds: dict[str, str]) -> dict:
+def cut_at(records: dict, cap: int, tokenizer) -> dict:
+    """The answers greedy decoding gives at a smaller `cap`, from answers generated at a larger one: greedy's
+    first `cap` tokens do not depend on the cap, so an answer of at most `cap` tokens (its end token counted,
+    as `tokens` counts it) is kept as it is, and a longer one is cut at its `cap`-th token and marked clipped.
+    Cutting re-tokenizes the text: that reproduces the recorded length of 1,388 of 1,400 answers (measured)."""
+    out = {}
+    for i, record in records.items():
+        if record["tokens"] <= cap:
+            out[i] = record
+        else:
+            ids = tokenizer(record["completion"], add_special_tokens=False)["input_ids"][:cap]
+            out[i] = {**record, "completion": tokenizer.decode(ids), "tokens": cap, "clipped": True}
+    return out
+
+
+def judged(path: Path, golds: dict[str, str], cut: int | None = None) -> dict:
     """A predictions file's records (by id, those `golds` names), each completion judged now by the GSM8K rule
-    and the format check: the tables never depend on the scorer version that wrote the file."""
+    and the format check: the tables never depend on the scorer version that wrote the file. With `cut`, the
+    answers first cut to that many tokens (`cut_at`)."""
     from lmmr1_lite.benchmark_eval import PromptSpec, answer_format, read_predictions
     from lmmr1_lite.benchmarks import gsm8k
 
-    records = read_predictions(path)
-    ids = [i for i in records if i in golds]
+    records = {i: r for i, r in read_predictions(path).items() if i in golds}
+    if cut is not None:
+        from lmmr1_lite.tiny import load_qwen_tokenizer
+
+        records = cut_at(records, cut, load_qwen_tokenizer())
+    ids = list(records)
     texts = [records[i]["completion"] for i in ids]
     scores = gsm8k.BENCHMARK.score_batch([{"question": "", "answer": f"#### {golds[i]}"} for i in ids], texts)
     return {i: {**records[i], "score": score, "format": answer_format(text, PromptSpec("cot"))}
             for i, score, text in zip(ids, scores, texts)}
 
 
-def tables_at(cap: int, files: dict[str, Path], golds: dict[str, str], sets: dict[str, list[str]]) -> dict:
-    found = {name: judged(path, golds) for name, path in files.items()}
-    return {f"{set_name} problems, cap {cap}": summarise({i: golds[i] for i in ids}, found["base"], found["adapter"])
+def tables_at(cap: int, files: dict[str, Path], golds: dict[str, str], sets: dict[str, list[str]],
+              cut: int | None = None) -> dict:
+    """Per problem set, the before/after table of the prediction files generated at `cap` (with `cut`: of
+    those answers cut to `cut` tokens, titled by both caps)."""
+    found = {name: judged(path, golds, cut) for name, path in files.items()}
+    cap_name = f"cap {cap}" if cut is None else f"cap {cut} (the cap-{cap} answers cut at {cut} tokens)"
+    return {f"{set_name} problems, {cap_name}": summarise({i: golds[i] for i in ids}, found["base"], found["adapter"])
             for set_name, ids in sets.items()}
 
 
@@ -143,7 +167,29 @@ def rescore(results: Path) -> dict:
     for cap in recorded["caps"]:
         tables.update(tables_at(cap, prediction_files(results / "predictions", cap), recorded["problems"],
                                 recorded["problem_sets"]))
+    for cut, cap in recorded.get("cuts", {}).items():
+        tables.update(tables_at(cap, prediction_files(results / "predictions", cap), recorded["problems"],
+                                recorded["problem_sets"], cut=int(cut)))
     return tables
+
+
+def caps_of(text: str, train_cap: int) -> list[int]:
+    """'512,train' -> [512, the training cap]."""
+    return [train_cap if c.strip() == "train" else int(c) for c in text.split(",") if c.strip()]
+
+
+def with_cuts(summary: dict, predictions: Path, cuts: list[int]) -> dict:
+    """`summary` with the tables at each of `cuts` derived from its largest cap's answers (`cut_at`), and
+    `cuts` (cut cap -> the cap generated at) recorded for `rescore`."""
+    longest = max(summary["caps"])
+    if any(cut >= longest for cut in cuts):
+        raise SystemExit(f"--cut {cuts}: each must be below the largest evaluated cap, {longest}")
+    summary = {**summary, "cuts": {**summary.get("cuts", {}), **{str(cut): longest for cut in cuts}},
+               "tables": dict(summary["tables"])}
+    for cut in cuts:
+        summary["tables"].update(tables_at(longest, prediction_files(predictions, longest), summary["problems"],
+                                           summary["problem_sets"], cut=cut))
+    return summary
 
 
 def publish(results: Path, run_dir: Path, summary: dict, evals: dict[int, Path]) -> None:
@@ -183,6 +229,10 @@ def main() -> int:
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--caps", default="512,train", help="evaluation caps, comma-separated ('train': the "
                         "config's max_new_tokens); 512 cuts about 3 %% of the base's answers (measured)")
+    parser.add_argument("--cut", default="", help="caps, comma-separated ('train' allowed), whose tables are "
+                        "derived from the largest evaluated cap's greedy answers cut to that many tokens instead of "
+                        "generated again (greedy's first tokens do not depend on the cap); with --rescore, they are "
+                        "added to the folder's eval.json")
     parser.add_argument("--extra-data", type=Path, default=None, help="more GSM8K-shaped test rows (JSONL) to "
                         "evaluate beside the 100 shipped ones")
     parser.add_argument("--batch-size", type=int, default=50)
@@ -194,6 +244,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.rescore:
         recorded = json.loads((args.rescore / "eval.json").read_text())
+        if args.cut:
+            recorded = with_cuts(recorded, args.rescore / "predictions", caps_of(args.cut, recorded["train_cap"]))
+            (args.rescore / "eval.json").write_text(json.dumps(recorded, indent=1) + "\n")
         for title, table in rescore(args.rescore).items():
             print_table(f"GSM8K test, {title} (re-scored from {args.rescore / 'predictions'}):", table)
             if table != recorded["tables"][title]:
@@ -216,7 +269,7 @@ def main() -> int:
         data.parent.mkdir(parents=True, exist_ok=True)
         data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in shipped + extra))
     train_cap = int(load_yaml(args.config).get("max_new_tokens", 1024))
-    caps = [train_cap if c.strip() == "train" else int(c) for c in args.caps.split(",") if c.strip()]
+    caps = caps_of(args.caps, train_cap)
 
     cli = [sys.executable, "-m", "lmmr1_lite.cli"]
     if not (args.run_dir / "adapter" / "adapter_model.safetensors").is_file():
@@ -238,6 +291,13 @@ def main() -> int:
         for title, table in tables.items():
             print_table(f"GSM8K test, {title}, greedy, cot prompt{' (the training cap)' if cap == train_cap else ''}:",
                         table)
+    if args.cut:
+        longest = max(summary["caps"])
+        summary = with_cuts(summary, evals[longest] / "predictions" / "gsm8k", caps_of(args.cut, train_cap))
+        for cut in summary["cuts"]:
+            for set_name in sets:
+                title = next(t for t in summary["tables"] if t.startswith(f"{set_name} problems, cap {cut} ("))
+                print_table(f"GSM8K test, {title}, greedy, cot prompt:", summary["tables"][title])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nwrote {args.json}")

@@ -85,3 +85,41 @@ def test_real_fre_tables_are_judged_from_the_completions_and_rescore_checks_them
     (tmp_path / "eval.json").write_text(json.dumps({"caps": [8], "problems": golds, "problem_sets": sets,
                                                     "tables": tables}))
     assert subprocess.run(rescore, capture_output=True, text=True).returncode == 1
+
+
+def test_real_fre_cut_tables_are_the_answers_cut_at_the_smaller_cap(tmp_path):
+    """--cut: an answer within the smaller cap (its end token counted) is kept as it is; a longer one is cut at
+    exactly that many tokens, marked clipped, and judged again (its final box gone, it scores 0); the cut tables
+    are recorded in eval.json and rebuilt by --rescore."""
+    from lmmr1_lite.tiny import load_qwen_tokenizer
+
+    real_fre = _real_fre()
+    tokenizer = load_qwen_tokenizer()
+    long = "Step one: 3 + 4 = 7. Step two: 7 * 2 = 14. So the answer is \\boxed{14}."
+    length = len(tokenizer(long, add_special_tokens=False)["input_ids"])
+    records = {"short": {"completion": "\\boxed{2}", "tokens": 6, "clipped": False},
+               "long": {"completion": long, "tokens": length + 1, "clipped": False}}
+    cut = real_fre.cut_at(records, 10, tokenizer)
+    assert cut["short"] is records["short"]
+    assert cut["long"]["tokens"] == 10 and cut["long"]["clipped"] and long.startswith(cut["long"]["completion"])
+    assert len(tokenizer(cut["long"]["completion"], add_special_tokens=False)["input_ids"]) == 10
+    assert real_fre.cut_at(records, length + 1, tokenizer)["long"] is records["long"], "its end token fits"
+
+    golds = {"short": "2", "long": "14"}
+    predictions = tmp_path / "predictions"
+    predictions.mkdir()
+    for name in ("base-cot-64.jsonl", "run-1-cot-64.jsonl"):
+        (predictions / name).write_text("".join(json.dumps({"id": i, **r}) + "\n" for i, r in records.items()))
+    summary = {"caps": [64], "train_cap": 10, "problems": golds, "problem_sets": {"2 shipped": list(golds)},
+               "tables": real_fre.tables_at(64, real_fre.prediction_files(predictions, 64), golds,
+                                            {"2 shipped": list(golds)})}
+    summary = real_fre.with_cuts(summary, predictions, [10])
+    assert summary["cuts"] == {"10": 64}
+    at_64, at_10 = summary["tables"]["2 shipped problems, cap 64"], \
+        summary["tables"]["2 shipped problems, cap 10 (the cap-64 answers cut at 10 tokens)"]
+    assert at_64["base"]["accuracy"] == 1.0 and at_10["base"]["accuracy"] == 0.5
+    assert at_10["base"]["clipped_ratio"] == 0.5 and at_10["base"]["mean_length"] == (6 + 10) / 2
+    (tmp_path / "eval.json").write_text(json.dumps(summary))
+    assert real_fre.rescore(tmp_path) == summary["tables"]
+    with pytest.raises(SystemExit, match="below the largest evaluated cap"):
+        real_fre.with_cuts(summary, predictions, [64])

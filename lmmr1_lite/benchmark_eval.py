@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from . import benchmarks, models
@@ -59,6 +60,7 @@ class EvalRequest:
     sets: dict | None = None
     scoring: dict[str, str] | None = None  # benchmark -> scoring rule (--scoring), when not its default
     merge: bool = False                    # adapters folded into the base weights (--merge)
+    pass_k: int = 0                        # also k sampled completions per row for pass@k (--pass-k)
 
 
 def parse_request(args) -> EvalRequest:
@@ -73,7 +75,7 @@ def parse_request(args) -> EvalRequest:
     if args.prompt == "run" and not args.adapter:
         raise ConfigError("--prompt run scores under a training run's own prompt: give that run's --adapter")
     for flag, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens),
-                        ("--batch-size", args.batch_size)):
+                        ("--batch-size", args.batch_size), ("--pass-k", getattr(args, "pass_k", None) or None)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     from .config import parse_sets
@@ -89,7 +91,7 @@ def parse_request(args) -> EvalRequest:
     max_new_tokens = EvalRequest.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
     return EvalRequest(names, data, args.model, args.adapter, args.prompt, args.limit, max_new_tokens,
                        args.batch_size, args.out or "evals/benchmarks", parse_sets(args.sets), scoring,
-                       bool(getattr(args, "merge", False)))
+                       bool(getattr(args, "merge", False)), getattr(args, "pass_k", 0) or 0)
 
 
 def model_label(adapter: Path | None) -> str:
@@ -145,11 +147,60 @@ def read_predictions(path: Path) -> dict:
     return done
 
 
+def benchmark_messages(tokenizer, cfg: TrainConfig, job: dict, rows: list[dict]) -> list[list[dict]]:
+    """The chat messages of benchmark rows under the job's prompt; images decoded and fitted into
+    [min_pixels, max_pixels], never truncated; an unreadable image is one line naming the row."""
+    bench, spec, examples = job["bench"], job["prompt"], []
+    for row in rows:
+        try:
+            examples += prepare([bench.to_example(row, spec.mode, job["base_dir"])], tokenizer, "", 10**9,
+                                cfg.min_pixels, cfg.max_pixels)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"{bench.name} row {bench.row_id(row)}: image unreadable ({err})") from None
+    return [build_messages(e, spec.system, spec.template) for e in examples]
+
+
+def sample_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict, k: int) -> dict:
+    """`k` sampled completions per row (the run's `temperature`, `top_k`, `top_p`; seeded by `seed`), appended
+    row by row to the greedy file's name with `-pass<k>` (resumed like it); returns `pass@k` (a row counts as
+    solved when any of its samples scores 1) and `sampled_accuracy` (the samples' mean score: what a training
+    batch at this temperature sees)."""
+    bench, rows, spec = job["bench"], job["rows"], job["prompt"]
+    path = job["path"].with_name(f"{job['path'].stem}-pass{k}.jsonl")
+    done = read_predictions(path)
+    todo = [row for row in rows if bench.row_id(row) not in done]
+    per_call = max(1, job["batch_size"] // k)  # about batch_size sequences in each generate call
+    generator = torch.Generator(policy.device).manual_seed(cfg.seed)
+    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{job['label']} {bench.name} pass@{k}",
+               unit="row", dynamic_ncols=True)
+    with path.open("a", encoding="utf-8") as handle:
+        for start in range(0, len(todo), per_call):
+            batch_rows = todo[start:start + per_call]
+            out = generate(policy, tokenizer, benchmark_messages(tokenizer, cfg, job, batch_rows), num_generations=k,
+                           max_new_tokens=job["max_new_tokens"], temperature=cfg.temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, stop_ids=[tokenizer.eos_token_id], stop_strings=list(spec.stop_strings),
+                           image_processor=job["image_processor"], generator=generator)
+            scores = bench.score_batch([row for row in batch_rows for _ in range(k)], out.texts)
+            lengths = out.completion_mask.sum(1).tolist()
+            for index, row in enumerate(batch_rows):
+                part = slice(index * k, (index + 1) * k)
+                record = {"id": bench.row_id(row), "scores": scores[part], "tokens": [int(n) for n in lengths[part]],
+                          "clipped": [bool(c) for c in out.clipped[part].tolist()], "completions": out.texts[part]}
+                handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+                done[record["id"]] = record
+            handle.flush()
+            bar.update(len(batch_rows))
+    bar.close()
+    records = [done[bench.row_id(row)] for row in rows]
+    return {f"pass@{k}": sum(max(r["scores"]) for r in records) / len(records),
+            "sampled_accuracy": sum(sum(r["scores"]) for r in records) / (k * len(records)),
+            "temperature": cfg.temperature}
+
+
 def evaluate_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict) -> dict:
     """Greedy predictions of one model on one benchmark's rows, appended to `job["path"]` batch by batch;
     returns {"accuracy", "n"} over every row (resumed rows included)."""
     bench, rows, spec, path = job["bench"], job["rows"], job["prompt"], job["path"]
-    mode = spec.mode
     done = read_predictions(path)
     todo = [row for row in rows if bench.row_id(row) not in done]
     image_processor = job["image_processor"]
@@ -159,14 +210,7 @@ def evaluate_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict) -> dict:
     with path.open("a", encoding="utf-8") as handle:
         for start in range(0, len(todo), job["batch_size"]):
             batch_rows = todo[start:start + job["batch_size"]]
-            examples = []
-            for row in batch_rows:  # images decoded and fitted into [min_pixels, max_pixels]; never truncated
-                try:
-                    examples += prepare([bench.to_example(row, mode, job["base_dir"])], tokenizer, "", 10**9,
-                                        cfg.min_pixels, cfg.max_pixels)
-                except (ValueError, OSError) as err:
-                    raise ConfigError(f"{bench.name} row {bench.row_id(row)}: image unreadable ({err})") from None
-            messages = [build_messages(e, spec.system, spec.template) for e in examples]
+            messages = benchmark_messages(tokenizer, cfg, job, batch_rows)
             out = generate(policy, tokenizer, messages, num_generations=1, max_new_tokens=job["max_new_tokens"],
                            temperature=1.0, stop_ids=[tokenizer.eos_token_id], stop_strings=list(spec.stop_strings),
                            greedy=True, image_processor=image_processor)
@@ -228,6 +272,23 @@ def completion_table(results: dict[str, dict[str, dict]], names: list[str]) -> s
                                                        f"{100 * r['clipped_ratio']:.1f}"] if "format" in r else [""] * 3)
             lines.append(f"| {label} | {name} | " + " | ".join(cells) + f" | {counts or ' | '} |")
     return "\n".join(lines) + "\n"
+
+
+def sampling_table(results: dict[str, dict[str, dict]], names: list[str]) -> str:
+    """With --pass-k: per model and benchmark, the sampled completions' mean accuracy and pass@k beside the
+    greedy accuracy ('' without it)."""
+    lines = []
+    for label, per_bench in results.items():
+        for name in names:
+            r = per_bench.get(name, {})
+            k = next((key[5:] for key in r if key.startswith("pass@")), None)
+            if k is not None:
+                lines.append(f"| {label} | {name} | {100 * r['accuracy']:.1f} | {r['temperature']:g} | "
+                             f"{100 * r['sampled_accuracy']:.1f} | {100 * r['pass@' + k]:.1f} |")
+    if not lines:
+        return ""
+    head = f"| model | benchmark | greedy accuracy | temperature | sampled accuracy | pass@{k} |"
+    return "\n".join([head, "|---|---|---:|---:|---:|---:|"] + lines) + "\n"
 
 
 def rules(request: EvalRequest, results: dict[str, dict[str, dict]] | None = None,
@@ -329,9 +390,12 @@ def _run(request: EvalRequest) -> Path:
                    "batch_size": request.batch_size, "max_new_tokens": request.max_new_tokens,
                    "image_processor": image_processor}
             results[row_label][name] = evaluate_benchmark(policy, tokenizer, cfg, job)
+            if request.pass_k:
+                results[row_label][name].update(sample_benchmark(policy, tokenizer, cfg, job, request.pass_k))
         del policy
+    sampled = sampling_table(results, request.names)
     markdown = table(results, request.names) + "\n" + completion_table(results, request.names) + "\n" + \
-        rules(request, results, prompts)
+        (sampled + "\n" if sampled else "") + rules(request, results, prompts)
     (out / "eval.md").write_text(markdown)
     scoring = {name: benchmarks.get(name).scoring or "single rule" for name in request.names}
     (out / "eval.json").write_text(json.dumps({"benchmarks": request.names, "scoring": scoring, "results": results},

@@ -243,7 +243,9 @@ def add_parsers(sub) -> None:
     ev.add_argument("--max-new-tokens", type=int, default=None,
                     help="generation cap (default: 4096 with --benchmark, else the run's max_new_tokens)")
     ev.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (--benchmark)")
-    ev.add_argument("--pass-k", type=int, default=0, help="also sample k completions per prompt for pass@k")
+    ev.add_argument("--pass-k", type=int, default=0, help="also sample k completions per prompt (the run's temperature, "
+                    "top_k, top_p) for pass@k and the samples' mean accuracy; with --benchmark kept in a `-pass<k>` "
+                    "predictions file")
     ev.add_argument("--out", default=None, help="output directory (default evals/<timestamp>); --benchmark "
                     "resumes from the predictions already there")
     ev.add_argument("--merge", action="store_true", help="merge each adapter into the base weights before "

@@ -203,3 +203,39 @@ def test_merge_folds_the_adapter_into_the_base_and_predicts_what_the_unmerged_ad
     assert completions(tmp_path / "plain", "base-cot-6.jsonl") != unmerged, "the adapter changes the answers"
     assert completions(tmp_path / "merged", "strong_run-*-merged-cot-6.jsonl") == unmerged
     assert "merged into the base weights" in (tmp_path / "merged" / "eval.md").read_text()
+
+
+def test_pass_k_samples_k_completions_per_row_scores_them_and_resumes(setup, tmp_path, monkeypatch, capsys):
+    """--pass-k with --benchmark: k sampled completions per row beside the greedy one, in a `-pass<k>` file;
+    eval.json's pass@k and sampled accuracy are those samples' scores (any solved / mean); eval.md shows them;
+    an interrupted sampling file resumes with only its missing row; a negative k is one line."""
+    run, files = setup
+    calls = []
+    real = benchmark_eval.generate
+
+    def recording(policy, tokenizer, messages, **kwargs):
+        calls.append((len(messages), kwargs["num_generations"], kwargs.get("greedy", False)))
+        return real(policy, tokenizer, messages, **kwargs)
+    monkeypatch.setattr(benchmark_eval, "generate", recording)
+    out = tmp_path / "ev"
+    args = ["eval", "--benchmark", "math500", "--data", files[0], "--model", str(run / "base_model"), "--prompt", "cot",
+            "--max-new-tokens", "5", "--pass-k", "3", "--batch-size", "6", "--out", str(out)]
+    assert main(args) == 0
+    assert calls == [(2, 1, True), (2, 3, False)], "the greedy pass, then 2 prompts x 3 samples (6 sequences)"
+    sampled = out / "predictions" / "math500" / "base-cot-5-pass3.jsonl"
+    records = [json.loads(line) for line in sampled.read_text().splitlines()]
+    assert len(records) == 2 and all(len(r[key]) == 3 for r in records for key in ("scores", "tokens", "completions"))
+    assert any(len(set(r["completions"])) > 1 for r in records), "sampled, not greedy"
+    result = json.loads((out / "eval.json").read_text())["results"]["base (base_model), cot"]["math500"]
+    assert result["pass@3"] == sum(max(r["scores"]) for r in records) / 2
+    assert result["sampled_accuracy"] == sum(sum(r["scores"]) for r in records) / 6
+    assert result["temperature"] == 1.0 and "| sampled accuracy | pass@3 |" in (out / "eval.md").read_text()
+
+    sampled.write_text(sampled.read_text().splitlines()[0] + "\n")  # the second row's samples lost
+    calls.clear()
+    assert main(args) == 0
+    assert calls == [(1, 3, False)], "only the missing row is sampled again; the greedy file is complete"
+    capsys.readouterr()
+    assert main(args[:-2] + ["--pass-k", "-1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--pass-k must be >= 1" in err, err

@@ -76,7 +76,7 @@ def decode_gemm_seconds(weights: list[torch.Tensor], rows: int) -> float:
 def one_dtype(model: str, dtype: str, args, rates: dict) -> dict:
     from lmmr1_lite import models, tasks
     from lmmr1_lite.config import parse_sets, resolve_config
-    from lmmr1_lite.step import StepContext, grpo_step, rows_with_loss
+    from lmmr1_lite.step import StepContext, compute_gradients, grpo_step, rows_with_loss
 
     cfg = resolve_config("fre", str(REPO / "configs" / "real_0_5b" / "fre.yaml"),
                          {"model": model, **parse_sets(args.sets)})
@@ -101,6 +101,19 @@ def one_dtype(model: str, dtype: str, args, rates: dict) -> dict:
         args.out.with_name(f"{args.out.stem}-profile-{dtype}.txt").write_text(table + "\n")
     else:
         metrics, scored = grpo_step(ctx, measured)
+    update_ab = {}
+    if args.update_ab:  # the training pass again on these very rollouts, as configured and with the change
+        changed = resolve_config("fre", str(REPO / "configs" / "real_0_5b" / "fre.yaml"),
+                                 {"model": model, **parse_sets(args.sets + [args.update_ab])})
+        for label, variant in (("as configured", cfg), (args.update_ab, replace(changed, **{
+                key: getattr(cfg, key) for key in ("dtype", "prompts_per_step", "num_generations", "max_new_tokens")}))):
+            ctx.cfg = variant
+            start = time.perf_counter()
+            compute_gradients(ctx, scored)
+            update_ab[label] = time.perf_counter() - start
+        ctx.cfg = cfg
+        for p in params:
+            p.grad = None
     weights = matmul_weights(policy)
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     matmul_params = sum(w.numel() for w in weights)
@@ -128,7 +141,8 @@ def one_dtype(model: str, dtype: str, args, rates: dict) -> dict:
             "over_floor": {k: phases[k] / floors[k] for k in floors if floors[k] > 0},
             "decode_step_seconds": metrics["generate_seconds"] / max(decode_steps, 1),
             "decode_step_gemm_seconds_at_full_batch": gemm,
-            "mean_length": metrics["completions/mean_length"]}
+            "mean_length": metrics["completions/mean_length"],
+            "update_ab_seconds": update_ab}
 
 
 def main() -> int:
@@ -140,6 +154,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "real_step.json")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="a config field over configs/real_0_5b/fre.yaml (e.g. merge_for_rollouts=true)")
+    parser.add_argument("--update-ab", default=None, metavar="KEY=VALUE", help="after the measured step, time the "
+                        "training pass (forward + backward, no optimizer step) again on the same rollouts, as configured "
+                        "and with this field changed (e.g. lora_autocast=false): a like-for-like comparison")
     parser.add_argument("--profile", action="store_true", help="also write the measured step's top ops by self "
                         "time (torch.profiler) beside --out; the profiler's overhead inflates the phase times")
     args = parser.parse_args()
@@ -165,6 +182,9 @@ def main() -> int:
             print(f"| {run['dtype']} | {phase[:-8]} | {run['phases'][phase]:.1f} | {floor:.1f} | {ratio} |")
         print(f"| {run['dtype']} | decode step | {run['decode_step_seconds'] * 1e3:.0f} ms | GEMMs alone at "
               f"{run['rows']} rows: {run['decode_step_gemm_seconds_at_full_batch'] * 1e3:.0f} ms | |")
+        for label, seconds in run["update_ab_seconds"].items():
+            print(f"| {run['dtype']} | update again, {label} | {seconds:.1f} | {run['floors']['update_seconds']:.1f} | "
+                  f"{seconds / run['floors']['update_seconds']:.1f} |")
     print(f"wrote {args.out}")
     return 0
 

@@ -224,8 +224,8 @@ def lora_autocast(policy, enabled: bool = True):
     """Inside: a LoRA side path on a bf16 base computed in bf16, its fp32 weights cast once per call by
     autocast (and their gradients returned in fp32, the optimizer's master copy), as TRL's bf16 training
     does. Without it peft casts each layer's input to fp32, runs the two small GEMMs in fp32, adds the bf16
-    base output to an fp32 result and casts that back: three copies of a layer's activations per layer
-    (bench/RESULTS.md). A no-op unless the base's linear weights are bf16 and the LoRA's fp32 (a 4-bit base
+    base output to an fp32 result and casts that back: three activation-sized copies per LoRA layer, forward
+    and backward (the training pass 134 -> 104 s without them at the real shape, bench/RESULTS.md). A no-op unless the base's linear weights are bf16 and the LoRA's fp32 (a 4-bit base
     keeps peft's casts). Wrap only the model's forward: autocast would also lower the log-prob kernels' fp32."""
     layer = next((m for m in policy.modules() if getattr(m, "lora_A", None)), None) if enabled else None
     base = layer.get_base_layer().weight.dtype if layer is not None else None

@@ -160,38 +160,49 @@ def benchmark_messages(tokenizer, cfg: TrainConfig, job: dict, rows: list[dict])
     return [build_messages(e, spec.system, spec.template) for e in examples]
 
 
-def sample_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict, k: int) -> dict:
-    """`k` sampled completions per row (the run's `temperature`, `top_k`, `top_p`; seeded by `seed`), appended
-    row by row to the greedy file's name with `-pass<k>` (resumed like it); returns `pass@k` (a row counts as
-    solved when any of its samples scores 1) and `sampled_accuracy` (the samples' mean score: what a training
-    batch at this temperature sees)."""
-    bench, rows, spec = job["bench"], job["rows"], job["prompt"]
-    path = job["path"].with_name(f"{job['path'].stem}-pass{k}.jsonl")
+def predict_rows(job: dict, path: Path, desc: str, per_call: int, records_of) -> list[dict]:
+    """The record of every row of the job, in order: those `path` already holds (an interrupted evaluation's)
+    read back, the others made `per_call` rows at a time by `records_of(rows)` and appended to `path` as each
+    call ends, under a progress bar."""
+    bench, rows = job["bench"], job["rows"]
     done = read_predictions(path)
     todo = [row for row in rows if bench.row_id(row) not in done]
-    per_call = max(1, job["batch_size"] // k)  # about batch_size sequences in each generate call
-    generator = torch.Generator(policy.device).manual_seed(cfg.seed)
-    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{job['label']} {bench.name} pass@{k}",
-               unit="row", dynamic_ncols=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=desc, unit="row", dynamic_ncols=True)
     with path.open("a", encoding="utf-8") as handle:
         for start in range(0, len(todo), per_call):
             batch_rows = todo[start:start + per_call]
-            out = generate(policy, tokenizer, benchmark_messages(tokenizer, cfg, job, batch_rows), num_generations=k,
-                           max_new_tokens=job["max_new_tokens"], temperature=cfg.temperature, top_k=cfg.top_k,
-                           top_p=cfg.top_p, stop_ids=[tokenizer.eos_token_id], stop_strings=list(spec.stop_strings),
-                           image_processor=job["image_processor"], generator=generator)
-            scores = bench.score_batch([row for row in batch_rows for _ in range(k)], out.texts)
-            lengths = out.completion_mask.sum(1).tolist()
-            for index, row in enumerate(batch_rows):
-                part = slice(index * k, (index + 1) * k)
-                record = {"id": bench.row_id(row), "scores": scores[part], "tokens": [int(n) for n in lengths[part]],
-                          "clipped": [bool(c) for c in out.clipped[part].tolist()], "completions": out.texts[part]}
+            for record in records_of(batch_rows):
                 handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
                 done[record["id"]] = record
             handle.flush()
             bar.update(len(batch_rows))
     bar.close()
-    records = [done[bench.row_id(row)] for row in rows]
+    return [done[bench.row_id(row)] for row in rows]
+
+
+def sample_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict, k: int) -> dict:
+    """`k` sampled completions per row (the run's `temperature`, `top_k`, `top_p`; seeded by `seed`), appended
+    row by row to the greedy file's name with `-pass<k>` (resumed like it); returns `pass@k` (a row counts as
+    solved when any of its samples scores 1) and `sampled_accuracy` (the samples' mean score: what a training
+    batch at this temperature sees)."""
+    bench, spec = job["bench"], job["prompt"]
+    generator = torch.Generator(policy.device).manual_seed(cfg.seed)
+
+    def sampled(rows: list[dict]) -> list[dict]:
+        out = generate(policy, tokenizer, benchmark_messages(tokenizer, cfg, job, rows), num_generations=k,
+                       max_new_tokens=job["max_new_tokens"], temperature=cfg.temperature, top_k=cfg.top_k,
+                       top_p=cfg.top_p, stop_ids=[tokenizer.eos_token_id], stop_strings=list(spec.stop_strings),
+                       image_processor=job["image_processor"], generator=generator)
+        scores = bench.score_batch([row for row in rows for _ in range(k)], out.texts)
+        lengths = out.completion_mask.sum(1).tolist()
+        parts = [slice(i * k, (i + 1) * k) for i in range(len(rows))]
+        return [{"id": bench.row_id(row), "scores": scores[part], "tokens": [int(n) for n in lengths[part]],
+                 "clipped": [bool(c) for c in out.clipped[part].tolist()], "completions": out.texts[part]}
+                for row, part in zip(rows, parts)]
+    path = job["path"].with_name(f"{job['path'].stem}-pass{k}.jsonl")
+    per_call = max(1, job["batch_size"] // k)  # about batch_size sequences in each generate call
+    records = predict_rows(job, path, f"{job['label']} {bench.name} pass@{k}", per_call, sampled)
     return {f"pass@{k}": sum(max(r["scores"]) for r in records) / len(records),
             "sampled_accuracy": sum(sum(r["scores"]) for r in records) / (k * len(records)),
             "temperature": cfg.temperature}
@@ -200,34 +211,24 @@ def sample_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict, k: int) -> 
 def evaluate_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict) -> dict:
     """Greedy predictions of one model on one benchmark's rows, appended to `job["path"]` batch by batch;
     returns {"accuracy", "n"} over every row (resumed rows included)."""
-    bench, rows, spec, path = job["bench"], job["rows"], job["prompt"], job["path"]
-    done = read_predictions(path)
-    todo = [row for row in rows if bench.row_id(row) not in done]
-    image_processor = job["image_processor"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{job['label']} {bench.name} ({spec.name})",
-               unit="row", dynamic_ncols=True)
-    with path.open("a", encoding="utf-8") as handle:
-        for start in range(0, len(todo), job["batch_size"]):
-            batch_rows = todo[start:start + job["batch_size"]]
-            messages = benchmark_messages(tokenizer, cfg, job, batch_rows)
-            out = generate(policy, tokenizer, messages, num_generations=1, max_new_tokens=job["max_new_tokens"],
-                           temperature=1.0, stop_ids=[tokenizer.eos_token_id], stop_strings=list(spec.stop_strings),
-                           greedy=True, image_processor=image_processor)
-            scores = bench.score_batch(batch_rows, out.texts)
-            lengths = out.completion_mask.sum(1).tolist()
-            for row, text, score, tokens, clipped in zip(batch_rows, out.texts, scores, lengths, out.clipped.tolist()):
-                record = {"id": bench.row_id(row), "extracted": bench.extract(row, text), "score": score,
-                          "format": answer_format(text, spec), "tokens": int(tokens), "clipped": bool(clipped),
-                          "completion": text, **bench.details(row)}
-                if hasattr(bench, "variants"):  # other rules' verdicts (GSM8K: lm-evaluation-harness's filters)
-                    record["variants"] = bench.variants(row, text)
-                handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-                done[record["id"]] = record
-            handle.flush()
-            bar.update(len(batch_rows))
-    bar.close()
-    records = [done[bench.row_id(row)] for row in rows]
+    bench, rows, spec = job["bench"], job["rows"], job["prompt"]
+
+    def greedy(batch_rows: list[dict]) -> list[dict]:
+        out = generate(policy, tokenizer, benchmark_messages(tokenizer, cfg, job, batch_rows), num_generations=1,
+                       max_new_tokens=job["max_new_tokens"], temperature=1.0, stop_ids=[tokenizer.eos_token_id],
+                       stop_strings=list(spec.stop_strings), greedy=True, image_processor=job["image_processor"])
+        scores = bench.score_batch(batch_rows, out.texts)
+        lengths = out.completion_mask.sum(1).tolist()
+        records = []
+        for row, text, score, tokens, clipped in zip(batch_rows, out.texts, scores, lengths, out.clipped.tolist()):
+            record = {"id": bench.row_id(row), "extracted": bench.extract(row, text), "score": score,
+                      "format": answer_format(text, spec), "tokens": int(tokens), "clipped": bool(clipped),
+                      "completion": text, **bench.details(row)}
+            if hasattr(bench, "variants"):  # other rules' verdicts (GSM8K: lm-evaluation-harness's filters)
+                record["variants"] = bench.variants(row, text)
+            records.append(record)
+        return records
+    records = predict_rows(job, job["path"], f"{job['label']} {bench.name} ({spec.name})", job["batch_size"], greedy)
     result = {"accuracy": sum(r["score"] for r in records) / len(records), "n": len(records)}
     measured = [r for r in records if "tokens" in r]  # predictions written before these fields lack them
     if measured:
@@ -235,7 +236,7 @@ def evaluate_benchmark(policy, tokenizer, cfg: TrainConfig, job: dict) -> dict:
                        "mean_length": sum(r["tokens"] for r in measured) / len(measured),
                        "clipped_ratio": sum(r["clipped"] for r in measured) / len(measured)})
     if hasattr(bench, "variants"):  # recomputed from the completions, so resumed rows count too
-        verdicts = [bench.variants(row, done[bench.row_id(row)].get("completion") or "") for row in rows]
+        verdicts = [bench.variants(row, record.get("completion") or "") for row, record in zip(rows, records)]
         result["variants"] = {name: sum(v[name] for v in verdicts) / len(verdicts) for name in verdicts[0]}
     result["scores"] = {r["id"]: r["score"] for r in records}
     return result

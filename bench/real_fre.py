@@ -269,7 +269,12 @@ def main() -> int:
         data.parent.mkdir(parents=True, exist_ok=True)
         data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in shipped + extra))
     train_cap = int(load_yaml(args.config).get("max_new_tokens", 1024))
-    caps = caps_of(args.caps, train_cap)
+    try:  # checked before an hour of training, not after
+        caps, cuts = caps_of(args.caps, train_cap), caps_of(args.cut, train_cap)
+    except ValueError as err:
+        parser.error(f"--caps/--cut: {err}")
+    if cuts and max(cuts) >= max(caps):
+        parser.error(f"--cut {args.cut}: each must be below the largest evaluated cap, {max(caps)}")
 
     cli = [sys.executable, "-m", "lmmr1_lite.cli"]
     if not (args.run_dir / "adapter" / "adapter_model.safetensors").is_file():
@@ -291,13 +296,11 @@ def main() -> int:
         for title, table in tables.items():
             print_table(f"GSM8K test, {title}, greedy, cot prompt{' (the training cap)' if cap == train_cap else ''}:",
                         table)
-    if args.cut:
-        longest = max(summary["caps"])
-        summary = with_cuts(summary, evals[longest] / "predictions" / "gsm8k", caps_of(args.cut, train_cap))
-        for cut in summary["cuts"]:
-            for set_name in sets:
-                title = next(t for t in summary["tables"] if t.startswith(f"{set_name} problems, cap {cut} ("))
-                print_table(f"GSM8K test, {title}, greedy, cot prompt:", summary["tables"][title])
+    if cuts:
+        printed = set(summary["tables"])
+        summary = with_cuts(summary, evals[max(caps)] / "predictions" / "gsm8k", cuts)
+        for title in [t for t in summary["tables"] if t not in printed]:
+            print_table(f"GSM8K test, {title}, greedy, cot prompt:", summary["tables"][title])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nwrote {args.json}")

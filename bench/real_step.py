@@ -78,10 +78,11 @@ def one_dtype(model: str, dtype: str, args, rates: dict) -> dict:
     from lmmr1_lite.config import parse_sets, resolve_config
     from lmmr1_lite.step import StepContext, compute_gradients, grpo_step, rows_with_loss
 
-    cfg = resolve_config("fre", str(REPO / "configs" / "real_0_5b" / "fre.yaml"),
-                         {"model": model, **parse_sets(args.sets)})
-    cfg = replace(cfg, dtype=dtype, prompts_per_step=args.prompts, num_generations=args.generations,
-                  max_new_tokens=args.max_new_tokens)
+    def configured(sets: list[str]):
+        cfg = resolve_config("fre", str(REPO / "configs" / "real_0_5b" / "fre.yaml"), {"model": model, **parse_sets(sets)})
+        return replace(cfg, dtype=dtype, prompts_per_step=args.prompts, num_generations=args.generations,
+                       max_new_tokens=args.max_new_tokens)
+    cfg = configured(args.sets)
     torch.manual_seed(0)
     tokenizer = models.load_tokenizer(cfg.model)
     policy = models.add_lora(models.load_base_model(cfg, torch.device("cpu")), cfg)
@@ -103,10 +104,7 @@ def one_dtype(model: str, dtype: str, args, rates: dict) -> dict:
         metrics, scored = grpo_step(ctx, measured)
     update_ab = {}
     if args.update_ab:  # the training pass again on these very rollouts, as configured and with the change
-        changed = resolve_config("fre", str(REPO / "configs" / "real_0_5b" / "fre.yaml"),
-                                 {"model": model, **parse_sets(args.sets + [args.update_ab])})
-        for label, variant in (("as configured", cfg), (args.update_ab, replace(changed, **{
-                key: getattr(cfg, key) for key in ("dtype", "prompts_per_step", "num_generations", "max_new_tokens")}))):
+        for label, variant in (("as configured", cfg), (args.update_ab, configured(args.sets + [args.update_ab]))):
             ctx.cfg = variant
             start = time.perf_counter()
             compute_gradients(ctx, scored)

@@ -275,21 +275,19 @@ def completion_table(results: dict[str, dict[str, dict]], names: list[str]) -> s
     return "\n".join(lines) + "\n"
 
 
-def sampling_table(results: dict[str, dict[str, dict]], names: list[str]) -> str:
-    """With --pass-k: per model and benchmark, the sampled completions' mean accuracy and pass@k beside the
+def sampling_table(results: dict[str, dict[str, dict]], names: list[str], k: int) -> str:
+    """With --pass-k k: per model and benchmark, the sampled completions' mean accuracy and pass@k beside the
     greedy accuracy ('' without it)."""
-    lines = []
+    if not k:
+        return ""
+    lines = [f"| model | benchmark | greedy accuracy | temperature | sampled accuracy | pass@{k} |",
+             "|---|---|---:|---:|---:|---:|"]
     for label, per_bench in results.items():
         for name in names:
-            r = per_bench.get(name, {})
-            k = next((key[5:] for key in r if key.startswith("pass@")), None)
-            if k is not None:
-                lines.append(f"| {label} | {name} | {100 * r['accuracy']:.1f} | {r['temperature']:g} | "
-                             f"{100 * r['sampled_accuracy']:.1f} | {100 * r['pass@' + k]:.1f} |")
-    if not lines:
-        return ""
-    head = f"| model | benchmark | greedy accuracy | temperature | sampled accuracy | pass@{k} |"
-    return "\n".join([head, "|---|---|---:|---:|---:|---:|"] + lines) + "\n"
+            r = per_bench[name]
+            lines.append(f"| {label} | {name} | {100 * r['accuracy']:.1f} | {r['temperature']:g} | "
+                         f"{100 * r['sampled_accuracy']:.1f} | {100 * r[f'pass@{k}']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def rules(request: EvalRequest, results: dict[str, dict[str, dict]] | None = None,
@@ -394,7 +392,7 @@ def _run(request: EvalRequest) -> Path:
             if request.pass_k:
                 results[row_label][name].update(sample_benchmark(policy, tokenizer, cfg, job, request.pass_k))
         del policy
-    sampled = sampling_table(results, request.names)
+    sampled = sampling_table(results, request.names, request.pass_k)
     markdown = table(results, request.names) + "\n" + completion_table(results, request.names) + "\n" + \
         (sampled + "\n" if sampled else "") + rules(request, results, prompts)
     (out / "eval.md").write_text(markdown)

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import subprocess
@@ -131,6 +132,14 @@ def cut_at(records: dict, cap: int, tokenizer) -> dict:
     return out
 
 
+@functools.cache
+def qwen_tokenizer():
+    """Qwen's tokenizer, loaded once: every cut table of a run re-tokenises two prediction files."""
+    from lmmr1_lite.tiny import load_qwen_tokenizer
+
+    return load_qwen_tokenizer()
+
+
 def judged(path: Path, golds: dict[str, str], cut: int | None = None) -> dict:
     """A predictions file's records (by id, those `golds` names), each completion judged now by the GSM8K rule
     and the format check: the tables never depend on the scorer version that wrote the file. With `cut`, the
@@ -140,9 +149,7 @@ def judged(path: Path, golds: dict[str, str], cut: int | None = None) -> dict:
 
     records = {i: r for i, r in read_predictions(path).items() if i in golds}
     if cut is not None:
-        from lmmr1_lite.tiny import load_qwen_tokenizer
-
-        records = cut_at(records, cut, load_qwen_tokenizer())
+        records = cut_at(records, cut, qwen_tokenizer())
     ids = list(records)
     texts = [records[i]["completion"] for i in ids]
     scores = gsm8k.BENCHMARK.score_batch([{"question": "", "answer": f"#### {golds[i]}"} for i in ids], texts)

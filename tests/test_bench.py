@@ -123,3 +123,24 @@ def test_real_fre_cut_tables_are_the_answers_cut_at_the_smaller_cap(tmp_path):
     assert real_fre.rescore(tmp_path) == summary["tables"]
     with pytest.raises(SystemExit, match="below the largest evaluated cap"):
         real_fre.with_cuts(summary, predictions, [64])
+
+
+def test_real_flips_counts_gains_losses_and_shared_flips_against_independence():
+    """bench/real_flips.py: per adapter the problems gained and lost against the base; per pair those both
+    gained (lost) beside |A| |B| / (problems the base missed (solved)); per problem how many adapters are right."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_flips", REPO_ROOT / "bench" / "real_flips.py")
+    flips = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flips)
+    base = {"p1": True, "p2": True, "p3": False, "p4": False, "p5": False}
+    adapters = {"a": {"p1": False, "p2": True, "p3": True, "p4": True, "p5": False},
+                "b": {"p1": False, "p2": True, "p3": True, "p4": False, "p5": False}}
+    s = flips.flip_summary(base, adapters)
+    assert s["problems"] == 5 and s["base_right"] == 2
+    assert s["adapters"] == {"a": {"right": 3, "gained": 2, "lost": 1}, "b": {"right": 2, "gained": 1, "lost": 1}}
+    (pair,) = s["pairs"]
+    assert (pair["gained_both"], pair["gained_both_if_independent"]) == (1, 2 * 1 / 3)
+    assert (pair["lost_both"], pair["lost_both_if_independent"]) == (1, 1 * 1 / 2)
+    # p1 right by none, p2 by both; of the missed: p5 by none, p4 by one, p3 by both
+    assert s["adapters_right_per_problem"] == {"base right": [1, 0, 1], "base wrong": [1, 1, 1]}

@@ -31,6 +31,7 @@ COMMITTED = {
     "try 4": "try4-2026-12-03/real-fre-t4-s0-1a2821bd-merged-cot-512.jsonl",
     "try 5, seed 0": "predictions/real-fre-t5-s0-d1c44d71-merged-cot-512.jsonl",
     "try 5, seed 1": "seed1-demo-2026-12-04/real-fre-demo-s1-991fdb43-merged-cot-512.jsonl",
+    "try 6": "try6-drgrpo-2026-12-04/real-fre-t6-d9069800-merged-cot-512.jsonl",
 }
 BASE = "predictions/base-cot-512.jsonl"
 

@@ -1,6 +1,6 @@
 """Which GSM8K answers the real-model tries flip, and whether different tries flip the same ones.
 
-Each try of `bench/real_fre.py` changes between 117 and 141 of the 700 yardstick answers in either direction,
+Each try of `bench/real_fre.py` changes between 117 and 150 of the 700 yardstick answers in either direction,
 so its net difference is a small balance of two large flows. This reads the committed greedy prediction files
 (the base's and each adapter's, all at the same prompt and cap), judges them again with `real_fre.judged`, and
 prints per adapter the problems gained and lost, per pair of adapters how many problems both gained (and both
@@ -9,7 +9,8 @@ split by the base's answer. Problems that many adapters flip the same way are sy
 greedy answer's sensitivity to any small change of the weights.
 
     python bench/real_flips.py                       # the committed tries in bench/results/real_fre
-    python bench/real_flips.py --adapter t6=runs/real-fre-t6/... --json bench/results/real_fre/flips.json
+    python bench/real_flips.py --adapter "try 7=runs/real-fre-t7/gsm8k-512/predictions/gsm8k/<name>-cot-512.jsonl"
+    python bench/real_flips.py --json bench/results/real_fre/flips.json   # what flips.json holds
 """
 from __future__ import annotations
 
@@ -84,14 +85,18 @@ def main() -> int:
     files = {name: RESULTS / path for name, path in COMMITTED.items()}
     for item in args.adapter:
         name, sep, path = item.partition("=")
-        if not sep or not Path(path).is_file():
-            print(f"--adapter {item!r}: expected NAME=PATH to a predictions file", file=sys.stderr)
+        if not sep or not Path(path).is_file() or name in files:
+            print(f"--adapter {item!r}: expected NEW_NAME=PATH to a predictions file", file=sys.stderr)
             return 2
         files[name] = Path(path)
     base = {i: r["score"] > 0 for i, r in judged(RESULTS / BASE, golds).items()}
     adapters = {}
     for name, path in files.items():
-        records = judged(path, golds)
+        try:
+            records = judged(path, golds)
+        except KeyError as err:
+            print(f"{path}: a row without the field {err}", file=sys.stderr)
+            return 2
         if set(records) != set(base):
             print(f"{path}: answers {len(records)} of the {len(base)} problems the base answers", file=sys.stderr)
             return 2

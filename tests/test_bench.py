@@ -42,10 +42,11 @@ def test_e2e_step_bench_on_the_tiny_model(tmp_path):
     assert report["completion_tokens_mean"] > 0 and report["prompt_tokens"] > 0 and report["planner_peak_gib"] > 0
 
 
-def _real_fre():
+def _bench_module(name: str):
+    """A script of bench/ imported as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("real_fre", REPO_ROOT / "bench" / "real_fre.py")
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -55,7 +56,7 @@ def test_real_fre_tables_are_judged_from_the_completions_and_rescore_checks_them
     """bench/real_fre.py's tables: each completion judged now (not the score a file recorded), paired counts
     and the sign test over each problem set, the commonest-answer baseline; --rescore rebuilds eval.json's
     tables from the prediction files and exits 1 when they differ."""
-    real_fre = _real_fre()
+    real_fre = _bench_module("real_fre")
     golds = {f"q{i}": str(i % 3) for i in range(6)}                        # commonest answer: 2 of 6
     base = {"q0": "so \\boxed{0}", "q1": "it is 5", "q2": "\\boxed{2}", "q3": "\\boxed{0}", "q4": "x", "q5": "y"}
     tuned = {"q0": "\\boxed{0}", "q1": "\\boxed{1}", "q2": "\\boxed{2}", "q3": "\\boxed{3}", "q4": "\\boxed{1}",
@@ -93,7 +94,7 @@ def test_real_fre_cut_tables_are_the_answers_cut_at_the_smaller_cap(tmp_path):
     are recorded in eval.json and rebuilt by --rescore."""
     from lmmr1_lite.tiny import load_qwen_tokenizer
 
-    real_fre = _real_fre()
+    real_fre = _bench_module("real_fre")
     tokenizer = load_qwen_tokenizer()
     long = "Step one: 3 + 4 = 7. Step two: 7 * 2 = 14. So the answer is \\boxed{14}."
     length = len(tokenizer(long, add_special_tokens=False)["input_ids"])
@@ -128,11 +129,7 @@ def test_real_fre_cut_tables_are_the_answers_cut_at_the_smaller_cap(tmp_path):
 def test_real_flips_counts_gains_losses_and_shared_flips_against_independence():
     """bench/real_flips.py: per adapter the problems gained and lost against the base; per pair those both
     gained (lost) beside |A| |B| / (problems the base missed (solved)); per problem how many adapters are right."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("real_flips", REPO_ROOT / "bench" / "real_flips.py")
-    flips = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(flips)
+    flips = _bench_module("real_flips")
     base = {"p1": True, "p2": True, "p3": False, "p4": False, "p5": False}
     adapters = {"a": {"p1": False, "p2": True, "p3": True, "p4": True, "p5": False},
                 "b": {"p1": False, "p2": True, "p3": True, "p4": False, "p5": False}}

@@ -409,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds for all parts together (default 525 on the GPU: the call stays under 9 minutes; "
                              "3600 with --dry-run)")
-    parser.add_argument("--parts", default=None, help="comma-separated subset, e.g. 'install,e2e_mgt' for a rerun")
+    parser.add_argument("--parts", default=None,
+                        help="comma-separated parts run in this order after the install, e.g. 'e2e_mgt,loss' for a rerun")
     parser.add_argument("--check-carry", metavar="WHEEL_DIR", default=None,
                         help="only check what the device call would carry, and exit")
     parser.add_argument("--slim-wheels", metavar="WHEEL_DIR", default=None,
@@ -434,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--parts: unknown part(s) {', '.join(unknown)}; the parts are "
                   f"{', '.join(p.name for p in parts)}", file=sys.stderr)
             return 2
-        parts = [p for p in parts if p.name in chosen or p.name == "install"]  # the install is always needed
+        by_name = {p.name: p for p in parts}  # in the order given, after the install, which is always needed
+        parts = [by_name["install"]] + [by_name[name] for name in dict.fromkeys(chosen) if name != "install"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("loss_kernels.json", "e2e_fre.json", "e2e_mgt.json"):

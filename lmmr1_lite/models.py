@@ -120,6 +120,40 @@ def patch_with_liger(device: torch.device) -> None:
                                      fused_linear_cross_entropy=False)
 
 
+def random_model(config, seed: int, device: torch.device, **kwargs):
+    """The architecture of `config` with seeded random weights, drawn on `device` when it is a GPU: there the 3B's
+    3.75B values take a moment, on a CPU a minute or more (64 s on this 2-core CPU; the 3B's load took 150 s on the
+    H200 machine with them drawn on its CPU, 2026-12-04). A seed gives the same weights on one kind of device and
+    other ones on another: each has its own generator."""
+    from transformers import AutoModelForImageTextToText
+
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices), torch.device(device if cuda_devices else "cpu"):
+        torch.manual_seed(seed)
+        return AutoModelForImageTextToText.from_config(config, **kwargs)
+
+
+def save_random_weights(cfg: TrainConfig, device: torch.device, directory: str | Path) -> None:
+    """Write `cfg.model`'s architecture with random weights (`random_model`) into `directory` as a model directory
+    that loads like pretrained weights; the GPU memory it used is handed back."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = random_model(config, cfg.seed, device, dtype=pick_dtype(cfg.dtype, device),
+                         trust_remote_code=cfg.trust_remote_code)
+    model.save_pretrained(directory)
+    del model
+    release_cuda_cache(device)
+
+
+def release_cuda_cache(device: torch.device) -> None:
+    """Hand the allocator's cached blocks back to the GPU (a no-op elsewhere), so later peaks start clean."""
+    if device.type == "cuda":
+        import gc
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def load_base_model(cfg: TrainConfig, device: torch.device):
     """The base model, from pretrained weights or (random_init) from its config alone, with the
     language model quantised as configured. Where 4/8-bit cannot run here it says so once and loads
@@ -136,14 +170,13 @@ def load_base_model(cfg: TrainConfig, device: torch.device):
         with tempfile.TemporaryDirectory() as scratch:
             source = cfg.model
             if cfg.random_init:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(cfg.seed)
-                    model = AutoModelForImageTextToText.from_config(config, **kwargs)
+                model = random_model(config, cfg.seed, device, **kwargs)
                 if cfg.quantization == "none":
                     return model.to(device)
                 model.save_pretrained(scratch)  # quantisation happens on load: reload the random weights
                 source = scratch
                 del model
+                release_cuda_cache(device)
             if cfg.quantization != "none":
                 try:
                     model = AutoModelForImageTextToText.from_pretrained(

@@ -13,6 +13,28 @@ import torch  # noqa: E402
 TEST_DEVICE = torch.device(os.environ.get("LMMR1_TEST_DEVICE", "cpu"))
 
 
+class Draws:
+    """A test's random inputs from one seeded generator, put on TEST_DEVICE. On the CPU's generator by default, so
+    a test draws the same numbers on every device: CUDA's generator draws others, and with those the "the test
+    must exercise the clipped branch" guards failed on the H200 alone (2026-12-04). `device=TEST_DEVICE` draws
+    there instead, for inputs of shapes that only a GPU runs (a 151,936 x 2,048 head: 311M values)."""
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu"):
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def _draw(self, sample, *args, **kwargs) -> torch.Tensor:
+        return sample(*args, generator=self.generator, device=self.generator.device, **kwargs).to(TEST_DEVICE)
+
+    def randn(self, *size, **kwargs) -> torch.Tensor:
+        return self._draw(torch.randn, *size, **kwargs)
+
+    def rand(self, *size, **kwargs) -> torch.Tensor:
+        return self._draw(torch.rand, *size, **kwargs)
+
+    def randint(self, low: int, high: int, size, **kwargs) -> torch.Tensor:
+        return self._draw(torch.randint, low, high, size, **kwargs)
+
+
 @pytest.fixture(autouse=True)
 def on_test_device(request):
     """A test marked `device` makes every tensor whose device it does not name on TEST_DEVICE (a generator's

@@ -77,10 +77,10 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
 
 
 def test_parts_are_skipped_with_a_line_when_the_budget_is_spent(gpu_check, tmp_path, capsys):
-    status = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "0.5", "--parts", "loss"])
+    status = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "0.5", "--parts", "e2e_mgt,loss"])
     assert status == 1
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary["parts"]) == ["install", "loss"]  # the install always runs first
+    assert list(summary["parts"]) == ["install", "e2e_mgt", "loss"]  # the install first, then the order given
     for part in summary["parts"].values():
         assert part["status"] == "skipped" and re.fullmatch(r"-?\d+ s of the 0 s budget left; it needs at least 1 s",
                                                             part["note"])

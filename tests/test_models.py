@@ -136,3 +136,19 @@ def test_lora_autocast_leaves_an_fp32_base_alone(tiny_policy):
             assert not torch.is_autocast_enabled("cpu")
             inside = models.hidden_states(policy, **enc)
     assert torch.equal(plain, inside)
+
+
+def test_saved_random_weights_load_as_the_random_init_model(tiny_cfg, tmp_path):
+    """bench/e2e_step.py writes a random-weight model first and measures a pretrained-style load of it: the same
+    weights as `random_init` (same seed, same device), and the seed matters."""
+    from dataclasses import replace
+
+    cfg = tiny_cfg()
+    models.save_random_weights(cfg, torch.device("cpu"), tmp_path)
+    loaded = models.load_base_model(replace(cfg, model=str(tmp_path), random_init=False), torch.device("cpu"))
+    drawn = models.load_base_model(cfg, torch.device("cpu"))
+    other = models.random_model(drawn.config, cfg.seed + 1, torch.device("cpu"), dtype=drawn.dtype)
+    loaded, drawn, other = loaded.state_dict(), drawn.state_dict(), other.state_dict()
+    assert loaded.keys() == drawn.keys()
+    assert all(torch.equal(loaded[k], drawn[k]) for k in drawn)
+    assert not all(torch.equal(other[k], drawn[k]) for k in drawn)

@@ -6,7 +6,7 @@ objective also at LMM-R1's size (bench/gpu_check.py does this, as for tests/test
 import pytest
 import torch
 
-from conftest import TEST_DEVICE
+from conftest import Draws
 from lmmr1_kernels import grpo_loss
 from test_kernels import (BACKENDS, REAL_VOCAB_SHAPES, TOLERANCE, make_inputs, reference_aggregate, reference_logprobs,
                           rel_err)
@@ -70,13 +70,13 @@ def test_objectives_match_float64(backend, loss_agg, objective, num_iterations):
     # the LM head trains in half the cases: the second-pass path; else the rescaled d logp / d hidden path
     weight_grad = (LOSS_AGGS.index(loss_agg) + num_iterations) % 2 == 0
     hidden, weight, targets, mask = uneven_batch(weight_grad=weight_grad)
-    g = torch.Generator(TEST_DEVICE).manual_seed(2)
+    g = Draws(2)
     adv = torch.tensor([0.5, 1.2, 1.0, -0.3])
     with torch.no_grad():
         base = reference_logprobs(hidden, weight, targets, 0.9).float()
     # num_iterations 2: old log-probs from an earlier policy, far enough apart that clipping is active
-    old = base + torch.randn(base.shape, generator=g) * 0.5 if num_iterations == 2 else None
-    ref = base + torch.randn(base.shape, generator=g) * 0.3
+    old = base + g.randn(base.shape) * 0.5 if num_iterations == 2 else None
+    ref = base + g.randn(base.shape) * 0.3
     # GSPO clips the mean log-ratio, so tighter bounds (the paper's are ~3e-4) to reach its clipped branch
     eps_low, eps_high = (0.2, 0.28) if level == "token" else (0.05, 0.2)
     kwargs = dict(beta=0.04, epsilon_low=eps_low, epsilon_high=eps_high, temperature=0.9, loss_agg=loss_agg)
@@ -124,13 +124,13 @@ def test_each_objective_at_scale(backend, dtype, shape, objective):
     loss_type, level, quantile = objective
     B, T, H, V = shape
     hidden, weight, targets = make_inputs(B, T, H, V, dtype, seed=11, weight_grad=False)
-    g = torch.Generator(TEST_DEVICE).manual_seed(12)
+    g = Draws(12)
     lengths = torch.tensor([T, 3 * T // 4])[:B]
     mask = (torch.arange(T)[None] < lengths[:, None]).long()
-    adv = torch.randn(B, generator=g)
+    adv = g.randn(B)
     with torch.no_grad():
         base = reference_logprobs(hidden, weight, targets, 1.0).float()
-    old, ref = base + 0.3 * torch.randn(B, T, generator=g), base + 0.3 * torch.randn(B, T, generator=g)
+    old, ref = base + 0.3 * g.randn(B, T), base + 0.3 * g.randn(B, T)
     loss, metrics = grpo_loss(hidden, weight, targets, mask, adv, old, ref, beta=0.04, loss_type=loss_type,
                               importance_sampling_level=level, top_entropy_quantile=quantile, backend=backend)
     h64 = hidden.detach().double().requires_grad_()

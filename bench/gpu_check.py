@@ -68,12 +68,12 @@ def parts_for(dry_run: bool) -> list[Part]:
     if dry_run:  # about 50 s of CPU in all; budgets that only a hang reaches, since a busy CPU (a niced run beside
         # others: 40 s of CPU took 21 minutes here once) stretches that without bound; tests check the budgets
         return [Part(name, 1800, 1) for name in ("install", "kernels", "loss", "e2e_fre", "e2e_mgt")]
-    # estimates for an H200, none measured yet: install ~15 s, kernels ~60 s (tests/test_objectives.py's ~140 device
-    # tests beside test_kernels.py's, mostly small shapes), loss 60-100 s (torch.compile and
-    # Liger compile per shape), each 3B step ~130 s (load ~50, 64 x 1,024 tokens generated ~40, the passes ~30),
-    # decode ~20 s plus the compile of the compiled mode, which runs last so that it is what a budget cuts
-    return [Part("install", 60, 10), Part("kernels", 90, 30), Part("loss", 100, 40), Part("e2e_fre", 190, 100),
-            Part("e2e_mgt", 150, 100)]
+    # measured on the H200 (2026-12-04, bench/RESULTS.md): install 24-30 s, kernels 18-24 s, loss 52-67 s (torch.compile
+    # and Liger compiled per shape), the 3B load 5 s; the FRE step's generation of 64 x 1,024 tokens had not ended
+    # 190 s into its part, so each step gets most of a call of its own (`--parts e2e_fre,e2e_mgt --budget-s 560`);
+    # the decode modes run after the step, the compiled one last, so that they are what a budget cuts
+    return [Part("install", 60, 10), Part("kernels", 90, 30), Part("loss", 100, 40), Part("e2e_fre", 300, 150),
+            Part("e2e_mgt", 240, 150)]
 
 
 def wheel_name_version(wheel: Path) -> tuple[str, str]:
@@ -345,7 +345,11 @@ def part_line(part: Part) -> str:
     if part.name == "loss" and report:
         return f"{len(report['rows'])} rows ({sum('error' in row for row in report['rows'])} with errors)"
     if report and report.get("partial"):
-        return f"stopped during the step; phases measured: {', '.join(report['phases']) or 'none'}"
+        progress = "".join(f"; {phase} had made {p['forward_calls']} forward calls in {p['seconds']:.0f} s "
+                           f"({1e3 * p['seconds'] / p['forward_calls']:.0f} ms each)"
+                           for phase, p in report.get("progress", {}).items()
+                           if phase not in report["phases"] and p["forward_calls"])
+        return f"stopped during the step; phases measured: {', '.join(report['phases']) or 'none'}{progress}"
     if report:
         mem = report.get("device_memory") or {}
         measured = (f"measured device peak (reserved + context) {mem['device_peak_gib']:.2f} GiB: "

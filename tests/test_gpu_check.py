@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from lmmr1_lite.config import REPO_ROOT
 
@@ -174,11 +175,13 @@ def test_the_table_shows_what_a_stopped_or_failed_part_finished(gpu_check):
                        "compiled": {"error": "BackendCompilerFailed: boom"}}}
     parts = [Part("e2e_fre", 1, 1, {"status": "ok", "seconds": 150.0, "report": step}),
              Part("e2e_mgt", 1, 1, {"status": "timeout", "seconds": 100.0,
-                                    "report": {"partial": True, "phases": {"load": phase}}})]
+                                    "report": {"partial": True, "phases": {"load": phase}, "progress": {
+                                        "generate": {"forward_calls": 640, "seconds": 96.0}}}})]
     table = gpu_check.tables(parts, "## head")
     assert ("| e2e_fre | ok | 150.0 | planner peak 9.40 GiB (fits); measured device peak (reserved + context) "
             "24.50 GiB: does not fit 24 GiB (live tensors + context 22.25); decode timed: dynamic, compiled |") in table
-    assert "| e2e_mgt | timeout | 100.0 | stopped during the step; phases measured: load |" in table
+    assert ("| e2e_mgt | timeout | 100.0 | stopped during the step; phases measured: load; generate had made 640 "
+            "forward calls in 96 s (150 ms each) |") in table
     assert "e2e_mgt: the step was stopped; the phases it finished:" in table
     assert "| load | 12.50 | 3.250 | 20.000 |" in table and "| generate | 12.50 | 3.250 | 20.000 |" in table
     assert "| weights | 2.000 | 2.100 | 1.05 |" in table
@@ -197,6 +200,25 @@ def test_the_step_reports_each_phase_as_it_ends(tmp_path):
     partial = json.loads(out.read_text())
     assert partial["partial"] is True and list(partial["phases"]) == ["load"]
     assert partial["phases"]["load"]["seconds"] > 0 and partial["phases"]["load"]["peak_extra_gib"] > 0.02
+
+
+def test_a_step_stopped_while_generating_says_how_far_it_got(tmp_path):
+    """bench/e2e_step.py's forward_progress: every `every` forward calls of the module the count and the seconds
+    so far go into the partial report, and the final count when the phase ends."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from e2e_step import PhaseMeter, forward_progress
+
+    out = tmp_path / "step.json"
+    meter = PhaseMeter(False, out)
+    module = torch.nn.Linear(2, 2)
+    with forward_progress(meter, "generate", module, every=4):
+        for _ in range(9):
+            module(torch.zeros(1, 2))
+        progress = json.loads(out.read_text())["progress"]["generate"]  # as a run stopped here would leave it
+    assert progress["forward_calls"] == 8 and progress["seconds"] >= 0
+    assert meter.progress["generate"]["forward_calls"] == 9
+    module(torch.zeros(1, 2))  # the hook is gone after the phase
+    assert meter.progress["generate"]["forward_calls"] == 9
 
 
 def test_slim_wheels_drop_only_the_native_builds_the_device_never_loads(gpu_check, tmp_path):

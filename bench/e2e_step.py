@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode-modes", default="", metavar="MODE,...",
                         help="after the step, time generation with each decode_cache (dynamic, static, compiled)")
     parser.add_argument("--decode-new-tokens", type=int, default=128, help="tokens per completion when timing decode")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="load the model and time --decode-modes, without the GRPO step (bench/gpu_check.py's "
+                             "decode part: the modes' speeds first, so the steps can use the fastest)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "e2e_step.json"))
     args = parser.parse_args(argv)
 
@@ -225,6 +228,14 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = models.make_optimizer([p for p in policy.parameters() if p.requires_grad], cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     ctx = StepContext(policy, tokenizer, cfg, optimizer, scheduler, image_processor)
+    if args.decode_only:
+        report = {"benchmark": "e2e_step", "date": str(date.today()), "decode_only": True,
+                  "device": torch.cuda.get_device_name() if cuda else "cpu", "model": model_named,
+                  "tokenizer": cfg.tokenizer, "quantization": cfg.quantization, "dtype": cfg.dtype,
+                  "prompts": cfg.prompts_per_step, "generations": cfg.num_generations, "phases": meter.phases,
+                  "decode": {}}
+        meter.out = None  # the full report from here on
+        return time_decode_modes(report, meter, ctx, examples, args)
 
     with forward_progress(meter, "generate", models.backbone(policy)):
         batch = meter.measure("generate", lambda: generate_rollouts(ctx, examples))
@@ -275,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
         "share_prompt": cfg.share_prompt, "gradient_checkpointing": cfg.gradient_checkpointing,
         "runtime_baseline_gib": baseline / GIB, "phases": phases, "components": components,
         "planner_peak_gib": plan["peak"] / GIB, "planner_fits": plan["peak"] <= args.gpu_gib * GIB,
-        "has_images": has_images, "device_memory": device_memory, "progress": meter.progress, "decode": {},
+        "has_images": has_images, "device_memory": device_memory, "progress": meter.progress,
+        "decode_cache": cfg.decode_cache, "decode": {},
         "note": "random weights: completions run to max_new_tokens, the worst case for memory",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -287,6 +299,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {name} | {row['planner_gib']:.3f} | {row['measured_gib']:.3f} | "
               f"{'' if ratio is None else f'{ratio:.2f}'} |", flush=True)
     meter.out = None  # the full report from here on
+    return time_decode_modes(report, meter, ctx, examples, args)
+
+
+def time_decode_modes(report: dict, meter: PhaseMeter, ctx, examples, args) -> dict:
+    """Each of --decode-modes timed into `report["decode"]`, the report rewritten after each one."""
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     for mode in filter(None, args.decode_modes.split(",")):
         try:
             report["decode"][mode] = time_decode(meter, ctx, examples, mode, args.decode_new_tokens)

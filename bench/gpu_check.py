@@ -18,12 +18,14 @@ when less time is left than it needs, and stopped at its budget, so one slow or 
   loss     bench/loss_kernels.py at LMM-R1's shapes: naive torch, torch.compile, Liger's fused GRPO loss and
            ours (with loss_kernels.OBJECTIVES, each also as a multiple of the token-level loss's time), forward +
            backward time and peak memory, the LM-head GEMM floor
-  e2e_fre  bench/e2e_step.py: the 3B architecture with random weights, NF4, bf16, Qwen's tokenizer and
-           configs/qwen2_5_vl_3b/fre.yaml; each phase's peak CUDA memory beside the planner's, whether the step
-           fits 24 GiB; then decode timed with the dynamic, static and compiled caches
+  decode   bench/e2e_step.py --decode-only: the 3B architecture (random weights, NF4, bf16, Qwen's tokenizer,
+           configs/qwen2_5_vl_3b/fre.yaml's 8 x 8 rows) generating with the dynamic, static and compiled caches;
+           the steps below generate with the fastest
+  e2e_fre  bench/e2e_step.py: the same model and config, one GRPO step; each phase's peak CUDA memory beside
+           the planner's, whether the step fits 24 GiB
   e2e_mgt  the same with configs/qwen2_5_vl_3b/mgt.yaml on geometry images
 Writes into --out (default bench/out/gpu_check): summary.json, summary.md (the table, printed last),
-parts.log (every part's output), loss_kernels.json, e2e_fre.json, e2e_mgt.json.
+parts.log (every part's output), loss_kernels.json, decode.json, e2e_fre.json, e2e_mgt.json.
 """
 from __future__ import annotations
 
@@ -67,13 +69,14 @@ class Part:
 def parts_for(dry_run: bool) -> list[Part]:
     if dry_run:  # about 50 s of CPU in all; budgets that only a hang reaches, since a busy CPU (a niced run beside
         # others: 40 s of CPU took 21 minutes here once) stretches that without bound; tests check the budgets
-        return [Part(name, 1800, 1) for name in ("install", "kernels", "loss", "e2e_fre", "e2e_mgt")]
+        return [Part(name, 1800, 1) for name in ("install", "kernels", "loss", "decode", "e2e_fre", "e2e_mgt")]
     # measured on the H200 (2026-12-04, bench/RESULTS.md): install 24-30 s, kernels 18-24 s, loss 52-67 s (torch.compile
-    # and Liger compiled per shape), the 3B load 5 s; the FRE step's generation of 64 x 1,024 tokens had not ended
-    # 190 s into its part, so each step gets most of a call of its own (`--parts e2e_fre,e2e_mgt --budget-s 560`);
-    # the decode modes run after the step, the compiled one last, so that they are what a budget cuts
-    return [Part("install", 60, 10), Part("kernels", 90, 30), Part("loss", 100, 40), Part("e2e_fre", 300, 150),
-            Part("e2e_mgt", 240, 150)]
+    # and Liger compiled per shape), the 3B load 5 s; the FRE step's generation of 64 x 1,024 tokens with the dynamic
+    # cache had not ended 190 s into its part. So the decode modes are timed first (64 rows x 32 tokens; the
+    # compiled one last, as its compile is what a budget may cut) and the steps generate with the fastest; the
+    # steps' budgets are guesses until a step has run there (the next call: `--parts decode,e2e_fre,e2e_mgt --budget-s 560`)
+    return [Part("install", 60, 10), Part("kernels", 90, 30), Part("loss", 100, 40), Part("decode", 180, 60),
+            Part("e2e_fre", 240, 120), Part("e2e_mgt", 200, 120)]
 
 
 def wheel_name_version(wheel: Path) -> tuple[str, str]:
@@ -246,7 +249,14 @@ def install(part: Part, args, env: dict, log, deadline: float) -> None:
     part.result["status"] = "ok" if rc == 0 and "error" not in part.result else "failed"
 
 
-def command_for(name: str, args, tokenizer_dir: str | None) -> list:
+def fastest_decode_cache(report: dict | None) -> str | None:
+    """The decode_cache of the highest tokens/s in the decode part's report (None when no mode ran)."""
+    modes = {mode: d["tokens_per_second"] for mode, d in ((report or {}).get("decode") or {}).items()
+             if "tokens_per_second" in d}
+    return max(modes, key=modes.get) if modes else None
+
+
+def command_for(name: str, args, tokenizer_dir: str | None, decode_cache: str | None = None) -> list:
     out = Path(args.out)
     py = sys.executable
     if name == "kernels":
@@ -255,20 +265,22 @@ def command_for(name: str, args, tokenizer_dir: str | None) -> list:
     if name == "loss":
         return [py, "bench/loss_kernels.py", "--out", out / "loss_kernels.json",
                 *(["--smoke"] if args.dry_run else ["--shapes", LOSS_SHAPES])]
-    stage = name.split("_")[1]
+    stage = "fre" if name == "decode" else name.split("_")[1]
     cmd = [py, "bench/e2e_step.py", "--out", out / f"{name}.json"]
     if stage == "mgt":
         cmd += ["--data", "geometry"]
+    if name == "decode":
+        # compiling the decode step on a CPU (inductor) takes about a minute: the compiled mode on CUDA only
+        cmd += ["--decode-only", "--decode-modes", "dynamic,static" if args.dry_run else DECODE_MODES,
+                "--decode-new-tokens", "4" if args.dry_run else "32"]
+    elif decode_cache:
+        cmd += ["--set", f"decode_cache={decode_cache}"]
     if args.dry_run:  # the tiny model (its own small vocabulary and tokenizer), a few short rollouts
-        cmd += ["--config", f"configs/tiny/{stage}.yaml", "--set", "prompts_per_step=2", "--set", "num_generations=4"]
-        if stage == "fre":  # compiling the decode step on a CPU (inductor) takes about a minute: CUDA only
-            cmd += ["--decode-modes", "dynamic,static", "--decode-new-tokens", "4"]
-        return cmd
+        return cmd + ["--config", f"configs/tiny/{stage}.yaml", "--set", "prompts_per_step=2",
+                      "--set", "num_generations=4"]
     cmd += ["--config", FRE if stage == "fre" else MGT, "--model", MODEL_3B, "--set", "dtype=bfloat16"]
     if tokenizer_dir:
         cmd += ["--set", f"tokenizer={tokenizer_dir}"]
-    if stage == "fre":
-        cmd += ["--decode-modes", DECODE_MODES, "--decode-new-tokens", "128"]
     return cmd
 
 
@@ -298,7 +310,9 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_part(part: Part, args, env: dict, log, log_path: Path, start: float, tokenizer_dir: str | None) -> None:
+def run_part(part: Part, args, env: dict, log, log_path: Path, start: float, learned: dict) -> None:
+    """Run one part within its budget; `learned`: what earlier parts found (Qwen's tokenizer files, the fastest
+    decode cache), which later parts' commands use."""
     left = args.budget_s - (time.monotonic() - start)
     if left < part.min_s:
         part.result.update(status="skipped", seconds=0.0,
@@ -315,7 +329,8 @@ def run_part(part: Part, args, env: dict, log, log_path: Path, start: float, tok
     if part.name == "install":
         install(part, args, env, log, began + timeout)
     else:
-        rc, _ = run_logged(command_for(part.name, args, tokenizer_dir), log, timeout, env)
+        command = command_for(part.name, args, learned.get("tokenizer_dir"), learned.get("decode_cache"))
+        rc, _ = run_logged(command, log, timeout, env)
         part.result["status"] = "ok" if rc == 0 else "timeout" if rc is None else f"failed (exit {rc})"
         collect(part, args, log_path, log_start)
     part.result["seconds"] = time.monotonic() - began
@@ -344,6 +359,11 @@ def part_line(part: Part) -> str:
     report = r.get("report")
     if part.name == "loss" and report:
         return f"{len(report['rows'])} rows ({sum('error' in row for row in report['rows'])} with errors)"
+    if part.name == "decode" and report:
+        speeds = ", ".join(f"{mode} {'error' if 'error' in d else fmt(d['tokens_per_second'], 0) + ' tokens/s'}"
+                           for mode, d in report["decode"].items())
+        steps_use = r.get("decode_cache_for_steps") or "their configs' decode_cache"
+        return f"{speeds or 'no mode timed'}; the steps generate with {steps_use}"
     if report and report.get("partial"):
         progress = "".join(f"; {phase} had made {p['forward_calls']} forward calls in {p['seconds']:.0f} s "
                            f"({1e3 * p['seconds'] / p['forward_calls']:.0f} ms each)"
@@ -356,8 +376,9 @@ def part_line(part: Part) -> str:
                     f"{'fits' if mem['fits'] else 'does not fit'} {mem['gpu_gib']:g} GiB (live tensors + context "
                     f"{mem['live_peak_gib']:.2f})" if mem else "no device memory on a CPU")
         decode = f"; decode timed: {', '.join(report['decode'])}" if report.get("decode") else ""
+        cache = f"; generated with the {report['decode_cache']} cache" if report.get("decode_cache") else ""
         return (f"planner peak {report['planner_peak_gib']:.2f} GiB "
-                f"({'fits' if report.get('planner_fits') else 'does not fit'}); {measured}{decode}")
+                f"({'fits' if report.get('planner_fits') else 'does not fit'}); {measured}{cache}{decode}")
     return r.get("note", "")
 
 
@@ -379,6 +400,10 @@ def tables(parts: list[Part], header: str) -> str:
                 out.append(f"| {row['N']} | {row['H']} | {row['V']} | {row['dtype']} | {row['impl']} | "
                            f"{fmt(row['fwd_ms'])} | {fmt(row['fwd_bwd_ms'])} | {fmt(row.get('peak_extra_mib'), 1)} | "
                            f"{fmt(row['vs_gemm_floor'])} | {fmt(row.get('vs_token_level'))} |")
+    decode = by_name.get("decode") and by_name["decode"].result.get("report")
+    if decode and decode.get("decode"):
+        out += ["", f"Decode, {decode['model']}, {decode['quantization']}, {decode['dtype']}, {decode['prompts']} prompts "
+                f"x {decode['generations']} ({decode['device']}):", ""] + decode_table(decode["decode"])
     steps = [(name, by_name[name].result.get("report")) for name in ("e2e_fre", "e2e_mgt")
              if name in by_name and by_name[name].result.get("report")]
     for name, report in steps:
@@ -396,12 +421,15 @@ def tables(parts: list[Part], header: str) -> str:
         out += [f"| {c} | {fmt(v['planner_gib'], 3)} | {fmt(v['measured_gib'], 3)} | {fmt(v['measured_vs_planner'])} |"
                 for c, v in report["components"].items()]
         if report.get("decode"):
-            out += ["", "| decode cache | rows | new tokens | first run s | timed run s | tokens/s |",
-                    "|---|---:|---:|---:|---:|---:|"]
-            out += [f"| {mode} | {d['error']} | | | | |" if "error" in d else
-                    f"| {mode} | {d['rows']} | {d['new_tokens']} | {fmt(d['first_run_seconds'])} | "
-                    f"{fmt(d['seconds'])} | {fmt(d['tokens_per_second'], 1)} |" for mode, d in report["decode"].items()]
+            out += [""] + decode_table(report["decode"])
     return "\n".join(out) + "\n"
+
+
+def decode_table(decode: dict) -> list[str]:
+    return ["| decode cache | rows | new tokens | first run s | timed run s | tokens/s |", "|---|---:|---:|---:|---:|---:|"] + [
+        f"| {mode} | {d['error']} | | | | |" if "error" in d else
+        f"| {mode} | {d['rows']} | {d['new_tokens']} | {fmt(d['first_run_seconds'])} | {fmt(d['seconds'])} | "
+        f"{fmt(d['tokens_per_second'], 1)} |" for mode, d in decode.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,16 +471,19 @@ def main(argv: list[str] | None = None) -> int:
         parts = [by_name["install"]] + [by_name[name] for name in dict.fromkeys(chosen) if name != "install"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("loss_kernels.json", "e2e_fre.json", "e2e_mgt.json"):
+    for stale in ("loss_kernels.json", "decode.json", "e2e_fre.json", "e2e_mgt.json"):
         (out / stale).unlink(missing_ok=True)
     env = part_env(Path(args.site), args.dry_run)
     log_path = out / "parts.log"
-    tokenizer_dir = None
+    learned = {}
     with open(log_path, "w") as log:
         for part in parts:
-            run_part(part, args, env, log, log_path, start, tokenizer_dir)
+            run_part(part, args, env, log, log_path, start, learned)
             if part.name == "install":
-                tokenizer_dir = part.result.get("environment", {}).get("qwen_tokenizer_dir")
+                learned["tokenizer_dir"] = part.result.get("environment", {}).get("qwen_tokenizer_dir")
+            if part.name == "decode":  # the steps generate with the fastest mode that ran
+                learned["decode_cache"] = part.result["decode_cache_for_steps"] = fastest_decode_cache(
+                    part.result.get("report"))
     env_info = next((p.result.get("environment", {}) for p in parts if p.name == "install"), {})
     device = env_info.get("device", "unknown")
     command = "python3 bench/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -13,7 +13,7 @@ import torch
 from lmmr1_lite.config import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "bench" / "gpu_check.py"
-PARTS = ["install", "kernels", "loss", "e2e_fre", "e2e_mgt"]
+PARTS = ["install", "kernels", "loss", "decode", "e2e_fre", "e2e_mgt"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
                           text=True, env=env, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["e2e_fre.json", "e2e_mgt.json", "loss_kernels.json", "parts.log", "summary.json", "summary.md"]
+    assert files == ["decode.json", "e2e_fre.json", "e2e_mgt.json", "loss_kernels.json", "parts.log", "summary.json",
+                     "summary.md"]
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files), "names the device tool brings back"
 
     summary = json.loads((out / "summary.json").read_text())
@@ -57,14 +58,21 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
         assert row["vs_token_level"] == pytest.approx(row["fwd_bwd_ms"] / token_level)
     assert all("vs_token_level" not in row for row in loss[:3])
 
+    decode = parts["decode"]["report"]
+    assert decode["decode_only"] is True and list(decode["phases"]) == ["load"]  # no step
+    assert list(decode["decode"]) == ["dynamic", "static"]  # compiled: CUDA only (inductor on a CPU takes a minute)
+    for mode in decode["decode"].values():
+        assert mode["rows"] == 8 and 0 < mode["tokens_decoded"] <= 8 * 4 and mode["tokens_per_second"] > 0
+    fastest = max(decode["decode"], key=lambda mode: decode["decode"][mode]["tokens_per_second"])
+    assert parts["decode"]["decode_cache_for_steps"] == fastest
+
     fre, mgt = parts["e2e_fre"]["report"], parts["e2e_mgt"]["report"]
     assert fre["has_images"] is False and mgt["has_images"] is True
     for report in (fre, mgt):
         assert report["phases"]["generate"]["seconds"] > 0 and report["planner_peak_gib"] > 0
         assert report["device_memory"] == {}  # CUDA only
-    assert list(fre["decode"]) == ["dynamic", "static"]  # compiled: CUDA only (inductor on a CPU takes a minute)
-    for mode in fre["decode"].values():
-        assert mode["rows"] == 8 and 0 < mode["tokens_decoded"] <= 8 * 4 and mode["tokens_per_second"] > 0
+        assert report["decode_cache"] == fastest and report["decode"] == {}  # the steps use what the decode part found
+        assert report["progress"]["generate"]["forward_calls"] > 0
 
     table = (out / "summary.md").read_text()
     assert table.startswith("## DRY RUN on the CPU at tiny shapes: not GPU numbers: cpu, ")
@@ -72,6 +80,7 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
         assert re.search(rf"^\| {part} \| ok \| [\d.]+ \| .+ \|$", table, re.M), part
     assert "| 14 passed, 0 failed (tests/test_kernels.py, tests/test_objectives.py) |" in table
     assert "| static | 8 | 4 |" in table and "| lmmr1_kernels |" in table
+    assert f"the steps generate with {fastest} |" in table and f"generated with the {fastest} cache" in table
     assert re.search(r"^\| 64 \| 32 \| 1000 \| torch.float32 \| lmmr1 gspo \|( [\d.]* \|){4} [\d.]+ \|$", table, re.M)
     assert proc.stdout.rstrip().endswith(table.rstrip()), "the table is printed last"
     assert "===== e2e_mgt" in (out / "parts.log").read_text()
@@ -94,13 +103,13 @@ def test_a_hung_part_is_stopped_with_its_children(gpu_check, tmp_path, monkeypat
     pid_file = tmp_path / "child.pid"
     hang = (f"import subprocess, time; child = subprocess.Popen(['sleep', '60']); "
             f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)")
-    monkeypatch.setattr(gpu_check, "command_for", lambda name, args, tok: [sys.executable, "-c", hang])
+    monkeypatch.setattr(gpu_check, "command_for", lambda name, args, tok, cache: [sys.executable, "-c", hang])
     part = gpu_check.Part("loss", budget_s=3, min_s=0)
     args = gpu_check.argparse.Namespace(budget_s=100, out=str(tmp_path), dry_run=True)
     log_path = tmp_path / "parts.log"
     start = time.monotonic()
     with open(log_path, "w") as log:
-        gpu_check.run_part(part, args, os.environ.copy(), log, log_path, start, None)
+        gpu_check.run_part(part, args, os.environ.copy(), log, log_path, start, {})
     assert part.result["status"] == "timeout" and 3 <= part.result["seconds"] < 15
     child = int(pid_file.read_text())
     time.sleep(0.5)
@@ -187,6 +196,31 @@ def test_the_table_shows_what_a_stopped_or_failed_part_finished(gpu_check):
     assert "| weights | 2.000 | 2.100 | 1.05 |" in table
     assert "| dynamic | 64 | 128 | 6.00 | 5.00 | 1638.4 |" in table
     assert "| compiled | BackendCompilerFailed: boom | | | | |" in table
+
+
+def test_the_steps_generate_with_the_fastest_decode_cache_that_ran(gpu_check):
+    """The decode part's report picks the steps' decode_cache: the most tokens/s, a mode that failed never; with
+    no mode timed the steps keep their configs' decode_cache; the table says which."""
+    decode = {"dynamic": {"rows": 64, "new_tokens": 32, "first_run_seconds": 9.0, "seconds": 8.0,
+                          "tokens_per_second": 256.0},
+              "static": {"rows": 64, "new_tokens": 32, "first_run_seconds": 9.0, "seconds": 4.0,
+                         "tokens_per_second": 512.0},
+              "compiled": {"error": "BackendCompilerFailed: boom"}}
+    assert gpu_check.fastest_decode_cache({"decode": decode}) == "static"
+    assert gpu_check.fastest_decode_cache({"decode": {"compiled": decode["compiled"]}}) is None
+    assert gpu_check.fastest_decode_cache(None) is None
+    default = gpu_check.command_for("e2e_fre", gpu_check.argparse.Namespace(out="o", dry_run=False), None)
+    assert not any(str(arg).startswith("decode_cache=") for arg in default)
+    command = gpu_check.command_for("e2e_mgt", gpu_check.argparse.Namespace(out="o", dry_run=False), None, "static")
+    assert command[command.index("decode_cache=static") - 1] == "--set"
+    report = {"decode_only": True, "model": "3b", "quantization": "nf4", "dtype": "bfloat16", "prompts": 8,
+              "generations": 8, "device": "H200", "phases": {}, "decode": decode}
+    part = gpu_check.Part("decode", 1, 1, {"status": "ok", "seconds": 90.0, "report": report,
+                                           "decode_cache_for_steps": "static"})
+    table = gpu_check.tables([part], "## head")
+    assert ("| decode | ok | 90.0 | dynamic 256 tokens/s, static 512 tokens/s, compiled error; the steps generate "
+            "with static |") in table
+    assert "Decode, 3b, nf4, bfloat16, 8 prompts x 8 (H200):" in table and "| static | 64 | 32 | 9.00 | 4.00 | 512.0 |" in table
 
 
 def test_the_step_reports_each_phase_as_it_ends(tmp_path):

@@ -78,7 +78,7 @@ class TrainConfig:
                            "or 'none'. The vision tower, embeddings and LM head stay in `dtype`.")
     optim: str = _f("adamw_torch", "Optimizer of the LoRA parameters: 'adamw_torch' or 'paged_adamw_8bit' (bitsandbytes).")
     gradient_checkpointing: bool = _f(True, "Non-reentrant gradient checkpointing in the training pass only.")
-    lora_r: int = _f(64, "LoRA rank.")
+    lora_r: int = _f(64, "LoRA rank (1 to 8,192).")
     lora_alpha: int = _f(128, "LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = _f(0.0, "LoRA dropout. 0 keeps the rollout and training policies identical.")
     lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -255,7 +255,8 @@ class TrainConfig:
              and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
                      for w in self.rewards.values()),
              "rewards must map reward names to finite numeric weights"),
-            (self.lora_r >= 1, "lora_r must be >= 1"),
+            # bounded: a rank past any model's width adds nothing, and 99999999999999999999 overflowed torch (a traceback)
+            (1 <= self.lora_r <= 8192, "lora_r must be in [1, 8192]"),
             (self.lora_alpha > 0, "lora_alpha must be > 0"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (bool(self.lora_target_modules) and all(isinstance(m, str) and m for m in self.lora_target_modules),

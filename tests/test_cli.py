@@ -73,6 +73,7 @@ def test_refuses_to_overwrite_a_run(tmp_path, capsys):
     (["--set", "noequals"], "expected KEY=VALUE"),
     (["--loss-agg", "sum"], "loss_agg must be"),
     (["--num-generations", "1"], "num_generations must be >= 2"),
+    (["--lora-r", "99999999999999999999"], "lora_r must be in [1, 8192]"),
     (["--data", "nope.jsonl"], "neither a task"),
 ])
 def test_user_mistakes_give_one_line_errors(tmp_path, capsys, argv, expected):

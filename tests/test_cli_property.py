@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lmmr1_lite.cli import main
@@ -19,6 +19,9 @@ FLAGS = ["--max-steps", "--learning-rate", "--num-generations", "--prompts-per-s
          "--max-prompt-tokens", "--min-pixels", "--epsilon-low", "--warmup-ratio", "--set"]
 VALUES = ["0", "-1", "1", "2", "nan", "inf", "-inf", ".inf", "1e309", "abc", "", "[]", "{}", "null", "true", "0.5",
           "99999999999999999999", "token_mean", "lora_r=", "rewards={}", "rewards={format: x}", "=1", "stage=mgt"]
+# A huge value of these is valid and asks for a run that never ends in a test's time (a fresh clone's suite once
+# hung in a run of --max-steps 99999999999999999999, 2026-12-04): such examples are skipped.
+WORK_SIZES = {"--max-steps", "--num-generations", "--prompts-per-step", "--max-new-tokens", "--eval-size"}
 GOOD_ROW = json.dumps({"prompt": "what is 1 + 1", "answer": "2"})
 ROWS = [
     GOOD_ROW.encode(),
@@ -74,6 +77,7 @@ def files(path: Path) -> dict:
        rows=st.lists(st.sampled_from(ROWS), min_size=0, max_size=6), skip=st.booleans(),
        foreign_config=st.booleans(), overwrite=st.booleans())
 def test_cli_never_tracebacks_and_never_removes_foreign_files(flags, rows, skip, foreign_config, overwrite):
+    assume(not any(flag in WORK_SIZES and value == "99999999999999999999" for flag, value in flags))
     root = Path(tempfile.mkdtemp())
     try:
         write_bad_images(root)

@@ -183,6 +183,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode-only", action="store_true",
                         help="load the model and time --decode-modes, without the GRPO step (bench/gpu_check.py's "
                              "decode part: the modes' speeds first, so the steps can use the fastest)")
+    parser.add_argument("--tokens-per-second", type=float, default=None,
+                        help="the decode speed --decode-only measured, for --generation-budget-s")
+    parser.add_argument("--generation-budget-s", type=float, default=None,
+                        help="with --tokens-per-second: cut max_new_tokens (to a multiple of 64) so that the step's "
+                             "generation is predicted to end within this many seconds; the planner's figures are "
+                             "then for that length too, so a slow decode still gives a whole step to compare")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "e2e_step.json"))
     args = parser.parse_args(argv)
 
@@ -200,6 +206,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model:
         overrides["model"] = args.model
     cfg = resolve_config(None, args.config, overrides)
+    cut_from = None
+    if args.tokens_per_second and args.generation_budget_s:
+        cap = new_tokens_within(cfg.max_new_tokens, cfg.prompts_per_step * cfg.num_generations,
+                                args.tokens_per_second, args.generation_budget_s)
+        if cap < cfg.max_new_tokens:
+            print(f"max_new_tokens cut from {cfg.max_new_tokens} to {cap}: {cfg.prompts_per_step * cfg.num_generations} "
+                  f"rows at {args.tokens_per_second:.0f} tokens/s within {args.generation_budget_s:.0f} s", flush=True)
+            cut_from, cfg = cfg.max_new_tokens, replace(cfg, max_new_tokens=cap)
     seed_everything(cfg.seed)
     device = models.pick_device()
     cuda = device.type == "cuda"
@@ -287,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runtime_baseline_gib": baseline / GIB, "phases": phases, "components": components,
         "planner_peak_gib": plan["peak"] / GIB, "planner_fits": plan["peak"] <= args.gpu_gib * GIB,
         "has_images": has_images, "device_memory": device_memory, "progress": meter.progress,
-        "decode_cache": cfg.decode_cache, "decode": {},
+        "decode_cache": cfg.decode_cache, "max_new_tokens_cut_from": cut_from, "decode": {},
         "note": "random weights: completions run to max_new_tokens, the worst case for memory",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -300,6 +314,14 @@ def main(argv: list[str] | None = None) -> dict:
               f"{'' if ratio is None else f'{ratio:.2f}'} |", flush=True)
     meter.out = None  # the full report from here on
     return time_decode_modes(report, meter, ctx, examples, args)
+
+
+def new_tokens_within(max_new_tokens: int, rows: int, tokens_per_second: float, seconds: float) -> int:
+    """The completion cap (a multiple of 64, at least 64, at most `max_new_tokens`) at which `rows` completions
+    decoded at `tokens_per_second` (all rows together) are predicted to take at most `seconds`. Random weights
+    never stop early, so every row runs to the cap."""
+    fits = int(seconds * tokens_per_second / rows) // 64 * 64
+    return min(max_new_tokens, max(64, fits))
 
 
 def time_decode_modes(report: dict, meter: PhaseMeter, ctx, examples, args) -> dict:

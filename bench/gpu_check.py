@@ -249,14 +249,22 @@ def install(part: Part, args, env: dict, log, deadline: float) -> None:
     part.result["status"] = "ok" if rc == 0 and "error" not in part.result else "failed"
 
 
-def fastest_decode_cache(report: dict | None) -> str | None:
-    """The decode_cache of the highest tokens/s in the decode part's report (None when no mode ran)."""
+# the share of a step part's budget its generation may take (the load, the passes and the update need the rest)
+GENERATION_SHARE = 0.5
+
+
+def fastest_decode(report: dict | None) -> tuple[str | None, float | None]:
+    """The decode_cache with the most tokens/s in the decode part's report, and that speed ((None, None) when
+    no mode ran)."""
     modes = {mode: d["tokens_per_second"] for mode, d in ((report or {}).get("decode") or {}).items()
              if "tokens_per_second" in d}
-    return max(modes, key=modes.get) if modes else None
+    best = max(modes, key=modes.get) if modes else None
+    return best, modes.get(best)
 
 
-def command_for(name: str, args, tokenizer_dir: str | None, decode_cache: str | None = None) -> list:
+def command_for(name: str, args, learned: dict, budget_s: float | None = None) -> list:
+    """A part's command; `learned`: what earlier parts found (Qwen's tokenizer files; the fastest decode cache
+    and its speed, with which a step's completions are cut to fit `GENERATION_SHARE` of `budget_s`)."""
     out = Path(args.out)
     py = sys.executable
     if name == "kernels":
@@ -273,14 +281,17 @@ def command_for(name: str, args, tokenizer_dir: str | None, decode_cache: str | 
         # compiling the decode step on a CPU (inductor) takes about a minute: the compiled mode on CUDA only
         cmd += ["--decode-only", "--decode-modes", "dynamic,static" if args.dry_run else DECODE_MODES,
                 "--decode-new-tokens", "4" if args.dry_run else "32"]
-    elif decode_cache:
-        cmd += ["--set", f"decode_cache={decode_cache}"]
+    elif learned.get("decode_cache"):
+        cmd += ["--set", f"decode_cache={learned['decode_cache']}"]
+        if budget_s:
+            cmd += ["--tokens-per-second", f"{learned['tokens_per_second']:.1f}",
+                    "--generation-budget-s", f"{GENERATION_SHARE * budget_s:.0f}"]
     if args.dry_run:  # the tiny model (its own small vocabulary and tokenizer), a few short rollouts
         return cmd + ["--config", f"configs/tiny/{stage}.yaml", "--set", "prompts_per_step=2",
                       "--set", "num_generations=4"]
     cmd += ["--config", FRE if stage == "fre" else MGT, "--model", MODEL_3B, "--set", "dtype=bfloat16"]
-    if tokenizer_dir:
-        cmd += ["--set", f"tokenizer={tokenizer_dir}"]
+    if learned.get("tokenizer_dir"):
+        cmd += ["--set", f"tokenizer={learned['tokenizer_dir']}"]
     return cmd
 
 
@@ -329,7 +340,7 @@ def run_part(part: Part, args, env: dict, log, log_path: Path, start: float, lea
     if part.name == "install":
         install(part, args, env, log, began + timeout)
     else:
-        command = command_for(part.name, args, learned.get("tokenizer_dir"), learned.get("decode_cache"))
+        command = command_for(part.name, args, learned, timeout)
         rc, _ = run_logged(command, log, timeout, env)
         part.result["status"] = "ok" if rc == 0 else "timeout" if rc is None else f"failed (exit {rc})"
         collect(part, args, log_path, log_start)
@@ -377,6 +388,9 @@ def part_line(part: Part) -> str:
                     f"{mem['live_peak_gib']:.2f})" if mem else "no device memory on a CPU")
         decode = f"; decode timed: {', '.join(report['decode'])}" if report.get("decode") else ""
         cache = f"; generated with the {report['decode_cache']} cache" if report.get("decode_cache") else ""
+        if report.get("max_new_tokens_cut_from"):
+            cache += (f", completions cut to {report['max_new_tokens']} tokens (from {report['max_new_tokens_cut_from']})"
+                      f" to fit the part's time")
         return (f"planner peak {report['planner_peak_gib']:.2f} GiB "
                 f"({'fits' if report.get('planner_fits') else 'does not fit'}); {measured}{cache}{decode}")
     return r.get("note", "")
@@ -482,8 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             if part.name == "install":
                 learned["tokenizer_dir"] = part.result.get("environment", {}).get("qwen_tokenizer_dir")
             if part.name == "decode":  # the steps generate with the fastest mode that ran
-                learned["decode_cache"] = part.result["decode_cache_for_steps"] = fastest_decode_cache(
-                    part.result.get("report"))
+                learned["decode_cache"], learned["tokens_per_second"] = fastest_decode(part.result.get("report"))
+                part.result["decode_cache_for_steps"] = learned["decode_cache"]
     env_info = next((p.result.get("environment", {}) for p in parts if p.name == "install"), {})
     device = env_info.get("device", "unknown")
     command = "python3 bench/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])

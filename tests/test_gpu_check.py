@@ -72,6 +72,7 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
         assert report["phases"]["generate"]["seconds"] > 0 and report["planner_peak_gib"] > 0
         assert report["device_memory"] == {}  # CUDA only
         assert report["decode_cache"] == fastest and report["decode"] == {}  # the steps use what the decode part found
+        assert report["max_new_tokens_cut_from"] is None  # the tiny step fits its part's time
         assert report["progress"]["generate"]["forward_calls"] > 0
 
     table = (out / "summary.md").read_text()
@@ -103,7 +104,7 @@ def test_a_hung_part_is_stopped_with_its_children(gpu_check, tmp_path, monkeypat
     pid_file = tmp_path / "child.pid"
     hang = (f"import subprocess, time; child = subprocess.Popen(['sleep', '60']); "
             f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)")
-    monkeypatch.setattr(gpu_check, "command_for", lambda name, args, tok, cache: [sys.executable, "-c", hang])
+    monkeypatch.setattr(gpu_check, "command_for", lambda name, args, learned, budget: [sys.executable, "-c", hang])
     part = gpu_check.Part("loss", budget_s=3, min_s=0)
     args = gpu_check.argparse.Namespace(budget_s=100, out=str(tmp_path), dry_run=True)
     log_path = tmp_path / "parts.log"
@@ -206,13 +207,16 @@ def test_the_steps_generate_with_the_fastest_decode_cache_that_ran(gpu_check):
               "static": {"rows": 64, "new_tokens": 32, "first_run_seconds": 9.0, "seconds": 4.0,
                          "tokens_per_second": 512.0},
               "compiled": {"error": "BackendCompilerFailed: boom"}}
-    assert gpu_check.fastest_decode_cache({"decode": decode}) == "static"
-    assert gpu_check.fastest_decode_cache({"decode": {"compiled": decode["compiled"]}}) is None
-    assert gpu_check.fastest_decode_cache(None) is None
-    default = gpu_check.command_for("e2e_fre", gpu_check.argparse.Namespace(out="o", dry_run=False), None)
-    assert not any(str(arg).startswith("decode_cache=") for arg in default)
-    command = gpu_check.command_for("e2e_mgt", gpu_check.argparse.Namespace(out="o", dry_run=False), None, "static")
+    assert gpu_check.fastest_decode({"decode": decode}) == ("static", 512.0)
+    assert gpu_check.fastest_decode({"decode": {"compiled": decode["compiled"]}}) == (None, None)
+    assert gpu_check.fastest_decode(None) == (None, None)
+    args = gpu_check.argparse.Namespace(out="o", dry_run=False)
+    default = gpu_check.command_for("e2e_fre", args, {}, 240)
+    assert not any(str(arg).startswith("decode_cache=") for arg in default) and "--tokens-per-second" not in default
+    command = gpu_check.command_for("e2e_mgt", args, {"decode_cache": "static", "tokens_per_second": 512.0}, 240)
     assert command[command.index("decode_cache=static") - 1] == "--set"
+    assert command[command.index("--tokens-per-second") + 1] == "512.0"
+    assert command[command.index("--generation-budget-s") + 1] == "120"  # GENERATION_SHARE of the part's time
     report = {"decode_only": True, "model": "3b", "quantization": "nf4", "dtype": "bfloat16", "prompts": 8,
               "generations": 8, "device": "H200", "phases": {}, "decode": decode}
     part = gpu_check.Part("decode", 1, 1, {"status": "ok", "seconds": 90.0, "report": report,
@@ -221,6 +225,25 @@ def test_the_steps_generate_with_the_fastest_decode_cache_that_ran(gpu_check):
     assert ("| decode | ok | 90.0 | dynamic 256 tokens/s, static 512 tokens/s, compiled error; the steps generate "
             "with static |") in table
     assert "Decode, 3b, nf4, bfloat16, 8 prompts x 8 (H200):" in table and "| static | 64 | 32 | 9.00 | 4.00 | 512.0 |" in table
+
+
+def test_a_slow_decode_cuts_the_steps_completions_to_fit(gpu_check):
+    """e2e_step's cap: every row runs to it (random weights), so rows x cap / tokens-per-second must fit the
+    seconds given; a multiple of 64, at least 64, never above the config's; the table says when it cut."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from e2e_step import new_tokens_within
+
+    assert new_tokens_within(1024, 64, 512.0, 120) == 960  # 120 s x 512 tokens/s / 64 rows = 960
+    assert new_tokens_within(1024, 64, 200.0, 120) == 320  # 375 rounded down to a multiple of 64
+    assert new_tokens_within(1024, 64, 5000.0, 120) == 1024  # fits: the config's cap stays
+    assert new_tokens_within(1024, 64, 1.0, 120) == 64 and new_tokens_within(12, 8, 1.0, 1) == 12
+    step = {"model": "3b", "tokenizer": None, "quantization": "nf4", "dtype": "bfloat16", "prompts": 8,
+            "generations": 8, "max_new_tokens": 320, "max_new_tokens_cut_from": 1024, "prompt_tokens": 110,
+            "has_images": False, "device": "H200", "phases": {}, "planner_peak_gib": 7.0, "planner_fits": True,
+            "components": {}, "device_memory": {}, "decode_cache": "static", "decode": {}}
+    line = gpu_check.part_line(gpu_check.Part("e2e_fre", 1, 1, {"status": "ok", "report": step}))
+    assert line.endswith("generated with the static cache, completions cut to 320 tokens (from 1024) to fit the "
+                         "part's time")
 
 
 def test_the_step_reports_each_phase_as_it_ends(tmp_path):

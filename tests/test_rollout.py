@@ -249,6 +249,28 @@ def test_compiled_decode_gives_the_dynamic_tokens(tiny_policy):
     assert torch.equal(dynamic.completion_ids, compiled.completion_ids)
 
 
+def test_static_decode_step_traces_whole_over_a_4bit_base_with_lora(tiny_cfg):
+    """decode_cache 'compiled' replays the step as a CUDA graph only if torch.compile traces it whole: over an NF4
+    base (bitsandbytes Linear4bit) with the LoRA side path, one graph and no graph break."""
+    from lmmr1_lite.decoding import StaticDecodeStep, _output_cache
+
+    cfg = tiny_cfg(quantization="nf4", dtype="bfloat16")
+    policy = models.add_lora(models.load_base_model(cfg, torch.device("cpu")), cfg).eval()
+    assert any(type(m).__name__ == "Linear4bit" for m in policy.modules()), "the base is 4-bit"
+    ids = torch.randint(5, 30, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    body = models.backbone(policy)
+    positions = models.prefill_positions(policy, ids, mask, {}, None)
+    with torch.no_grad():
+        prefilled = _output_cache(body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True))
+        step = StaticDecodeStep(policy, 2, 128, compiled=False)
+        step.load(prefilled, mask)
+        step.mask[:, step.length] = 1
+        explanation = torch._dynamo.explain(step._forward)(ids[:, :1], step.mask, positions[..., -1:] + 1)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
 def test_rollouts_from_merged_weights_are_the_adapted_policy_and_leave_the_base_untouched(tiny_policy):
     """`adapter_merged` (merge_for_rollouts): greedy tokens and log-probs of the merged weights equal those of the
     LoRA side path, the adapter is live inside (merged into the weights, not dropped), and on exit every base

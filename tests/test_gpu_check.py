@@ -207,16 +207,18 @@ def test_the_steps_generate_with_the_fastest_decode_cache_that_ran(gpu_check):
               "static": {"rows": 64, "new_tokens": 32, "first_run_seconds": 9.0, "seconds": 4.0,
                          "tokens_per_second": 512.0},
               "compiled": {"error": "BackendCompilerFailed: boom"}}
-    assert gpu_check.fastest_decode({"decode": decode}) == ("static", 512.0)
-    assert gpu_check.fastest_decode({"decode": {"compiled": decode["compiled"]}}) == (None, None)
-    assert gpu_check.fastest_decode(None) == (None, None)
+    fastest = gpu_check.fastest_decode({"decode": decode})
+    assert fastest == {"decode_cache": "static", "tokens_per_second": 512.0, "first_run_extra_seconds": 5.0}
+    assert gpu_check.fastest_decode({"decode": {"compiled": decode["compiled"]}}) == {}
+    assert gpu_check.fastest_decode(None) == {}
     args = gpu_check.argparse.Namespace(out="o", dry_run=False)
     default = gpu_check.command_for("e2e_fre", args, {}, 240)
     assert not any(str(arg).startswith("decode_cache=") for arg in default) and "--tokens-per-second" not in default
-    command = gpu_check.command_for("e2e_mgt", args, {"decode_cache": "static", "tokens_per_second": 512.0}, 240)
+    command = gpu_check.command_for("e2e_mgt", args, fastest, 240)
     assert command[command.index("decode_cache=static") - 1] == "--set"
     assert command[command.index("--tokens-per-second") + 1] == "512.0"
-    assert command[command.index("--generation-budget-s") + 1] == "120"  # GENERATION_SHARE of the part's time
+    # GENERATION_SHARE of the part's time, less the compile (the first run's extra seconds) its process pays again
+    assert command[command.index("--generation-budget-s") + 1] == "115"
     report = {"decode_only": True, "model": "3b", "quantization": "nf4", "dtype": "bfloat16", "prompts": 8,
               "generations": 8, "device": "H200", "phases": {}, "decode": decode}
     part = gpu_check.Part("decode", 1, 1, {"status": "ok", "seconds": 90.0, "report": report,

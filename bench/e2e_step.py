@@ -21,9 +21,14 @@ On CUDA each phase also records the allocator's absolute peaks (allocated and re
 CUDA context (device memory in use beyond what the allocator reserved) and the device peak (reserved +
 context) against `--gpu-gib` (default 24): whether the step fits such a card. `--decode-modes
 dynamic,static,compiled` then times generation of the same prompts with each `decode_cache` (a first run,
-which compiles, then a timed run, `--decode-new-tokens` each). Image tasks (`--data geometry`) load the
+which compiles, then a timed run, `--decode-new-tokens` each); `--decode-only` times them without the step.
+On CUDA with a quantised base the random weights are drawn on the GPU and written to a temporary directory
+first, so "load" measures a pretrained-style quantised load. `--tokens-per-second` with `--generation-budget-s`
+cuts max_new_tokens so that the generation is predicted to fit those seconds (bench/gpu_check.py passes the
+decode part's speed); the report records the cut. Image tasks (`--data geometry`) load the
 model's image processor, or build the Qwen2-VL one from the vision config when the architecture directory
-has none. The report is written after the step and again after each decode mode.
+has none. The report is written after the step and again after each decode mode; a step stopped part-way
+leaves the phases it finished and, in generation, the decode forwards made so far.
 Writes bench/out/e2e_step.json (or --out) and prints it.
 """
 from __future__ import annotations
@@ -378,8 +383,6 @@ def image_processor_for(cfg):
 def time_decode(meter: PhaseMeter, ctx, examples, mode: str, new_tokens: int) -> dict:
     """Generation of `examples` (G completions each, `new_tokens` tokens) with `decode_cache = mode`: a first
     run (the compiled mode compiles in it), then a timed one; tokens decoded per second of the timed run."""
-    from dataclasses import replace
-
     from lmmr1_lite.step import generate_rollouts
 
     timed = replace(ctx, cfg=replace(ctx.cfg, decode_cache=mode, max_new_tokens=new_tokens))

@@ -170,13 +170,10 @@ def load_base_model(cfg: TrainConfig, device: torch.device):
         with tempfile.TemporaryDirectory() as scratch:
             source = cfg.model
             if cfg.random_init:
-                model = random_model(config, cfg.seed, device, **kwargs)
                 if cfg.quantization == "none":
-                    return model.to(device)
-                model.save_pretrained(scratch)  # quantisation happens on load: reload the random weights
+                    return random_model(config, cfg.seed, device, **kwargs).to(device)
+                save_random_weights(cfg, device, scratch)  # quantisation happens on load: reload the random weights
                 source = scratch
-                del model
-                release_cuda_cache(device)
             if cfg.quantization != "none":
                 try:
                     model = AutoModelForImageTextToText.from_pretrained(

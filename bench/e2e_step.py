@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode-only", action="store_true",
                         help="load the model and time --decode-modes, without the GRPO step (bench/gpu_check.py's "
                              "decode part: the modes' speeds first, so the steps can use the fastest)")
+    parser.add_argument("--decode-profile", default="", metavar="MODE",
+                        help="with --decode-only: once this mode is timed, profile a short generation with this "
+                             "decode_cache (torch.profiler: the top ops, the device's busy time against the wall)")
     parser.add_argument("--tokens-per-second", type=float, default=None,
                         help="the decode speed --decode-only measured, for --generation-budget-s")
     parser.add_argument("--generation-budget-s", type=float, default=None,
@@ -339,7 +342,47 @@ def time_decode_modes(report: dict, meter: PhaseMeter, ctx, examples, args) -> d
             report["decode"][mode] = {"error": f"{type(err).__name__}: {str(err)[:200]}".splitlines()[0]}
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"decode {mode}: {json.dumps(report['decode'][mode])}", flush=True)
+        if mode == args.decode_profile and "tokens_per_second" in report["decode"][mode]:
+            try:  # at once, so that a later mode's long compile stopped by a budget cannot cost it
+                report["decode_profile"] = profile_decode(ctx, examples, mode)
+            except Exception as err:  # the profiler is a diagnosis: its failure must not cost the other modes
+                report["decode_profile"] = {"error": f"{type(err).__name__}: {str(err)[:200]}".splitlines()[0]}
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def profile_decode(ctx, examples, mode: str, new_tokens: int = 8, top: int = 15) -> dict:
+    """Where a generation's time goes (torch.profiler over `new_tokens` tokens with `decode_cache = mode`, after
+    its timed run): the wall seconds, the seconds the device was busy (sum of its kernels' self time; well under
+    the wall time means the decode waits on Python and kernel launches, not on the GPU), the CPU seconds inside
+    torch's ops (the wall less these is Python: the model's modules, the decode loop), and the `top` ops by
+    device self time (CPU self time on a CPU) with their call counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lmmr1_lite.step import generate_rollouts
+
+    cuda = torch.cuda.is_available()
+    timed = replace(ctx, cfg=replace(ctx.cfg, decode_cache=mode, max_new_tokens=new_tokens))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    began = time.perf_counter()
+    with profile(activities=activities) as prof:
+        generate_rollouts(timed, examples)
+        if cuda:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - began
+    events = prof.key_averages()
+
+    def device_us(event) -> float:
+        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)) or 0.0)
+
+    by = device_us if cuda else (lambda event: float(event.self_cpu_time_total))
+    ranked = sorted(events, key=by, reverse=True)[:top]
+    return {"mode": mode, "new_tokens": new_tokens, "wall_seconds": wall,
+            "device_busy_seconds": sum(device_us(e) for e in events) / 1e6 if cuda else None,
+            "ops_cpu_seconds": sum(e.self_cpu_time_total for e in events) / 1e6,  # the rest of the wall: Python
+            "ranked_by": "self device time" if cuda else "self CPU time",
+            "top": [{"op": e.key[:80], "calls": int(e.count), "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                     "self_device_ms": device_us(e) / 1e3} for e in ranked]}
 
 
 def cuda_memory(components: dict, phases: dict, parts: dict, gpu_gib: float) -> dict:

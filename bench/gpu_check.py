@@ -282,7 +282,7 @@ def command_for(name: str, args, learned: dict, budget_s: float | None = None) -
     if name == "decode":
         # compiling the decode step on a CPU (inductor) takes about a minute: the compiled mode on CUDA only
         cmd += ["--decode-only", "--decode-modes", "dynamic,static" if args.dry_run else DECODE_MODES,
-                "--decode-new-tokens", "4" if args.dry_run else "32"]
+                "--decode-new-tokens", "4" if args.dry_run else "32", "--decode-profile", "dynamic"]
     elif learned.get("decode_cache"):
         cmd += ["--set", f"decode_cache={learned['decode_cache']}"]
         if budget_s:  # the decode's share of the part, less the compile the step's process pays first
@@ -420,6 +420,7 @@ def tables(parts: list[Part], header: str) -> str:
     if decode and decode.get("decode"):
         out += ["", f"Decode, {decode['model']}, {decode['quantization']}, {decode['dtype']}, {decode['prompts']} prompts "
                 f"x {decode['generations']} ({decode['device']}):", ""] + decode_table(decode["decode"])
+        out += profile_table(decode.get("decode_profile"))
     steps = [(name, by_name[name].result.get("report")) for name in ("e2e_fre", "e2e_mgt")
              if name in by_name and by_name[name].result.get("report")]
     for name, report in steps:
@@ -448,6 +449,22 @@ def decode_table(decode: dict) -> list[str]:
         f"{fmt(d['tokens_per_second'], 1)} |" for mode, d in decode.items()]
 
 
+def profile_table(profile: dict | None) -> list[str]:
+    """e2e_step's decode profile: where a short generation's time went (the device's busy time against the wall)."""
+    if not profile:
+        return []
+    if "error" in profile:
+        return ["", f"Decode profile: {profile['error']}"]
+    busy = profile.get("device_busy_seconds")
+    head = (f"Decode profile, {profile['mode']} cache, {profile['new_tokens']} new tokens: {fmt(profile['wall_seconds'])} s "
+            f"wall, {fmt(profile['ops_cpu_seconds'])} s of CPU in torch's ops" +
+            (f", the device busy {fmt(busy)} s" if busy is not None else "") +
+            f"; top ops by {profile['ranked_by']}:")
+    return ["", head, "", "| op | calls | self CPU ms | self device ms |", "|---|---:|---:|---:|"] + [
+        f"| {row['op'].replace('|', '/')} | {row['calls']} | {fmt(row['self_cpu_ms'], 1)} | {fmt(row['self_device_ms'], 1)} |"
+        for row in profile["top"]]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="the same steps at tiny shapes on the CPU (torch path)")
@@ -459,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
                              "3600 with --dry-run)")
     parser.add_argument("--parts", default=None,
                         help="comma-separated parts run in this order after the install, e.g. 'e2e_mgt,loss' for a rerun")
+    parser.add_argument("--decode-report", metavar="DECODE_JSON", default=None,
+                        help="an earlier call's decode.json: the steps generate with its fastest cache (cut to fit "
+                             "their time by its speed), for a rerun of the steps without the decode part")
     parser.add_argument("--check-carry", metavar="WHEEL_DIR", default=None,
                         help="only check what the device call would carry, and exit")
     parser.add_argument("--slim-wheels", metavar="WHEEL_DIR", default=None,
@@ -485,13 +505,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         by_name = {p.name: p for p in parts}  # in the order given, after the install, which is always needed
         parts = [by_name["install"]] + [by_name[name] for name in dict.fromkeys(chosen) if name != "install"]
+    learned = {}
+    if args.decode_report:
+        learned.update(fastest_decode(read_json(Path(args.decode_report))))
+        if not learned:
+            print(f"--decode-report {args.decode_report}: not a decode report with a timed mode", file=sys.stderr)
+            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("loss_kernels.json", "decode.json", "e2e_fre.json", "e2e_mgt.json"):
         (out / stale).unlink(missing_ok=True)
     env = part_env(Path(args.site), args.dry_run)
     log_path = out / "parts.log"
-    learned = {}
     with open(log_path, "w") as log:
         for part in parts:
             run_part(part, args, env, log, log_path, start, learned)

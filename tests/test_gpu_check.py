@@ -65,6 +65,12 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
         assert mode["rows"] == 8 and 0 < mode["tokens_decoded"] <= 8 * 4 and mode["tokens_per_second"] > 0
     fastest = max(decode["decode"], key=lambda mode: decode["decode"][mode]["tokens_per_second"])
     assert parts["decode"]["decode_cache_for_steps"] == fastest
+    profile = decode["decode_profile"]  # where a short dynamic-cache generation's time went
+    assert profile["mode"] == "dynamic" and profile["device_busy_seconds"] is None  # CUDA only
+    assert 0 < profile["ops_cpu_seconds"] and 0 < profile["wall_seconds"] and len(profile["top"]) == 15
+    assert any(row["op"] == "aten::mm" and row["calls"] > 0 for row in profile["top"])  # the linear layers
+    assert [row["self_cpu_ms"] for row in profile["top"]] == sorted((row["self_cpu_ms"] for row in profile["top"]),
+                                                                   reverse=True)
 
     fre, mgt = parts["e2e_fre"]["report"], parts["e2e_mgt"]["report"]
     assert fre["has_images"] is False and mgt["has_images"] is True
@@ -81,6 +87,8 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
         assert re.search(rf"^\| {part} \| ok \| [\d.]+ \| .+ \|$", table, re.M), part
     assert "| 14 passed, 0 failed (tests/test_kernels.py, tests/test_objectives.py) |" in table
     assert "| static | 8 | 4 |" in table and "| lmmr1_kernels |" in table
+    assert re.search(r"^Decode profile, dynamic cache, 8 new tokens: [\d.]+ s wall, [\d.]+ s of CPU in torch's ops; "
+                     r"top ops by self CPU time:$", table, re.M)
     assert f"the steps generate with {fastest} |" in table and f"generated with the {fastest} cache" in table
     assert re.search(r"^\| 64 \| 32 \| 1000 \| torch.float32 \| lmmr1 gspo \|( [\d.]* \|){4} [\d.]+ \|$", table, re.M)
     assert proc.stdout.rstrip().endswith(table.rstrip()), "the table is printed last"
@@ -97,6 +105,32 @@ def test_parts_are_skipped_with_a_line_when_the_budget_is_spent(gpu_check, tmp_p
                                                             part["note"])
     assert "[gpu-check] loss: skipped (" in capsys.readouterr().out
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--parts", "loss,kernel"]) == 2
+
+
+def test_a_rerun_of_the_steps_takes_the_fastest_cache_from_an_earlier_decode_report(gpu_check, tmp_path, monkeypatch):
+    """--decode-report: the steps of a second call generate with what the first call's decode part found."""
+    decode = {"dynamic": {"rows": 64, "new_tokens": 32, "first_run_seconds": 9.0, "seconds": 8.0,
+                          "tokens_per_second": 256.0},
+              "static": {"rows": 64, "new_tokens": 32, "first_run_seconds": 9.0, "seconds": 4.0,
+                         "tokens_per_second": 512.0}}
+    (tmp_path / "decode.json").write_text(json.dumps({"decode_only": True, "decode": decode}))
+    commands, real_command_for = [], gpu_check.command_for
+
+    def command_for(name, args, learned, budget):  # records the step's command, runs nothing
+        commands.append(real_command_for(name, args, learned, budget))
+        return [sys.executable, "-c", "pass"]
+
+    monkeypatch.setattr(gpu_check, "command_for", command_for)
+    out = tmp_path / "out"
+    gpu_check.main(["--dry-run", "--out", str(out), "--parts", "e2e_fre", "--decode-report", str(tmp_path / "decode.json")])
+    (fre,) = [c for c in commands if "bench/e2e_step.py" in c]
+    assert fre[fre.index("decode_cache=static") - 1] == "--set"
+    assert fre[fre.index("--tokens-per-second") + 1] == "512.0"
+
+    (tmp_path / "empty.json").write_text(json.dumps({"decode_only": True, "decode": {"compiled": {"error": "x"}}}))
+    for bad in ("empty.json", "missing.json"):
+        assert gpu_check.main(["--dry-run", "--out", str(out), "--parts", "e2e_fre",
+                               "--decode-report", str(tmp_path / bad)]) == 2
 
 
 def test_a_hung_part_is_stopped_with_its_children(gpu_check, tmp_path, monkeypatch):

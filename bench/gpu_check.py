@@ -20,7 +20,7 @@ when less time is left than it needs, and stopped at its budget, so one slow or 
            backward time and peak memory, the LM-head GEMM floor
   decode   bench/e2e_step.py --decode-only: the 3B architecture (random weights, NF4, bf16, Qwen's tokenizer,
            configs/qwen2_5_vl_3b/fre.yaml's 8 x 8 rows) generating with the dynamic, static and compiled caches;
-           the steps below generate with the fastest
+           the steps below generate with the one that decodes most in their time (its compile counted)
   e2e_fre  bench/e2e_step.py: the same model and config, one GRPO step; each phase's peak CUDA memory beside
            the planner's, whether the step fits 24 GiB
   e2e_mgt  the same with configs/qwen2_5_vl_3b/mgt.yaml on geometry images
@@ -73,8 +73,9 @@ def parts_for(dry_run: bool) -> list[Part]:
     # measured on the H200 (2026-12-04, bench/RESULTS.md): install 24-30 s, kernels 18-24 s, loss 52-67 s (torch.compile
     # and Liger compiled per shape), the 3B load 5 s; the FRE step's generation of 64 x 1,024 tokens with the dynamic
     # cache had not ended 190 s into its part. So the decode modes are timed first (64 rows x 32 tokens; the
-    # compiled one last, as its compile is what a budget may cut) and the steps generate with the fastest; the
-    # steps' budgets are guesses until a step has run there (the next call: `--parts decode,e2e_fre,e2e_mgt --budget-s 560`)
+    # compiled one last, as its compile is what a budget may cut) and each step generates with the mode that decodes
+    # most in its time. Measured in the next call (2026-12-04, run 3): the decode part ~175 s (the compiled mode's
+    # compile 84 s of it), the FRE step 172 s with completions cut to fit
     return [Part("install", 60, 10), Part("kernels", 90, 30), Part("loss", 100, 40), Part("decode", 180, 60),
             Part("e2e_fre", 240, 120), Part("e2e_mgt", 200, 120)]
 
@@ -253,20 +254,30 @@ def install(part: Part, args, env: dict, log, deadline: float) -> None:
 GENERATION_SHARE = 0.5
 
 
-def fastest_decode(report: dict | None) -> dict:
-    """The decode_cache with the most tokens/s in the decode part's report, that speed, and the seconds its first
-    run took beyond the timed one (the compile, which a step's own process pays again); {} when no mode ran."""
+def best_decode(report: dict | None, seconds: float | None = None) -> dict:
+    """The decode_cache of the decode part's report that decodes the most tokens in `seconds` of a step's
+    generation, the compile its process pays first counted (the mode's first run beyond its timed one); without
+    `seconds`, the most tokens/s. With that mode's speed and compile seconds; {} when no mode ran."""
     modes = {mode: d for mode, d in ((report or {}).get("decode") or {}).items() if "tokens_per_second" in d}
     if not modes:
         return {}
-    best = max(modes, key=lambda mode: modes[mode]["tokens_per_second"])
+
+    def extra(mode: str) -> float:
+        return max(0.0, modes[mode]["first_run_seconds"] - modes[mode]["seconds"])
+
+    def tokens(mode: str) -> float:
+        speed = modes[mode]["tokens_per_second"]
+        return speed if seconds is None else max(0.0, seconds - extra(mode)) * speed
+
+    best = max(modes, key=tokens)
     return {"decode_cache": best, "tokens_per_second": modes[best]["tokens_per_second"],
-            "first_run_extra_seconds": max(0.0, modes[best]["first_run_seconds"] - modes[best]["seconds"])}
+            "first_run_extra_seconds": extra(best)}
 
 
 def command_for(name: str, args, learned: dict, budget_s: float | None = None) -> list:
-    """A part's command; `learned`: what earlier parts found (Qwen's tokenizer files; the fastest decode cache
-    and its speed, with which a step's completions are cut to fit `GENERATION_SHARE` of `budget_s`)."""
+    """A part's command; `learned`: what earlier parts found (Qwen's tokenizer files; the decode part's report, from
+    which a step takes the cache that decodes most in `GENERATION_SHARE` of `budget_s`, and cuts its completions
+    to what that speed fits there)."""
     out = Path(args.out)
     py = sys.executable
     if name == "kernels":
@@ -283,11 +294,13 @@ def command_for(name: str, args, learned: dict, budget_s: float | None = None) -
         # compiling the decode step on a CPU (inductor) takes about a minute: the compiled mode on CUDA only
         cmd += ["--decode-only", "--decode-modes", "dynamic,static" if args.dry_run else DECODE_MODES,
                 "--decode-new-tokens", "4" if args.dry_run else "32", "--decode-profile", "dynamic"]
-    elif learned.get("decode_cache"):
-        cmd += ["--set", f"decode_cache={learned['decode_cache']}"]
-        if budget_s:  # the decode's share of the part, less the compile the step's process pays first
-            seconds = max(10.0, GENERATION_SHARE * budget_s - learned["first_run_extra_seconds"])
-            cmd += ["--tokens-per-second", f"{learned['tokens_per_second']:.1f}", "--generation-budget-s", f"{seconds:.0f}"]
+    elif best_decode(learned.get("decode_report")):
+        share = GENERATION_SHARE * budget_s if budget_s else None  # of the part's time, for the step's generation
+        choice = best_decode(learned["decode_report"], share)
+        cmd += ["--set", f"decode_cache={choice['decode_cache']}"]
+        if share:  # less the compile the step's process pays first
+            seconds = max(10.0, share - choice["first_run_extra_seconds"])
+            cmd += ["--tokens-per-second", f"{choice['tokens_per_second']:.1f}", "--generation-budget-s", f"{seconds:.0f}"]
     if args.dry_run:  # the tiny model (its own small vocabulary and tokenizer), a few short rollouts
         return cmd + ["--config", f"configs/tiny/{stage}.yaml", "--set", "prompts_per_step=2",
                       "--set", "num_generations=4"]
@@ -375,8 +388,9 @@ def part_line(part: Part) -> str:
     if part.name == "decode" and report:
         speeds = ", ".join(f"{mode} {'error' if 'error' in d else fmt(d['tokens_per_second'], 0) + ' tokens/s'}"
                            for mode, d in report["decode"].items())
-        steps_use = r.get("decode_cache_for_steps") or "their configs' decode_cache"
-        return f"{speeds or 'no mode timed'}; the steps generate with {steps_use}"
+        steps_use = ("; the steps generate with the one that decodes most in their time, its compile counted"
+                     if best_decode(report) else "; the steps keep their configs' decode_cache")
+        return f"{speeds or 'no mode timed'}{steps_use}"
     if report and report.get("partial"):
         progress = "".join(f"; {phase} had made {p['forward_calls']} forward calls in {p['seconds']:.0f} s "
                            f"({1e3 * p['seconds'] / p['forward_calls']:.0f} ms each)"
@@ -477,8 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default=None,
                         help="comma-separated parts run in this order after the install, e.g. 'e2e_mgt,loss' for a rerun")
     parser.add_argument("--decode-report", metavar="DECODE_JSON", default=None,
-                        help="an earlier call's decode.json: the steps generate with its fastest cache (cut to fit "
-                             "their time by its speed), for a rerun of the steps without the decode part")
+                        help="an earlier call's decode.json: the steps choose their cache from its speeds (and cut their "
+                             "completions to fit), for a rerun of the steps without the decode part")
     parser.add_argument("--check-carry", metavar="WHEEL_DIR", default=None,
                         help="only check what the device call would carry, and exit")
     parser.add_argument("--slim-wheels", metavar="WHEEL_DIR", default=None,
@@ -507,8 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         parts = [by_name["install"]] + [by_name[name] for name in dict.fromkeys(chosen) if name != "install"]
     learned = {}
     if args.decode_report:
-        learned.update(fastest_decode(read_json(Path(args.decode_report))))
-        if not learned:
+        learned["decode_report"] = read_json(Path(args.decode_report))
+        if not best_decode(learned["decode_report"]):
             print(f"--decode-report {args.decode_report}: not a decode report with a timed mode", file=sys.stderr)
             return 2
     out = Path(args.out)
@@ -522,9 +536,8 @@ def main(argv: list[str] | None = None) -> int:
             run_part(part, args, env, log, log_path, start, learned)
             if part.name == "install":
                 learned["tokenizer_dir"] = part.result.get("environment", {}).get("qwen_tokenizer_dir")
-            if part.name == "decode":  # the steps generate with the fastest mode that ran
-                learned.update(fastest_decode(part.result.get("report")))
-                part.result["decode_cache_for_steps"] = learned.get("decode_cache")
+            if part.name == "decode":  # the steps generate with the mode that decodes most in their time
+                learned["decode_report"] = part.result.get("report")
     env_info = next((p.result.get("environment", {}) for p in parts if p.name == "install"), {})
     device = env_info.get("device", "unknown")
     command = "python3 bench/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])

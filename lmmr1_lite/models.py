@@ -52,7 +52,8 @@ def language_model_lora_pattern(target_modules: list[str]) -> str:
 
 def load_tokenizer(model: str, trust_remote_code: bool = False, tokenizer: str | None = None):
     """The tokenizer of `tokenizer` (or of `model`); an architecture-only model directory with no
-    tokenizer files (the shipped 3B/7B configs) gets the tiny tokenizer, with a warning."""
+    tokenizer files (the shipped 3B/7B configs) gets the tiny tokenizer, with a warning. A model directory's
+    `chat_template.jinja` is the chat format either way (the shipped 3B/7B directories carry Qwen2.5-VL's)."""
     from transformers import AutoTokenizer
 
     from .config import TINY_MODEL_DIR
@@ -65,6 +66,11 @@ def load_tokenizer(model: str, trust_remote_code: bool = False, tokenizer: str |
         loaded = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ConfigError(f"tokenizer {source!r}: cannot load ({str(err).splitlines()[0]})") from None
+    template = Path(model) / "chat_template.jinja"
+    if source != model and template.is_file():
+        # the model directory's chat format wins over that of tokenizer files from elsewhere (as a processor's
+        # does): Qwen's text tokenizers render no images, which the VL template of a Qwen2.5-VL directory does
+        loaded.chat_template = template.read_text()
     loaded.padding_side = "left"  # generation appends to the right of every prompt
     if loaded.pad_token_id is None:
         loaded.pad_token = loaded.eos_token

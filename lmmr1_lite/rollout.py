@@ -23,8 +23,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from jinja2 import TemplateError
 
 from . import models
+from .config import ConfigError
 from .decoding import StaticDecodeStep, StopStrings, decode, split_stop_strings  # noqa: F401  (re-exported)
 from .models import warn_once
 from .sampling import (SAMPLE_BLOCK, SAMPLE_CHUNK_BYTES, filter_top_k_top_p_,  # noqa: F401  (re-exported)
@@ -162,8 +164,13 @@ def encode_prompts(tokenizer, messages: list[list[dict]], device: torch.device, 
     token count (grid t*h*w / merge^2), as the Qwen2.5-VL processor does, so ids and features match."""
     texts, vision = [], []
     for conversation in messages:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         images = images_of(conversation)
+        try:
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        except TemplateError as err:  # a text model's template meets a message whose content is a list
+            raise ConfigError(f"the tokenizer's chat template cannot render this prompt ({err})"
+                              + ("; a prompt with images needs a vision chat template such as Qwen2.5-VL's "
+                                 "(chat_template.jinja in the model directory)" if images else "")) from None
         if images:
             if image_processor is None:
                 raise ValueError("a prompt has images but the model directory has no image processor config")

@@ -166,3 +166,39 @@ def test_image_prompts_at_the_real_vocabulary(qwen_tokenizer, tmp_path):
                                     models.lm_head_weight(policy), batch.completion_ids, 1.0)
     mask = batch.completion_mask.bool()
     assert (batch.logprobs - train_pass)[mask].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("size", ["3b", "7b"])
+def test_the_shipped_architectures_give_qwens_tokenizer_the_vl_chat_format(qwen_tokenizer, size):
+    """configs/models/qwen2_5_vl_{3b,7b} carry Qwen2.5-VL's chat template: with Qwen's (text) tokenizer files
+    from elsewhere, an image becomes one vision pad between its markers and a default system turn comes first."""
+    from lmmr1_lite.config import REPO_ROOT
+    from lmmr1_lite.tiny import qwen_tokenizer_dir
+
+    tokenizer = models.load_tokenizer(str(REPO_ROOT / "configs" / "models" / f"qwen2_5_vl_{size}"),
+                                      tokenizer=str(qwen_tokenizer_dir()))
+    image_then_text = [{"role": "user", "content": [{"type": "image", "image": None},
+                                                    {"type": "text", "text": "What is x?"}]}]
+    assert tokenizer.apply_chat_template(image_then_text, add_generation_prompt=True, tokenize=False) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>What is x?<|im_end|>\n<|im_start|>assistant\n")
+    with_system = [{"role": "system", "content": "Think."}, {"role": "user", "content": "1+1?"}]
+    assert tokenizer.apply_chat_template(with_system, add_generation_prompt=True, tokenize=False) == (
+        "<|im_start|>system\nThink.<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_chat_template_without_images_fails_an_image_prompt_in_one_line(qwen_tokenizer):
+    """Qwen's text tokenizer files (their own template) meet a prompt with an image: a ConfigError (the CLI's one
+    line, exit 2) that names what is needed, not jinja's traceback from inside the template."""
+    from PIL import Image
+
+    from lmmr1_lite.config import ConfigError
+    from lmmr1_lite.rollout import encode_prompts
+    from lmmr1_lite.tiny import qwen_tokenizer_dir
+
+    text_only = models.load_tokenizer(str(qwen_tokenizer_dir()))
+    image_prompt = [[{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (56, 56))},
+                                                  {"type": "text", "text": "x?"}]}]]
+    with pytest.raises(ConfigError, match=r"cannot render this prompt \(.*\); a prompt with images needs a vision "
+                                          r"chat template such as Qwen2.5-VL's"):
+        encode_prompts(text_only, image_prompt, torch.device("cpu"), image_processor=object())

@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error, already printed in one line (2)
         return int(exit_.code or 0)
+    from .models import configure_cuda_allocator
+    configure_cuda_allocator()  # before anything touches CUDA
     try:
         if args.command == "train":
             from .train import train

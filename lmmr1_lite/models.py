@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -29,6 +30,14 @@ def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, stacklevel=2)
+
+
+def configure_cuda_allocator() -> None:
+    """Before any CUDA allocation: PyTorch's expandable segments for the caching allocator, unless the user set
+    PYTORCH_CUDA_ALLOC_CONF. The dynamic KV cache makes each layer's keys and values one token longer at every
+    decode step; on the H200 (bench/RESULTS.md, 2026-12-04) the allocator then held 23.3 GiB reserved for 5.8 GiB
+    allocated, and expandable segments grow a segment in place instead of keeping each outgrown block."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def pick_device() -> torch.device:

@@ -140,3 +140,16 @@ def test_reward_curve_plots_the_terms_the_run_weighted_over_whole_steps(tmp_path
     labels.clear()
     plot_rewards(metrics, tmp_path / "all.png")  # no terms given: every logged term
     assert any((label or "").startswith("rewards/format/mean") for label in labels)
+
+
+def test_the_cli_gives_the_cuda_allocator_expandable_segments_unless_the_user_chose(monkeypatch, capsys):
+    """Set before anything touches CUDA (the dynamic KV cache's growing tensors left the H200's allocator holding
+    4x what was allocated); a user's own PYTORCH_CUDA_ALLOC_CONF is kept as it is."""
+    import os
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert main(["plan", "--stage", "fre"]) == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert main(["plan", "--stage", "fre"]) == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

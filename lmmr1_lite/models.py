@@ -123,16 +123,66 @@ def attention_implementation(device: torch.device) -> str:
 
 
 def patch_with_liger(device: torch.device) -> None:
-    """Liger's Triton RMSNorm, SwiGLU and RoPE for Qwen2.5-VL (CUDA only; its losses are not used)."""
+    """Liger's Triton RMSNorm, SwiGLU and RoPE for Qwen2.5-VL (CUDA only; its losses are not used), its RMSNorm
+    and SwiGLU MLP in the form that steps aside under torch.compile (`liger_modules_outside_compile`)."""
     if device.type != "cuda":
         return
     try:
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2_5_vl
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
     except ImportError:
         warn_once("liger-kernel is not installed: Qwen2.5-VL runs without its fused RMSNorm/SwiGLU/RoPE")
         return
-    apply_liger_kernel_to_qwen2_5_vl(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                     fused_linear_cross_entropy=False)
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
+
+    hf_rope = getattr(modeling, "apply_multimodal_rotary_pos_emb", None)
+    try:
+        apply_liger_kernel_to_qwen2_5_vl(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                         fused_linear_cross_entropy=False)
+    except ImportError as err:  # a liger-kernel built for other transformers versions (0.8.5 with 5.25)
+        warn_once(f"liger-kernel does not fit this transformers ({err}): Qwen2.5-VL runs without its kernels")
+        return
+    rms_norm, swiglu_mlp = liger_modules_outside_compile()
+    for name, liger, ours in (("Qwen2RMSNorm", LigerRMSNorm, rms_norm), ("Qwen2_5_VLRMSNorm", LigerRMSNorm, rms_norm),
+                              ("Qwen2MLP", LigerSwiGLUMLP, swiglu_mlp)):
+        if getattr(modeling, name, None) is liger:
+            setattr(modeling, name, ours)
+    liger_rope = getattr(modeling, "apply_multimodal_rotary_pos_emb", None)
+    if hf_rope is not None and liger_rope is not hf_rope:  # the transformers versions that still have it
+
+        def rope(*args, **kwargs):
+            return (hf_rope if torch.compiler.is_compiling() else liger_rope)(*args, **kwargs)
+
+        modeling.apply_multimodal_rotary_pos_emb = rope
+
+
+@functools.cache
+def liger_modules_outside_compile() -> tuple[type, type]:
+    """Liger's RMSNorm and SwiGLU MLP, which compute the same in plain torch while torch.compile traces them
+    (the compiled decode cache): inductor fuses that form itself, whereas Liger's Triton RMSNorm inside a graph
+    made inductor assume every input mutated and skip CUDA graphs (the H200, 2026-12-04, bench/RESULTS.md)."""
+    import torch.nn.functional as F
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+    class RMSNormOutsideCompile(LigerRMSNorm):
+        def forward(self, hidden_states):
+            if not torch.compiler.is_compiling():
+                return super().forward(hidden_states)
+            # Qwen2's RMSNorm, as Liger's "llama" casting computes it: fp32 statistics, the weight's multiply
+            # on the input's dtype
+            x = hidden_states.float()
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return self.weight * x.to(hidden_states.dtype)
+
+    class SwiGLUMLPOutsideCompile(LigerSwiGLUMLP):
+        def forward(self, x):
+            if not torch.compiler.is_compiling():
+                return super().forward(x)
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    return RMSNormOutsideCompile, SwiGLUMLPOutsideCompile
 
 
 def random_model(config, seed: int, device: torch.device, **kwargs):

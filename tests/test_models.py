@@ -152,3 +152,91 @@ def test_saved_random_weights_load_as_the_random_init_model(tiny_cfg, tmp_path):
     assert loaded.keys() == drawn.keys()
     assert all(torch.equal(loaded[k], drawn[k]) for k in drawn)
     assert not all(torch.equal(other[k], drawn[k]) for k in drawn)
+
+
+def test_liger_modules_step_aside_under_torch_compile(monkeypatch):
+    """Liger's RMSNorm and SwiGLU MLP as `patch_with_liger` installs them: eager calls run Liger's kernels, while
+    torch.compile traces the plain torch form (whole, no Liger call), equal to transformers' own modules. Liger's
+    Triton RMSNorm inside the compiled decode made inductor skip CUDA graphs on the H200 (2026-12-04)."""
+    liger_rms = pytest.importorskip("liger_kernel.transformers.rms_norm")
+    import liger_kernel.transformers.swiglu as liger_swiglu
+    from transformers import AutoConfig
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
+
+    from lmmr1_lite.config import TINY_MODEL_DIR
+
+    calls = []
+
+    class LigerRMSNormFunction:  # stands in for the Triton kernel, which needs a GPU
+        @staticmethod
+        def apply(x, *args):
+            calls.append("rms_norm")
+            return x
+
+    def swiglu(gate, up):
+        calls.append("swiglu")
+        return gate
+
+    monkeypatch.setattr(liger_rms, "LigerRMSNormFunction", LigerRMSNormFunction)
+    monkeypatch.setattr(liger_swiglu, "_swiglu_dispatch", swiglu)
+    rms_norm, swiglu_mlp = models.liger_modules_outside_compile()
+    config = AutoConfig.from_pretrained(TINY_MODEL_DIR).text_config
+    torch.manual_seed(0)
+    ours, theirs = rms_norm(config.hidden_size, eps=1e-6), modeling.Qwen2_5_VLRMSNorm(config.hidden_size, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        theirs.weight.copy_(ours.weight)
+    mlp, hf_mlp = swiglu_mlp(config), modeling.Qwen2MLP(config)
+    hf_mlp.load_state_dict(mlp.state_dict())
+    x = torch.randn(3, 5, config.hidden_size, dtype=torch.float32)
+
+    ours(x), mlp(x)
+    assert calls == ["rms_norm", "swiglu"]  # eager: Liger
+    calls.clear()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled_norm = torch.compile(ours, backend="aot_eager", fullgraph=True)(x.bfloat16().float())
+        compiled_mlp = torch.compile(mlp, backend="aot_eager", fullgraph=True)(x)
+        assert calls == []  # traced: transformers' form, no Liger
+        torch.testing.assert_close(compiled_norm, theirs(x.bfloat16().float()))
+        torch.testing.assert_close(compiled_mlp, hf_mlp(x))
+
+
+def test_patch_with_liger_installs_the_modules_that_step_aside_under_compile(monkeypatch):
+    """On CUDA `patch_with_liger` puts those classes where Liger's patch put its own (the names transformers'
+    Qwen2.5-VL builds its layers from); a CPU keeps transformers' modules."""
+    liger = pytest.importorskip("liger_kernel.transformers")
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
+
+    for name in ("Qwen2RMSNorm", "Qwen2_5_VLRMSNorm", "Qwen2MLP"):
+        if hasattr(modeling, name):  # put back after the test, whatever the patch does
+            monkeypatch.setattr(modeling, name, getattr(modeling, name))
+
+    def liger_class_patch(**_):  # what Liger's own patch does to these names (its model forward left out: this
+        modeling.Qwen2_5_VLRMSNorm = LigerRMSNorm  # liger-kernel 0.8.5 fails to import that with transformers 5.25)
+        modeling.Qwen2MLP = LigerSwiGLUMLP
+
+    monkeypatch.setattr(liger, "apply_liger_kernel_to_qwen2_5_vl", liger_class_patch)
+    models.patch_with_liger(torch.device("cpu"))
+    assert modeling.Qwen2MLP.__module__.startswith("transformers.")
+    models.patch_with_liger(torch.device("cuda"))  # swaps classes only: nothing runs on the device
+    rms_norm, swiglu_mlp = models.liger_modules_outside_compile()
+    assert modeling.Qwen2_5_VLRMSNorm is rms_norm and modeling.Qwen2MLP is swiglu_mlp
+
+
+def test_a_liger_kernel_that_does_not_fit_transformers_is_a_warning(monkeypatch):
+    """liger-kernel 0.8.5's Qwen2.5-VL patch fails to import under transformers 5.25: the run goes on with
+    transformers' modules and says so, instead of failing at the model's load."""
+    liger = pytest.importorskip("liger_kernel.transformers")
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
+
+    def broken(**_):
+        raise ImportError("cannot import name 'LigerQwen2_5_VLCausalLMOutputWithPast'")
+
+    monkeypatch.setattr(liger, "apply_liger_kernel_to_qwen2_5_vl", broken)
+    before = modeling.Qwen2MLP
+    with pytest.warns(UserWarning, match=r"liger-kernel does not fit this transformers \(cannot import name"):
+        models.patch_with_liger(torch.device("cuda"))
+    assert modeling.Qwen2MLP is before

@@ -446,6 +446,7 @@ def tables(parts: list[Part], header: str) -> str:
                 "| phase | seconds | peak above start GiB | peak reserved GiB |", "|---|---:|---:|---:|"]
         out += [f"| {phase} | {fmt(p['seconds'])} | {fmt(p['peak_extra_gib'], 3)} | "
                 f"{fmt(p.get('peak_reserved_gib'), 3)} |" for phase, p in report["phases"].items()]
+        out += pace_lines(report.get("progress") or {})
         if report.get("partial"):
             continue
         out += ["", "| component | planner GiB | measured GiB | measured / planner |", "|---|---:|---:|---:|"]
@@ -461,6 +462,18 @@ def decode_table(decode: dict) -> list[str]:
         f"| {mode} | {d['error']} | | | | |" if "error" in d else
         f"| {mode} | {d['rows']} | {d['new_tokens']} | {fmt(d['first_run_seconds'])} | {fmt(d['seconds'])} | "
         f"{fmt(d['tokens_per_second'], 1)} |" for mode, d in decode.items()]
+
+
+def pace_lines(progress: dict) -> list[str]:
+    """A step's decode pace from e2e_step's progress: ms per forward call over the first and the last interval."""
+    lines = []
+    for phase, p in progress.items():
+        if "last_ms_per_forward" in p:
+            (first, _), (before_last, _), (last, _) = p["checkpoints"][0], p["checkpoints"][-2], p["checkpoints"][-1]
+            lines.append(f"{phase}: {p['forward_calls']} forward calls in {fmt(p['seconds'], 1)} s; "
+                         f"{fmt(p['first_ms_per_forward'], 0)} ms each over calls 1-{first} (the prefill and any "
+                         f"compile among them), {fmt(p['last_ms_per_forward'], 0)} ms over calls {before_last + 1}-{last}")
+    return ["", *lines] if lines else []
 
 
 def profile_table(profile: dict | None) -> list[str]:

@@ -349,3 +349,19 @@ def test_slim_wheels_drop_only_the_native_builds_the_device_never_loads(gpu_chec
         z.writestr("liger_kernel/__init__.py", "")
     before = other.read_bytes()
     assert gpu_check.slim_wheel(other) == 0 and other.read_bytes() == before
+
+
+def test_a_steps_decode_pace_is_kept_and_shown(gpu_check):
+    """e2e_step's progress holds a checkpoint every 32 forward calls and the pace over the first and the last
+    interval (what longer rows cost a decode step), and the GPU check's table says it."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from e2e_step import progress_entry
+
+    assert progress_entry(20, 2.0, []) == {"forward_calls": 20, "seconds": 2.0, "checkpoints": []}
+    entry = progress_entry(100, 19.0, [[32, 8.0], [64, 12.0], [96, 18.4]])
+    assert entry["first_ms_per_forward"] == pytest.approx(250.0)  # 8 s over the first 32 calls
+    assert entry["last_ms_per_forward"] == pytest.approx(200.0)  # 6.4 s over calls 65-96
+    assert gpu_check.pace_lines({"generate": entry}) == [
+        "", "generate: 100 forward calls in 19.0 s; 250 ms each over calls 1-32 (the prefill and any compile among "
+            "them), 200 ms over calls 65-96"]
+    assert gpu_check.pace_lines({"generate": progress_entry(20, 2.0, [])}) == []

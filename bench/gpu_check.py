@@ -503,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
                              "3600 with --dry-run)")
     parser.add_argument("--parts", default=None,
                         help="comma-separated parts run in this order after the install, e.g. 'e2e_mgt,loss' for a rerun")
+    parser.add_argument("--part-budget", metavar="PART=SECONDS,...", default=None,
+                        help="a part's own budget instead of its default, e.g. 'e2e_fre=420' for a step at the "
+                             "configs' whole completion length in a call of its own")
     parser.add_argument("--decode-report", metavar="DECODE_JSON", default=None,
                         help="an earlier call's decode.json: the steps choose their cache from its speeds (and cut their "
                              "completions to fit), for a rerun of the steps without the decode part")
@@ -532,6 +535,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         by_name = {p.name: p for p in parts}  # in the order given, after the install, which is always needed
         parts = [by_name["install"]] + [by_name[name] for name in dict.fromkeys(chosen) if name != "install"]
+    for item in filter(None, (args.part_budget or "").split(",")):
+        name, _, seconds = item.partition("=")
+        part = next((p for p in parts if p.name == name), None)
+        try:
+            if part is None:
+                raise ValueError(f"no part {name!r} in this call")
+            part.budget_s = float(seconds)
+        except ValueError as err:
+            print(f"--part-budget {item}: {err}", file=sys.stderr)
+            return 2
     learned = {}
     if args.decode_report:
         learned["decode_report"] = read_json(Path(args.decode_report))

@@ -365,3 +365,20 @@ def test_a_steps_decode_pace_is_kept_and_shown(gpu_check):
         "", "generate: 100 forward calls in 19.0 s; 250 ms each over calls 1-32 (the prefill and any compile among "
             "them), 200 ms over calls 65-96"]
     assert gpu_check.pace_lines({"generate": progress_entry(20, 2.0, [])}) == []
+
+
+def test_a_part_can_be_given_its_own_budget(gpu_check, tmp_path, monkeypatch):
+    """--part-budget e2e_fre=420: the part runs with that budget (a step at the configs' whole length in a call of
+    its own); a part not in the call or a value that is not a number is a one-line error, exit 2."""
+    budgets = {}
+
+    def run_part(part, args, env, log, log_path, start, learned):
+        budgets[part.name] = part.budget_s
+        part.result["status"] = "ok"
+
+    monkeypatch.setattr(gpu_check, "run_part", run_part)
+    out = str(tmp_path / "out")
+    assert gpu_check.main(["--out", out, "--parts", "e2e_fre", "--part-budget", "e2e_fre=420"]) == 0
+    assert budgets == {"install": 60, "e2e_fre": 420.0}
+    for bad in ("e2e_mgt=100", "e2e_fre=long"):
+        assert gpu_check.main(["--out", out, "--parts", "e2e_fre", "--part-budget", bad]) == 2

@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode-profile", default="", metavar="MODE",
                         help="with --decode-only: once this mode is timed, profile a short generation with this "
                              "decode_cache (torch.profiler: the top ops, the device's busy time against the wall)")
+    parser.add_argument("--profile-backward", action="store_true",
+                        help="after the step, profile one more gradient pass (torch.profiler: the top ops, the "
+                             "device's busy time against the wall) into the report's backward_profile")
     parser.add_argument("--tokens-per-second", type=float, default=None,
                         help="the decode speed --decode-only measured, for --generation-budget-s")
     parser.add_argument("--generation-budget-s", type=float, default=None,
@@ -289,6 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
     meter.measure("backward", lambda: compute_gradients(ctx, scored))
     optimizer.zero_grad(set_to_none=True)
     meter.measure("train", lambda: update_policy(ctx, scored))
+    backward_profile = None
+    if args.profile_backward:  # after the measured phases, so that its overhead is in none of them
+        optimizer.zero_grad(set_to_none=True)
+        backward_profile = profiled(lambda: compute_gradients(ctx, scored))
 
     config = policy.get_base_model().config
     prompt_tokens = int(batch.prompt_mask.sum(1).max())
@@ -326,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
         "planner_peak_gib": plan["peak"] / GIB, "planner_fits": plan["peak"] <= args.gpu_gib * GIB,
         "has_images": has_images, "device_memory": device_memory, "progress": meter.progress,
         "decode_cache": cfg.decode_cache, "max_new_tokens_cut_from": cut_from, "decode": {},
+        "backward_profile": backward_profile,
         "note": "random weights: completions run to max_new_tokens, the worst case for memory",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -367,22 +375,26 @@ def time_decode_modes(report: dict, meter: PhaseMeter, ctx, examples, args) -> d
     return report
 
 
-def profile_decode(ctx, examples, mode: str, new_tokens: int = 8, top: int = 15) -> dict:
-    """Where a generation's time goes (torch.profiler over `new_tokens` tokens with `decode_cache = mode`, after
-    its timed run): the wall seconds, the seconds the device was busy (sum of its kernels' self time; well under
-    the wall time means the decode waits on Python and kernel launches, not on the GPU), the CPU seconds inside
-    torch's ops (the wall less these is Python: the model's modules, the decode loop), and the `top` ops by
-    device self time (CPU self time on a CPU) with their call counts."""
-    from torch.profiler import ProfilerActivity, profile
-
+def profile_decode(ctx, examples, mode: str, new_tokens: int = 8) -> dict:
+    """`profiled` generation of `new_tokens` tokens with `decode_cache = mode`, after its timed run."""
     from lmmr1_lite.step import generate_rollouts
 
-    cuda = torch.cuda.is_available()
     timed = replace(ctx, cfg=replace(ctx.cfg, decode_cache=mode, max_new_tokens=new_tokens))
+    return {"mode": mode, "new_tokens": new_tokens, **profiled(lambda: generate_rollouts(timed, examples))}
+
+
+def profiled(run, top: int = 15) -> dict:
+    """Where `run()`'s time goes (torch.profiler): the wall seconds, the seconds the device was busy (sum of its
+    kernels' self time; well under the wall time means the work waits on Python and kernel launches, not on the
+    GPU), the CPU seconds inside torch's ops (the wall less these is Python: the model's modules, our loops), and
+    the `top` ops by device self time (CPU self time on a CPU) with their call counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     began = time.perf_counter()
     with profile(activities=activities) as prof:
-        generate_rollouts(timed, examples)
+        run()
         if cuda:
             torch.cuda.synchronize()
     wall = time.perf_counter() - began
@@ -393,7 +405,7 @@ def profile_decode(ctx, examples, mode: str, new_tokens: int = 8, top: int = 15)
 
     by = device_us if cuda else (lambda event: float(event.self_cpu_time_total))
     ranked = sorted(events, key=by, reverse=True)[:top]
-    return {"mode": mode, "new_tokens": new_tokens, "wall_seconds": wall,
+    return {"wall_seconds": wall,
             "device_busy_seconds": sum(device_us(e) for e in events) / 1e6 if cuda else None,
             "ops_cpu_seconds": sum(e.self_cpu_time_total for e in events) / 1e6,  # the rest of the wall: Python
             "ranked_by": "self device time" if cuda else "self CPU time",

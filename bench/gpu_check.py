@@ -290,6 +290,8 @@ def command_for(name: str, args, learned: dict, budget_s: float | None = None) -
     cmd = [py, "bench/e2e_step.py", "--out", out / f"{name}.json"]
     if stage == "mgt":
         cmd += ["--data", "geometry"]
+    if name == "e2e_fre":  # where the training pass's time goes (10x a no-grad pass on the H200, 2026-12-04)
+        cmd += ["--profile-backward"]
     if name == "decode":
         # compiling the decode step on a CPU (inductor) takes about a minute: the compiled mode on CUDA only
         cmd += ["--decode-only", "--decode-modes", "dynamic,static" if args.dry_run else DECODE_MODES,
@@ -434,7 +436,8 @@ def tables(parts: list[Part], header: str) -> str:
     if decode and decode.get("decode"):
         out += ["", f"Decode, {decode['model']}, {decode['quantization']}, {decode['dtype']}, {decode['prompts']} prompts "
                 f"x {decode['generations']} ({decode['device']}):", ""] + decode_table(decode["decode"])
-        out += profile_table(decode.get("decode_profile"))
+        profile = decode.get("decode_profile") or {}
+        out += profile_table(profile, f"Decode profile, {profile.get('mode')} cache, {profile.get('new_tokens')} new tokens")
     steps = [(name, by_name[name].result.get("report")) for name in ("e2e_fre", "e2e_mgt")
              if name in by_name and by_name[name].result.get("report")]
     for name, report in steps:
@@ -454,6 +457,7 @@ def tables(parts: list[Part], header: str) -> str:
                 for c, v in report["components"].items()]
         if report.get("decode"):
             out += [""] + decode_table(report["decode"])
+        out += profile_table(report.get("backward_profile"), f"{name}: a profiled gradient pass after the step")
     return "\n".join(out) + "\n"
 
 
@@ -476,17 +480,15 @@ def pace_lines(progress: dict) -> list[str]:
     return ["", *lines] if lines else []
 
 
-def profile_table(profile: dict | None) -> list[str]:
-    """e2e_step's decode profile: where a short generation's time went (the device's busy time against the wall)."""
+def profile_table(profile: dict | None, title: str) -> list[str]:
+    """e2e_step's `profiled` result: where the time went (the device's busy time against the wall), top ops."""
     if not profile:
         return []
     if "error" in profile:
-        return ["", f"Decode profile: {profile['error']}"]
+        return ["", f"{title}: {profile['error']}"]
     busy = profile.get("device_busy_seconds")
-    head = (f"Decode profile, {profile['mode']} cache, {profile['new_tokens']} new tokens: {fmt(profile['wall_seconds'])} s "
-            f"wall, {fmt(profile['ops_cpu_seconds'])} s of CPU in torch's ops" +
-            (f", the device busy {fmt(busy)} s" if busy is not None else "") +
-            f"; top ops by {profile['ranked_by']}:")
+    head = (f"{title}: {fmt(profile['wall_seconds'])} s wall, {fmt(profile['ops_cpu_seconds'])} s of CPU in torch's ops" +
+            (f", the device busy {fmt(busy)} s" if busy is not None else "") + f"; top ops by {profile['ranked_by']}:")
     return ["", head, "", "| op | calls | self CPU ms | self device ms |", "|---|---:|---:|---:|"] + [
         f"| {row['op'].replace('|', '/')} | {row['calls']} | {fmt(row['self_cpu_ms'], 1)} | {fmt(row['self_device_ms'], 1)} |"
         for row in profile["top"]]

@@ -79,6 +79,9 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
         assert report["decode_cache"] == fastest and report["decode"] == {}  # the steps use what the decode part found
         assert report["max_new_tokens_cut_from"] is None  # the tiny step fits its part's time
         assert report["progress"]["generate"]["forward_calls"] > 0
+    backward = fre["backward_profile"]  # the FRE step profiles one more gradient pass; MGT does not
+    assert mgt["backward_profile"] is None and backward["wall_seconds"] > 0 and len(backward["top"]) == 15
+    assert any(row["op"].startswith("aten::") and row["calls"] > 0 for row in backward["top"])
 
     table = (out / "summary.md").read_text()
     assert table.startswith("## DRY RUN on the CPU at tiny shapes: not GPU numbers: cpu, ")
@@ -88,6 +91,7 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
     assert "| static | 8 | 4 |" in table and "| lmmr1_kernels |" in table
     assert re.search(r"^Decode profile, dynamic cache, 8 new tokens: [\d.]+ s wall, [\d.]+ s of CPU in torch's ops; "
                      r"top ops by self CPU time:$", table, re.M)
+    assert re.search(r"^e2e_fre: a profiled gradient pass after the step: [\d.]+ s wall, ", table, re.M)
     assert ("; the steps generate with the one that decodes most in their time, its compile counted |" in table
             and f"generated with the {fastest} cache" in table)
     assert re.search(r"^\| 64 \| 32 \| 1000 \| torch.float32 \| lmmr1 gspo \|( [\d.]* \|){4} [\d.]+ \|$", table, re.M)

@@ -249,12 +249,11 @@ def test_compiled_decode_gives_the_dynamic_tokens(tiny_policy):
     assert torch.equal(dynamic.completion_ids, compiled.completion_ids)
 
 
-def test_static_decode_step_traces_whole_over_a_4bit_base_with_lora(tiny_cfg):
-    """decode_cache 'compiled' replays the step as a CUDA graph only if torch.compile traces it whole: over an NF4
-    base (bitsandbytes Linear4bit) with the LoRA side path, one graph and no graph break."""
+def static_decode_step_to_explain(cfg):
+    """The policy `cfg` builds, prefilled with two 6-token prompts, and a function that returns
+    torch._dynamo.explain of one static-cache decode step (what decode_cache 'compiled' compiles)."""
     from lmmr1_lite.decoding import StaticDecodeStep, _output_cache
 
-    cfg = tiny_cfg(quantization="nf4", dtype="bfloat16")
     policy = models.add_lora(models.load_base_model(cfg, torch.device("cpu")), cfg).eval()
     assert any(type(m).__name__ == "Linear4bit" for m in policy.modules()), "the base is 4-bit"
     ids = torch.randint(5, 30, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -266,7 +265,55 @@ def test_static_decode_step_traces_whole_over_a_4bit_base_with_lora(tiny_cfg):
         step = StaticDecodeStep(policy, 2, 128, compiled=False)
         step.load(prefilled, mask)
         step.mask[:, step.length] = 1
-        explanation = torch._dynamo.explain(step._forward)(ids[:, :1], step.mask, positions[..., -1:] + 1)
+
+    def explain():
+        with torch.no_grad():
+            return torch._dynamo.explain(step._forward)(ids[:, :1], step.mask, positions[..., -1:] + 1)
+    return policy, explain
+
+
+def test_static_decode_step_traces_whole_over_a_4bit_base_with_lora(tiny_cfg):
+    """decode_cache 'compiled' replays the step as a CUDA graph only if torch.compile traces it whole: over an NF4
+    base (bitsandbytes Linear4bit) with the LoRA side path, one graph and no graph break."""
+    _, explain = static_decode_step_to_explain(tiny_cfg(quantization="nf4", dtype="bfloat16"))
+    explanation = explain()
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+def test_static_decode_step_traces_whole_with_liger_modules_and_never_calls_liger(tiny_cfg, monkeypatch):
+    """With the RMSNorm and SwiGLU MLP `patch_with_liger` installs on CUDA, the traced step is still one graph and
+    calls none of Liger's kernels (on the H200 Liger's Triton RMSNorm inside the graph made inductor skip CUDA
+    graphs, 2026-12-04): they compute in plain torch while torch.compile traces them."""
+    liger_rms = pytest.importorskip("liger_kernel.transformers.rms_norm")
+    import liger_kernel.transformers.swiglu as liger_swiglu
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
+
+    calls = []
+
+    class LigerRMSNormFunction:  # stands in for the Triton kernel (a GPU's): eager calls land here
+        @staticmethod
+        def apply(x, *args):
+            calls.append("rms_norm")
+            return x
+
+    def swiglu(gate, up):
+        calls.append("swiglu")
+        return gate * up
+
+    monkeypatch.setattr(liger_rms, "LigerRMSNormFunction", LigerRMSNormFunction)
+    monkeypatch.setattr(liger_swiglu, "_swiglu_dispatch", swiglu)
+    rms_norm, swiglu_mlp = models.liger_modules_outside_compile()
+    monkeypatch.setattr(modeling, "Qwen2_5_VLRMSNorm", rms_norm)
+    monkeypatch.setattr(modeling, "Qwen2MLP", swiglu_mlp)
+    torch._dynamo.reset()
+    policy, explain = static_decode_step_to_explain(tiny_cfg(quantization="nf4", dtype="bfloat16"))
+    assert any(isinstance(m, rms_norm) for m in policy.modules()) and any(isinstance(m, swiglu_mlp)
+                                                                          for m in policy.modules())
+    assert "rms_norm" in calls and "swiglu" in calls  # the prefill ran eagerly, through Liger
+    calls.clear()
+    explanation = explain()
+    assert calls == []  # traced, and run as traced: no Liger kernel
     assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
     assert explanation.graph_count == 1
 

@@ -78,3 +78,27 @@ def build_tiny_policy(tiny_cfg):
 @pytest.fixture
 def tiny_policy(build_tiny_policy):
     return build_tiny_policy(gradient_checkpointing=False)
+
+
+@pytest.fixture
+def liger_kernel_calls(monkeypatch):
+    """Liger's RMSNorm and SwiGLU kernels (Triton: a GPU's) replaced by stand-ins that record each eager call in
+    the returned list; their outputs are placeholders, not Liger's values."""
+    liger_rms = pytest.importorskip("liger_kernel.transformers.rms_norm")
+    import liger_kernel.transformers.swiglu as liger_swiglu
+
+    calls = []
+
+    class LigerRMSNormFunction:
+        @staticmethod
+        def apply(x, *args):
+            calls.append("rms_norm")
+            return x
+
+    def swiglu(gate, up):
+        calls.append("swiglu")
+        return gate * up
+
+    monkeypatch.setattr(liger_rms, "LigerRMSNormFunction", LigerRMSNormFunction)
+    monkeypatch.setattr(liger_swiglu, "_swiglu_dispatch", swiglu)
+    return calls

@@ -154,31 +154,16 @@ def test_saved_random_weights_load_as_the_random_init_model(tiny_cfg, tmp_path):
     assert not all(torch.equal(other[k], drawn[k]) for k in drawn)
 
 
-def test_liger_modules_step_aside_under_torch_compile(monkeypatch):
+def test_liger_modules_step_aside_under_torch_compile(liger_kernel_calls):
     """Liger's RMSNorm and SwiGLU MLP as `patch_with_liger` installs them: eager calls run Liger's kernels, while
     torch.compile traces the plain torch form (whole, no Liger call), equal to transformers' own modules. Liger's
     Triton RMSNorm inside the compiled decode made inductor skip CUDA graphs on the H200 (2026-12-04)."""
-    liger_rms = pytest.importorskip("liger_kernel.transformers.rms_norm")
-    import liger_kernel.transformers.swiglu as liger_swiglu
     from transformers import AutoConfig
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
 
     from lmmr1_lite.config import TINY_MODEL_DIR
 
-    calls = []
-
-    class LigerRMSNormFunction:  # stands in for the Triton kernel, which needs a GPU
-        @staticmethod
-        def apply(x, *args):
-            calls.append("rms_norm")
-            return x
-
-    def swiglu(gate, up):
-        calls.append("swiglu")
-        return gate
-
-    monkeypatch.setattr(liger_rms, "LigerRMSNormFunction", LigerRMSNormFunction)
-    monkeypatch.setattr(liger_swiglu, "_swiglu_dispatch", swiglu)
+    calls = liger_kernel_calls
     rms_norm, swiglu_mlp = models.liger_modules_outside_compile()
     config = AutoConfig.from_pretrained(TINY_MODEL_DIR).text_config
     torch.manual_seed(0)

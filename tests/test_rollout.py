@@ -281,28 +281,14 @@ def test_static_decode_step_traces_whole_over_a_4bit_base_with_lora(tiny_cfg):
     assert explanation.graph_count == 1
 
 
-def test_static_decode_step_traces_whole_with_liger_modules_and_never_calls_liger(tiny_cfg, monkeypatch):
+def test_static_decode_step_traces_whole_with_liger_modules_and_never_calls_liger(tiny_cfg, monkeypatch,
+                                                                                  liger_kernel_calls):
     """With the RMSNorm and SwiGLU MLP `patch_with_liger` installs on CUDA, the traced step is still one graph and
     calls none of Liger's kernels (on the H200 Liger's Triton RMSNorm inside the graph made inductor skip CUDA
     graphs, 2026-12-04): they compute in plain torch while torch.compile traces them."""
-    liger_rms = pytest.importorskip("liger_kernel.transformers.rms_norm")
-    import liger_kernel.transformers.swiglu as liger_swiglu
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
 
-    calls = []
-
-    class LigerRMSNormFunction:  # stands in for the Triton kernel (a GPU's): eager calls land here
-        @staticmethod
-        def apply(x, *args):
-            calls.append("rms_norm")
-            return x
-
-    def swiglu(gate, up):
-        calls.append("swiglu")
-        return gate * up
-
-    monkeypatch.setattr(liger_rms, "LigerRMSNormFunction", LigerRMSNormFunction)
-    monkeypatch.setattr(liger_swiglu, "_swiglu_dispatch", swiglu)
+    calls = liger_kernel_calls
     rms_norm, swiglu_mlp = models.liger_modules_outside_compile()
     monkeypatch.setattr(modeling, "Qwen2_5_VLRMSNorm", rms_norm)
     monkeypatch.setattr(modeling, "Qwen2MLP", swiglu_mlp)

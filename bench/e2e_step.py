@@ -202,9 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode-new-tokens", type=int, default=128, help="tokens per completion when timing decode")
     parser.add_argument("--decode-only", action="store_true",
                         help="load the model and time --decode-modes, without the GRPO step (bench/gpu_check.py's "
-                             "decode part: the modes' speeds first, so the steps can use the fastest)")
+                             "decode part: the modes' speeds first, from which the steps choose their cache)")
     parser.add_argument("--decode-profile", default="", metavar="MODE",
-                        help="with --decode-only: once this mode is timed, profile a short generation with this "
+                        help="once this one of --decode-modes is timed, profile a short generation with this "
                              "decode_cache (torch.profiler: the top ops, the device's busy time against the wall)")
     parser.add_argument("--profile-backward", action="store_true",
                         help="after the step, profile one more gradient pass (torch.profiler: the top ops, the "
@@ -475,6 +475,6 @@ if __name__ == "__main__":
     verifier.pool().close()  # its worker processes, which os._exit would leave behind
     sys.stdout.flush()
     sys.stderr.flush()
-    # No interpreter shutdown: on the H200 it still ran over 20 s after the compiled decode mode had reported
-    # (inductor's compile workers), and the GPU check's decode part was stopped at its budget for it.
+    # No interpreter shutdown: on the H200 the process had not exited when the GPU check's decode part reached its
+    # budget after the compiled decode mode had reported (inductor's compile workers, we think; 2026-12-04).
     os._exit(0)

@@ -287,6 +287,7 @@ def command_for(name: str, args, learned: dict, budget_s: float | None = None) -
         return [py, "bench/loss_kernels.py", "--out", out / "loss_kernels.json",
                 *(["--smoke"] if args.dry_run else ["--shapes", LOSS_SHAPES])]
     stage = "fre" if name == "decode" else name.split("_")[1]
+    share = GENERATION_SHARE * budget_s if budget_s else None  # of the part's time, for a step's generation
     cmd = [py, "bench/e2e_step.py", "--out", out / f"{name}.json"]
     if stage == "mgt":
         cmd += ["--data", "geometry"]
@@ -296,9 +297,7 @@ def command_for(name: str, args, learned: dict, budget_s: float | None = None) -
         # compiling the decode step on a CPU (inductor) takes about a minute: the compiled mode on CUDA only
         cmd += ["--decode-only", "--decode-modes", "dynamic,static" if args.dry_run else DECODE_MODES,
                 "--decode-new-tokens", "4" if args.dry_run else "32", "--decode-profile", "dynamic"]
-    elif best_decode(learned.get("decode_report")):
-        share = GENERATION_SHARE * budget_s if budget_s else None  # of the part's time, for the step's generation
-        choice = best_decode(learned["decode_report"], share)
+    elif choice := best_decode(learned.get("decode_report"), share):
         cmd += ["--set", f"decode_cache={choice['decode_cache']}"]
         if share:  # less the compile the step's process pays first
             seconds = max(10.0, share - choice["first_run_extra_seconds"])
@@ -339,8 +338,8 @@ def children_cpu_seconds() -> float:
 
 
 def run_part(part: Part, args, env: dict, log, log_path: Path, start: float, learned: dict) -> None:
-    """Run one part within its budget; `learned`: what earlier parts found (Qwen's tokenizer files, the fastest
-    decode cache), which later parts' commands use."""
+    """Run one part within its budget; `learned`: what earlier parts found (Qwen's tokenizer files, the decode
+    part's report), which later parts' commands use."""
     left = args.budget_s - (time.monotonic() - start)
     if left < part.min_s:
         part.result.update(status="skipped", seconds=0.0,
@@ -544,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
             if part is None:
                 raise ValueError(f"no part {name!r} in this call")
             part.budget_s = float(seconds)
+            if not 0 < part.budget_s < float("inf"):
+                raise ValueError("the seconds must be a positive number")
         except ValueError as err:
             print(f"--part-budget {item}: {err}", file=sys.stderr)
             return 2

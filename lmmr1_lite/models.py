@@ -137,6 +137,7 @@ def patch_with_liger(device: torch.device) -> None:
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
 
     hf_rope = getattr(modeling, "apply_multimodal_rotary_pos_emb", None)
+    hf_rope = getattr(hf_rope, "hf_rope", hf_rope)  # a second load: transformers' own, not our earlier wrapper
     try:
         apply_liger_kernel_to_qwen2_5_vl(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                          fused_linear_cross_entropy=False)
@@ -154,6 +155,7 @@ def patch_with_liger(device: torch.device) -> None:
         def rope(*args, **kwargs):
             return (hf_rope if torch.compiler.is_compiling() else liger_rope)(*args, **kwargs)
 
+        rope.hf_rope = hf_rope
         modeling.apply_multimodal_rotary_pos_emb = rope
 
 

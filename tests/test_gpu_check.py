@@ -384,5 +384,5 @@ def test_a_part_can_be_given_its_own_budget(gpu_check, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     assert gpu_check.main(["--out", out, "--parts", "e2e_fre", "--part-budget", "e2e_fre=420"]) == 0
     assert budgets == {"install": 60, "e2e_fre": 420.0}
-    for bad in ("e2e_mgt=100", "e2e_fre=long"):
+    for bad in ("e2e_mgt=100", "e2e_fre=long", "e2e_fre=-5", "e2e_fre=nan", "e2e_fre=inf"):
         assert gpu_check.main(["--out", out, "--parts", "e2e_fre", "--part-budget", bad]) == 2

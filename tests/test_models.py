@@ -211,6 +211,37 @@ def test_patch_with_liger_installs_the_modules_that_step_aside_under_compile(mon
     assert modeling.Qwen2_5_VLRMSNorm is rms_norm and modeling.Qwen2MLP is swiglu_mlp
 
 
+def test_patch_with_liger_gives_liger_rope_outside_compile_and_transformers_rope_inside(monkeypatch):
+    """Where transformers still has `apply_multimodal_rotary_pos_emb` (Liger's RoPE replaces it): eager calls get
+    Liger's, torch.compile traces transformers' own; a second load wraps transformers' function again, not the
+    first load's wrapper."""
+    liger = pytest.importorskip("liger_kernel.transformers")
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
+
+    def hf_rope(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
+        return q + 1, k + 1
+
+    def liger_rope(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
+        return q + 2, k + 2
+
+    monkeypatch.setattr(modeling, "apply_multimodal_rotary_pos_emb", hf_rope, raising=False)
+    monkeypatch.setattr(liger, "apply_liger_kernel_to_qwen2_5_vl",
+                        lambda **_: setattr(modeling, "apply_multimodal_rotary_pos_emb", liger_rope))
+    for name in ("Qwen2RMSNorm", "Qwen2_5_VLRMSNorm", "Qwen2MLP"):
+        if hasattr(modeling, name):
+            monkeypatch.setattr(modeling, name, getattr(modeling, name))
+    models.patch_with_liger(torch.device("cuda"))
+    models.patch_with_liger(torch.device("cuda"))
+    rope = modeling.apply_multimodal_rotary_pos_emb
+    assert rope.hf_rope is hf_rope
+    q = torch.zeros(2)
+    assert rope(q, q, None, None, None)[0].tolist() == [2.0, 2.0]  # eager: Liger's
+    torch._dynamo.reset()
+    traced = torch.compile(lambda x: modeling.apply_multimodal_rotary_pos_emb(x, x, None, None, None)[0],
+                           backend="eager", fullgraph=True)
+    assert traced(q).tolist() == [1.0, 1.0]  # traced: transformers'
+
+
 def test_a_liger_kernel_that_does_not_fit_transformers_is_a_warning(monkeypatch):
     """liger-kernel 0.8.5's Qwen2.5-VL patch fails to import under transformers 5.25: the run goes on with
     transformers' modules and says so, instead of failing at the model's load."""

@@ -20,8 +20,9 @@ figure for the same component (`lmmr1_lite.plan.estimate`, at the measured promp
 On CUDA each phase also records the allocator's absolute peaks (allocated and reserved), and the report the
 CUDA context (device memory in use beyond what the allocator reserved) and the device peak (reserved +
 context) against `--gpu-gib` (default 24): whether the step fits such a card. `--decode-modes
-dynamic,static,compiled` then times generation of the same prompts with each `decode_cache` (a first run,
-which compiles, then a timed run, `--decode-new-tokens` each); `--decode-only` times them without the step.
+dynamic,static,compiled,dynamic+merged` then times generation of the same prompts with each mode (a
+`decode_cache`, `+merged` for merge_for_rollouts; a first run, which compiles, then a timed run,
+`--decode-new-tokens` each); `--decode-only` times them without the step; `--decode-mode` sets the step's.
 On CUDA with a quantised base the random weights are drawn on the GPU and written to a temporary directory
 first, so "load" measures a pretrained-style quantised load. `--tokens-per-second` with `--generation-budget-s`
 cuts max_new_tokens so that the generation is predicted to fit those seconds (bench/gpu_check.py passes the
@@ -198,14 +199,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--gpu-gib", type=float, default=24.0, help="CUDA: the card size the step must fit")
     parser.add_argument("--decode-modes", default="", metavar="MODE,...",
-                        help="after the step, time generation with each decode_cache (dynamic, static, compiled)")
+                        help="after the step, time generation with each decode mode: a decode_cache (dynamic, static, "
+                             "compiled), with '+merged' for merge_for_rollouts (dynamic+merged)")
+    parser.add_argument("--decode-mode", default=None, metavar="MODE",
+                        help="the step generates with this decode mode (as --decode-modes names them) instead of its "
+                             "config's decode_cache and merge_for_rollouts")
     parser.add_argument("--decode-new-tokens", type=int, default=128, help="tokens per completion when timing decode")
     parser.add_argument("--decode-only", action="store_true",
                         help="load the model and time --decode-modes, without the GRPO step (bench/gpu_check.py's "
                              "decode part: the modes' speeds first, from which the steps choose their cache)")
     parser.add_argument("--decode-profile", default="", metavar="MODE",
                         help="once this one of --decode-modes is timed, profile a short generation with this "
-                             "decode_cache (torch.profiler: the top ops, the device's busy time against the wall)")
+                             "mode (torch.profiler: the top ops, the device's busy time against the wall)")
     parser.add_argument("--profile-backward", action="store_true",
                         help="after the step, profile one more gradient pass (torch.profiler: the top ops, the "
                              "device's busy time against the wall) into the report's backward_profile")
@@ -217,6 +222,11 @@ def main(argv: list[str] | None = None) -> dict:
                              "then for that length too, so a slow decode still gives a whole step to compare")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "e2e_step.json"))
     args = parser.parse_args(argv)
+    for mode in filter(None, [*args.decode_modes.split(","), args.decode_mode, args.decode_profile]):
+        try:
+            decode_settings(mode)
+        except ValueError as err:
+            parser.error(str(err))
 
     from lmmr1_lite import models
     from lmmr1_lite.config import parse_sets, resolve_config
@@ -233,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model:
         overrides["model"] = args.model
     cfg = resolve_config(None, args.config, overrides)
+    if args.decode_mode:
+        cfg = replace(cfg, **decode_settings(args.decode_mode))
     cut_from = None
     if args.tokens_per_second and args.generation_budget_s:
         cap = new_tokens_within(cfg.max_new_tokens, cfg.prompts_per_step * cfg.num_generations,
@@ -332,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runtime_baseline_gib": baseline / GIB, "phases": phases, "components": components,
         "planner_peak_gib": plan["peak"] / GIB, "planner_fits": plan["peak"] <= args.gpu_gib * GIB,
         "has_images": has_images, "device_memory": device_memory, "progress": meter.progress,
-        "decode_cache": cfg.decode_cache, "max_new_tokens_cut_from": cut_from, "decode": {},
+        "decode_mode": decode_mode(cfg), "max_new_tokens_cut_from": cut_from, "decode": {},
         "backward_profile": backward_profile,
         "note": "random weights: completions run to max_new_tokens, the worst case for memory",
     }
@@ -356,6 +368,24 @@ def new_tokens_within(max_new_tokens: int, rows: int, tokens_per_second: float, 
     return min(max_new_tokens, max(64, fits))
 
 
+DECODE_CACHES = ("dynamic", "static", "compiled")
+
+
+def decode_settings(mode: str) -> dict:
+    """A decode mode's config fields: 'CACHE' (a decode_cache; rollouts through the LoRA's side path) or
+    'CACHE+merged' (the same with merge_for_rollouts)."""
+    cache, plus, merged = mode.partition("+")
+    if cache not in DECODE_CACHES or merged != ("merged" if plus else ""):
+        raise ValueError(f"decode mode {mode!r}: expected one of {', '.join(DECODE_CACHES)}, optionally with "
+                         "'+merged' (merge_for_rollouts)")
+    return {"decode_cache": cache, "merge_for_rollouts": bool(plus)}
+
+
+def decode_mode(cfg) -> str:
+    """`decode_settings`'s inverse: the mode a config generates with."""
+    return cfg.decode_cache + ("+merged" if cfg.merge_for_rollouts else "")
+
+
 def time_decode_modes(report: dict, meter: PhaseMeter, ctx, examples, args) -> dict:
     """Each of --decode-modes timed into `report["decode"]`, the report rewritten after each one."""
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -376,10 +406,10 @@ def time_decode_modes(report: dict, meter: PhaseMeter, ctx, examples, args) -> d
 
 
 def profile_decode(ctx, examples, mode: str, new_tokens: int = 8) -> dict:
-    """`profiled` generation of `new_tokens` tokens with `decode_cache = mode`, after its timed run."""
+    """`profiled` generation of `new_tokens` tokens in decode mode `mode`, after its timed run."""
     from lmmr1_lite.step import generate_rollouts
 
-    timed = replace(ctx, cfg=replace(ctx.cfg, decode_cache=mode, max_new_tokens=new_tokens))
+    timed = replace(ctx, cfg=replace(ctx.cfg, **decode_settings(mode), max_new_tokens=new_tokens))
     return {"mode": mode, "new_tokens": new_tokens, **profiled(lambda: generate_rollouts(timed, examples))}
 
 
@@ -452,11 +482,12 @@ def image_processor_for(cfg):
 
 
 def time_decode(meter: PhaseMeter, ctx, examples, mode: str, new_tokens: int) -> dict:
-    """Generation of `examples` (G completions each, `new_tokens` tokens) with `decode_cache = mode`: a first
-    run (the compiled mode compiles in it), then a timed one; tokens decoded per second of the timed run."""
+    """Generation of `examples` (G completions each, `new_tokens` tokens) in decode mode `mode`: a first run (the
+    compiled cache compiles in it), then a timed one; tokens decoded per second of the timed run. With '+merged'
+    the timed run merges afresh (new weight tensors: on CUDA a compiled step's graphs see new addresses)."""
     from lmmr1_lite.step import generate_rollouts
 
-    timed = replace(ctx, cfg=replace(ctx.cfg, decode_cache=mode, max_new_tokens=new_tokens))
+    timed = replace(ctx, cfg=replace(ctx.cfg, **decode_settings(mode), max_new_tokens=new_tokens))
     first = meter.now()
     generate_rollouts(timed, examples)
     first = meter.now() - first

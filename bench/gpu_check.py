@@ -19,7 +19,8 @@ when less time is left than it needs, and stopped at its budget, so one slow or 
            ours (with loss_kernels.OBJECTIVES, each also as a multiple of the token-level loss's time), forward +
            backward time and peak memory, the LM-head GEMM floor
   decode   bench/e2e_step.py --decode-only: the 3B architecture (random weights, NF4, bf16, Qwen's tokenizer,
-           configs/qwen2_5_vl_3b/fre.yaml's 8 x 8 rows) generating with the dynamic, static and compiled caches;
+           configs/qwen2_5_vl_3b/fre.yaml's 8 x 8 rows) generating in each of DECODE_MODES (the dynamic cache
+           through the LoRA's side path; with merge_for_rollouts, dynamic and compiled);
            the steps below generate with the one that decodes most in their time (its compile counted)
   e2e_fre  bench/e2e_step.py: the same model and config, one GRPO step; each phase's peak CUDA memory beside
            the planner's, whether the step fits 24 GiB
@@ -54,7 +55,11 @@ MODEL_3B = "configs/models/qwen2_5_vl_3b"
 # LMM-R1's shapes for the loss: the configs' micro-batch token budget (8,192) at the 3B's hidden size (2,048)
 # and the 7B's (3,584), and twice the tokens at the 3B's
 LOSS_SHAPES = "8192x2048,16384x2048,8192x3584"
-DECODE_MODES = "dynamic,static,compiled"
+# the LoRA's side path over the NF4 base (dynamic), then merge_for_rollouts (dense bf16 copies: no dequantisation,
+# no side path) with each cache; static (253 tokens/s against dynamic's 496, run 3) and the compiled side path
+# (744, its graphs without CUDA graphs) were measured on 2026-12-04 and are left out to keep the part's time
+DECODE_MODES = "dynamic,dynamic+merged,compiled+merged"
+DECODE_PROFILE = "dynamic+merged"  # the dynamic cache's profile is in run 3: 14 % of the wall busy on the GPU
 KERNEL_TESTS = ("tests/test_kernels.py", "tests/test_objectives.py")  # their tests marked `device`
 
 
@@ -255,7 +260,7 @@ GENERATION_SHARE = 0.5
 
 
 def best_decode(report: dict | None, seconds: float | None = None) -> dict:
-    """The decode_cache of the decode part's report that decodes the most tokens in `seconds` of a step's
+    """The decode mode of the decode part's report that decodes the most tokens in `seconds` of a step's
     generation, the compile its process pays first counted (the mode's first run beyond its timed one); without
     `seconds`, the most tokens/s. With that mode's speed and compile seconds; {} when no mode ran."""
     modes = {mode: d for mode, d in ((report or {}).get("decode") or {}).items() if "tokens_per_second" in d}
@@ -270,7 +275,7 @@ def best_decode(report: dict | None, seconds: float | None = None) -> dict:
         return speed if seconds is None else max(0.0, seconds - extra(mode)) * speed
 
     best = max(modes, key=tokens)
-    return {"decode_cache": best, "tokens_per_second": modes[best]["tokens_per_second"],
+    return {"decode_mode": best, "tokens_per_second": modes[best]["tokens_per_second"],
             "first_run_extra_seconds": extra(best)}
 
 
@@ -295,10 +300,10 @@ def command_for(name: str, args, learned: dict, budget_s: float | None = None) -
         cmd += ["--profile-backward"]
     if name == "decode":
         # compiling the decode step on a CPU (inductor) takes about a minute: the compiled mode on CUDA only
-        cmd += ["--decode-only", "--decode-modes", "dynamic,static" if args.dry_run else DECODE_MODES,
-                "--decode-new-tokens", "4" if args.dry_run else "32", "--decode-profile", "dynamic"]
+        cmd += ["--decode-only", "--decode-modes", "dynamic,dynamic+merged" if args.dry_run else DECODE_MODES,
+                "--decode-new-tokens", "4" if args.dry_run else "32", "--decode-profile", DECODE_PROFILE]
     elif choice := best_decode(learned.get("decode_report"), share):
-        cmd += ["--set", f"decode_cache={choice['decode_cache']}"]
+        cmd += ["--decode-mode", choice["decode_mode"]]
         if share:  # less the compile the step's process pays first
             seconds = max(10.0, share - choice["first_run_extra_seconds"])
             cmd += ["--tokens-per-second", f"{choice['tokens_per_second']:.1f}", "--generation-budget-s", f"{seconds:.0f}"]
@@ -390,7 +395,7 @@ def part_line(part: Part) -> str:
         speeds = ", ".join(f"{mode} {'error' if 'error' in d else fmt(d['tokens_per_second'], 0) + ' tokens/s'}"
                            for mode, d in report["decode"].items())
         steps_use = ("; the steps generate with the one that decodes most in their time, its compile counted"
-                     if best_decode(report) else "; the steps keep their configs' decode_cache")
+                     if best_decode(report) else "; the steps keep their configs' decode_cache and merge_for_rollouts")
         return f"{speeds or 'no mode timed'}{steps_use}"
     if report and report.get("partial"):
         progress = "".join(f"; {phase} had made {p['forward_calls']} forward calls in {p['seconds']:.0f} s "
@@ -404,7 +409,7 @@ def part_line(part: Part) -> str:
                     f"{'fits' if mem['fits'] else 'does not fit'} {mem['gpu_gib']:g} GiB (live tensors + context "
                     f"{mem['live_peak_gib']:.2f})" if mem else "no device memory on a CPU")
         decode = f"; decode timed: {', '.join(report['decode'])}" if report.get("decode") else ""
-        cache = f"; generated with the {report['decode_cache']} cache" if report.get("decode_cache") else ""
+        cache = f"; generated in decode mode {report['decode_mode']}" if report.get("decode_mode") else ""
         if report.get("max_new_tokens_cut_from"):
             cache += (f", completions cut to {report['max_new_tokens']} tokens (from {report['max_new_tokens_cut_from']})"
                       f" to fit the part's time")
@@ -436,7 +441,7 @@ def tables(parts: list[Part], header: str) -> str:
         out += ["", f"Decode, {decode['model']}, {decode['quantization']}, {decode['dtype']}, {decode['prompts']} prompts "
                 f"x {decode['generations']} ({decode['device']}):", ""] + decode_table(decode["decode"])
         profile = decode.get("decode_profile") or {}
-        out += profile_table(profile, f"Decode profile, {profile.get('mode')} cache, {profile.get('new_tokens')} new tokens")
+        out += profile_table(profile, f"Decode profile, {profile.get('mode')} mode, {profile.get('new_tokens')} new tokens")
     steps = [(name, by_name[name].result.get("report")) for name in ("e2e_fre", "e2e_mgt")
              if name in by_name and by_name[name].result.get("report")]
     for name, report in steps:
@@ -461,7 +466,7 @@ def tables(parts: list[Part], header: str) -> str:
 
 
 def decode_table(decode: dict) -> list[str]:
-    return ["| decode cache | rows | new tokens | first run s | timed run s | tokens/s |", "|---|---:|---:|---:|---:|---:|"] + [
+    return ["| decode mode | rows | new tokens | first run s | timed run s | tokens/s |", "|---|---:|---:|---:|---:|---:|"] + [
         f"| {mode} | {d['error']} | | | | |" if "error" in d else
         f"| {mode} | {d['rows']} | {d['new_tokens']} | {fmt(d['first_run_seconds'])} | {fmt(d['seconds'])} | "
         f"{fmt(d['tokens_per_second'], 1)} |" for mode, d in decode.items()]

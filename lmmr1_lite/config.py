@@ -130,8 +130,9 @@ class TrainConfig:
                                   "LoRA side path in every layer's decode step (on the 2-core CPU the real 0.5B model "
                                   "generates faster, bench/RESULTS.md). The sampling weights are rounded to `dtype`, "
                                   "as a vLLM-served policy's are; the update still computes the exact policy. Costs a "
-                                  "copy of the adapted weights while generating; a 4-bit base cannot merge and keeps "
-                                  "the side path (with a warning).")
+                                  "copy of the adapted weights in `dtype` while generating (the planner counts it); a "
+                                  "4/8-bit base generates from dense dequantised copies: no dequantisation and no "
+                                  "side path per decode step.")
     stop_tokens: list = _f(["</answer>"], "Strings (besides EOS) that end a completion, one or several tokens each "
                            "(`</answer>` is three in Qwen's vocabulary); the completion keeps the stop string.")
     # --- rewards -------------------------------------------------------------------------------

@@ -103,9 +103,9 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
             elt * (counts.embeddings + counts.lm_head + counts.language_other + counts.vision),
         "LoRA parameters + gradients + optimizer states (fp32)": counts.lora * (4 + 4 + optimizer_bytes),
         # rollout.adapter_merged: each targeted weight gets a merged copy in `dtype` while generating (the
-        # originals are kept to come back untouched); a 4-bit base cannot merge and generates unmerged
+        # originals, full-precision or 4/8-bit, are kept to come back untouched)
         "merged copy of the adapted linears (merge_for_rollouts)":
-            counts.lora_targeted * elt if cfg.merge_for_rollouts and cfg.quantization == "none" else 0,
+            counts.lora_targeted * elt if cfg.merge_for_rollouts else 0,
         "KV cache during generation":
             2 * layers * text.num_key_value_heads * head_dim * elt * sequences * seq,
         # with checkpointing one hidden state per layer is kept and one layer's working set is rebuilt in

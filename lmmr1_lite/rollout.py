@@ -102,34 +102,63 @@ def offset_prompt_indices(parts: list[Rollout]) -> list[torch.Tensor]:
     return out
 
 
+class MergedLinear(torch.nn.Linear):
+    """A dense stand-in for a quantised (4/8-bit) base linear while generating: its weight the dequantised base
+    plus the LoRA delta, in the model's compute dtype; input and output keep the caller's dtype, as the
+    bitsandbytes layer's do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+def merged_linear(base, delta: torch.Tensor, dtype: torch.dtype) -> MergedLinear:
+    """`base` (a bitsandbytes Linear4bit/Linear8bitLt) dequantised, `delta` added in fp32, rounded to `dtype`."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    weight = dequantize_bnb_weight(base.weight, getattr(base, "state", None)).float() + delta
+    dense = MergedLinear(base.in_features, base.out_features, bias=False, device="meta")
+    dense.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+    dense.bias = base.bias  # shared, not copied
+    return dense
+
+
 @contextmanager
 def adapter_merged(policy):
     """Inside: each LoRA layer's base weight replaced by a merged copy (W + scaling * B A, summed in fp32, rounded
-    to W's dtype) and the adapters disabled, so a forward runs one GEMM per layer instead of three; on exit
-    the original weight tensors come back untouched (merging in place and unmerging would round W twice and
-    let it drift step after step). A quantised (4-bit) base cannot take the merge: then nothing changes."""
+    to the compute dtype) and the adapters disabled, so a forward runs one GEMM per layer instead of three; on
+    exit the original weights come back untouched (merging in place and unmerging would round W twice and let
+    it drift step after step). A quantised (4/8-bit) base layer is replaced, while inside, by a dense
+    `MergedLinear` of its dequantised weight plus the delta in the model's dtype (the embeddings' dtype): no
+    dequantisation and no side path per decode step, at the price of the adapted weights in that dtype while
+    generating (the planner counts it)."""
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in policy.modules() if isinstance(m, LoraLayer) and m.active_adapters]
-    if not layers or any(not m.get_base_layer().weight.dtype.is_floating_point for m in layers):
-        if layers:
-            warn_once("merge_for_rollouts: the 4-bit base cannot take the LoRA merged in; generating with "
-                      "the side path")
+    if not layers:
         yield
         return
-    originals = []
+    dtype = policy.get_input_embeddings().weight.dtype
+    weights, modules = [], []  # (base, its weight) and (LoRA layer, its quantised base) to put back on exit
     with torch.no_grad():
         for layer in layers:
             base = layer.get_base_layer()
             delta = sum(layer.get_delta_weight(name).float() for name in layer.active_adapters if name in layer.lora_A)
-            originals.append((base, base.weight))
-            base.weight = torch.nn.Parameter((base.weight.float() + delta).to(base.weight.dtype), requires_grad=False)
+            if base.weight.dtype.is_floating_point:
+                weights.append((base, base.weight))
+                base.weight = torch.nn.Parameter((base.weight.float() + delta).to(base.weight.dtype),
+                                                 requires_grad=False)
+            else:
+                modules.append((layer, layer.base_layer))
+                layer.base_layer = merged_linear(base, delta, dtype)
+            del delta
     try:
         with policy.disable_adapter():
             yield
     finally:
-        for base, weight in originals:
+        for base, weight in weights:
             base.weight = weight
+        for layer, base in modules:
+            layer.base_layer = base
 
 
 def stop_token_ids(tokenizer, stop_tokens: list[str]) -> list[int]:

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -60,12 +61,13 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
 
     decode = parts["decode"]["report"]
     assert decode["decode_only"] is True and list(decode["phases"]) == ["load"]  # no step
-    assert list(decode["decode"]) == ["dynamic", "static"]  # compiled: CUDA only (inductor on a CPU takes a minute)
+    # the LoRA's side path and merge_for_rollouts; compiled: CUDA only (inductor on a CPU takes a minute)
+    assert list(decode["decode"]) == ["dynamic", "dynamic+merged"]
     for mode in decode["decode"].values():
         assert mode["rows"] == 8 and 0 < mode["tokens_decoded"] <= 8 * 4 and mode["tokens_per_second"] > 0
     fastest = max(decode["decode"], key=lambda mode: decode["decode"][mode]["tokens_per_second"])
-    profile = decode["decode_profile"]  # where a short dynamic-cache generation's time went
-    assert profile["mode"] == "dynamic" and profile["device_busy_seconds"] is None  # CUDA only
+    profile = decode["decode_profile"]  # where a short merged dynamic-cache generation's time went
+    assert profile["mode"] == "dynamic+merged" and profile["device_busy_seconds"] is None  # CUDA only
     assert 0 < profile["ops_cpu_seconds"] and 0 < profile["wall_seconds"] and len(profile["top"]) == 15
     assert any(row["op"] == "aten::mm" and row["calls"] > 0 for row in profile["top"])  # the linear layers
     assert [row["self_cpu_ms"] for row in profile["top"]] == sorted((row["self_cpu_ms"] for row in profile["top"]),
@@ -76,7 +78,7 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
     for report in (fre, mgt):
         assert report["phases"]["generate"]["seconds"] > 0 and report["planner_peak_gib"] > 0
         assert report["device_memory"] == {}  # CUDA only
-        assert report["decode_cache"] == fastest and report["decode"] == {}  # the steps use what the decode part found
+        assert report["decode_mode"] == fastest and report["decode"] == {}  # the steps use what the decode part found
         assert report["max_new_tokens_cut_from"] is None  # the tiny step fits its part's time
         assert report["progress"]["generate"]["forward_calls"] > 0
     backward = fre["backward_profile"]  # the FRE step profiles one more gradient pass; MGT does not
@@ -88,12 +90,12 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
     for part in PARTS:
         assert re.search(rf"^\| {part} \| ok \| [\d.]+ \| .+ \|$", table, re.M), part
     assert "| 14 passed, 0 failed (tests/test_kernels.py, tests/test_objectives.py) |" in table
-    assert "| static | 8 | 4 |" in table and "| lmmr1_kernels |" in table
-    assert re.search(r"^Decode profile, dynamic cache, 8 new tokens: [\d.]+ s wall, [\d.]+ s of CPU in torch's ops; "
+    assert "| dynamic+merged | 8 | 4 |" in table and "| lmmr1_kernels |" in table
+    assert re.search(r"^Decode profile, dynamic\+merged mode, 8 new tokens: [\d.]+ s wall, [\d.]+ s of CPU in torch's ops; "
                      r"top ops by self CPU time:$", table, re.M)
     assert re.search(r"^e2e_fre: a profiled gradient pass after the step: [\d.]+ s wall, ", table, re.M)
     assert ("; the steps generate with the one that decodes most in their time, its compile counted |" in table
-            and f"generated with the {fastest} cache" in table)
+            and f"generated in decode mode {fastest}" in table)
     assert re.search(r"^\| 64 \| 32 \| 1000 \| torch.float32 \| lmmr1 gspo \|( [\d.]* \|){4} [\d.]+ \|$", table, re.M)
     assert proc.stdout.rstrip().endswith(table.rstrip()), "the table is printed last"
     assert "===== e2e_mgt" in (out / "parts.log").read_text()
@@ -128,7 +130,7 @@ def test_a_rerun_of_the_steps_takes_the_fastest_cache_from_an_earlier_decode_rep
     out = tmp_path / "out"
     gpu_check.main(["--dry-run", "--out", str(out), "--parts", "e2e_fre", "--decode-report", str(tmp_path / "decode.json")])
     (fre,) = [c for c in commands if "bench/e2e_step.py" in c]
-    assert fre[fre.index("decode_cache=static") - 1] == "--set"
+    assert fre[fre.index("--decode-mode") + 1] == "static"
     assert fre[fre.index("--tokens-per-second") + 1] == "512.0"
 
     (tmp_path / "empty.json").write_text(json.dumps({"decode_only": True, "decode": {"compiled": {"error": "x"}}}))
@@ -238,9 +240,9 @@ def test_the_table_shows_what_a_stopped_or_failed_part_finished(gpu_check):
 
 
 def test_the_steps_generate_with_the_cache_that_decodes_most_in_their_time(gpu_check):
-    """The decode part's report picks each step's decode_cache: the most tokens in the step's generation time
+    """The decode part's report picks each step's decode mode: the most tokens in the step's generation time
     (GENERATION_SHARE of its part) once the compile its process pays first is taken off, a mode that failed never;
-    with no mode timed the steps keep their configs' decode_cache; the table says so."""
+    with no mode timed the steps keep their configs' decode_cache and merge_for_rollouts; the table says so."""
     decode = {"dynamic": {"rows": 64, "new_tokens": 32, "first_run_seconds": 9.0, "seconds": 8.0,
                           "tokens_per_second": 256.0},
               "static": {"rows": 64, "new_tokens": 32, "first_run_seconds": 9.0, "seconds": 4.0,
@@ -249,23 +251,23 @@ def test_the_steps_generate_with_the_cache_that_decodes_most_in_their_time(gpu_c
                            "tokens_per_second": 1024.0},
               "broken": {"error": "BackendCompilerFailed: boom"}}
     report = {"decode": decode}
-    assert gpu_check.best_decode(report) == {"decode_cache": "compiled", "tokens_per_second": 1024.0,
+    assert gpu_check.best_decode(report) == {"decode_mode": "compiled", "tokens_per_second": 1024.0,
                                              "first_run_extra_seconds": 88.0}
     # 120 s: compiled decodes (120 - 88) x 1024 = 32,768 tokens, static (120 - 5) x 512 = 58,880
-    assert gpu_check.best_decode(report, 120.0)["decode_cache"] == "static"
-    assert gpu_check.best_decode(report, 300.0)["decode_cache"] == "compiled"  # 217,088 against 151,040
+    assert gpu_check.best_decode(report, 120.0)["decode_mode"] == "static"
+    assert gpu_check.best_decode(report, 300.0)["decode_mode"] == "compiled"  # 217,088 against 151,040
     assert gpu_check.best_decode({"decode": {"broken": decode["broken"]}}) == {}
     assert gpu_check.best_decode(None) == {}
     args = gpu_check.argparse.Namespace(out="o", dry_run=False)
     default = gpu_check.command_for("e2e_fre", args, {}, 240)
-    assert not any(str(arg).startswith("decode_cache=") for arg in default) and "--tokens-per-second" not in default
+    assert "--decode-mode" not in default and "--tokens-per-second" not in default
     command = gpu_check.command_for("e2e_mgt", args, {"decode_report": report}, 240)
-    assert command[command.index("decode_cache=static") - 1] == "--set"
+    assert command[command.index("--decode-mode") + 1] == "static"
     assert command[command.index("--tokens-per-second") + 1] == "512.0"
     # GENERATION_SHARE of the part's time, less the compile (the first run's extra seconds) its process pays again
     assert command[command.index("--generation-budget-s") + 1] == "115"
     command = gpu_check.command_for("e2e_fre", args, {"decode_report": report}, 600)
-    assert "decode_cache=compiled" in command and command[command.index("--generation-budget-s") + 1] == "212"
+    assert command[command.index("--decode-mode") + 1] == "compiled" and command[command.index("--generation-budget-s") + 1] == "212"
     report = {"decode_only": True, "model": "3b", "quantization": "nf4", "dtype": "bfloat16", "prompts": 8,
               "generations": 8, "device": "H200", "phases": {}, "decode": decode}
     part = gpu_check.Part("decode", 1, 1, {"status": "ok", "seconds": 90.0, "report": report})
@@ -274,7 +276,27 @@ def test_the_steps_generate_with_the_cache_that_decodes_most_in_their_time(gpu_c
             "the steps generate with the one that decodes most in their time, its compile counted |") in table
     assert "Decode, 3b, nf4, bfloat16, 8 prompts x 8 (H200):" in table and "| static | 64 | 32 | 9.00 | 4.00 | 512.0 |" in table
     report["decode"] = {"broken": decode["broken"]}
-    assert gpu_check.part_line(part).endswith("broken error; the steps keep their configs' decode_cache")
+    assert gpu_check.part_line(part).endswith("broken error; the steps keep their configs' decode_cache and "
+                                              "merge_for_rollouts")
+
+
+def test_a_decode_mode_is_a_cache_and_whether_the_lora_is_merged(capsys):
+    """e2e_step's decode modes: 'CACHE' generates through the LoRA's side path, 'CACHE+merged' with
+    merge_for_rollouts; anything else is one line and exit 2 before a model loads."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from e2e_step import decode_mode, decode_settings, main
+
+    assert decode_settings("dynamic") == {"decode_cache": "dynamic", "merge_for_rollouts": False}
+    assert decode_settings("compiled+merged") == {"decode_cache": "compiled", "merge_for_rollouts": True}
+    assert decode_mode(SimpleNamespace(decode_cache="static", merge_for_rollouts=True)) == "static+merged"
+    for bad in ("fast", "dynamic+", "dynamic+fused", "+merged", "merged"):
+        with pytest.raises(ValueError, match="expected one of dynamic, static, compiled, optionally with '.merged'"):
+            decode_settings(bad)
+    for argv in (["--decode-modes", "dynamic,dynamic+fused"], ["--decode-mode", "quick"],
+                 ["--decode-profile", "static+"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and "decode mode" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_a_slow_decode_cuts_the_steps_completions_to_fit(gpu_check):
@@ -290,9 +312,9 @@ def test_a_slow_decode_cuts_the_steps_completions_to_fit(gpu_check):
     step = {"model": "3b", "tokenizer": None, "quantization": "nf4", "dtype": "bfloat16", "prompts": 8,
             "generations": 8, "max_new_tokens": 320, "max_new_tokens_cut_from": 1024, "prompt_tokens": 110,
             "has_images": False, "device": "H200", "phases": {}, "planner_peak_gib": 7.0, "planner_fits": True,
-            "components": {}, "device_memory": {}, "decode_cache": "static", "decode": {}}
+            "components": {}, "device_memory": {}, "decode_mode": "static+merged", "decode": {}}
     line = gpu_check.part_line(gpu_check.Part("e2e_fre", 1, 1, {"status": "ok", "report": step}))
-    assert line.endswith("generated with the static cache, completions cut to 320 tokens (from 1024) to fit the "
+    assert line.endswith("generated in decode mode static+merged, completions cut to 320 tokens (from 1024) to fit the "
                          "part's time")
 
 

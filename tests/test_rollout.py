@@ -331,16 +331,41 @@ def test_rollouts_from_merged_weights_are_the_adapted_policy_and_leave_the_base_
     assert torch.equal(generate(policy, tokenizer, PROMPTS, **kwargs).completion_ids, side_path.completion_ids)
 
 
-def test_a_4bit_base_keeps_the_side_path_when_asked_to_merge(tiny_cfg):
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_rollouts_from_a_quantised_base_merge_into_dense_copies_and_put_the_base_back(build_tiny_policy,
+                                                                                      quantization):
+    """merge_for_rollouts on a 4/8-bit base: inside `adapter_merged` each adapted bitsandbytes linear is a dense
+    `MergedLinear` (its dequantised weight plus the LoRA delta) and the adapters are off; the greedy tokens and
+    log-probs equal the side path's; on exit the same quantised modules and weights are back, untouched, and
+    no merged copy is left in the model."""
     import bitsandbytes as bnb
     from peft.tuners.lora import LoraLayer
 
-    from lmmr1_lite.rollout import adapter_merged
+    from lmmr1_lite.rollout import MergedLinear, adapter_merged
 
-    cfg = tiny_cfg(quantization="nf4", gradient_checkpointing=False)
-    policy = models.add_lora(models.load_base_model(cfg, torch.device("cpu")), cfg)
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in policy.modules())
-    weights = {n: p for n, p in policy.named_parameters()}
-    with pytest.warns(UserWarning, match="4-bit base cannot take the LoRA merged in"), adapter_merged(policy):
-        assert all(weights[n] is p for n, p in policy.named_parameters())
-        assert not any(m.disable_adapters for m in policy.modules() if isinstance(m, LoraLayer)), "adapters stay on"
+    policy, tokenizer, _ = build_tiny_policy(quantization=quantization, gradient_checkpointing=False)
+    quantised = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    bases = {name: m for name, m in policy.named_modules() if isinstance(m, quantised)}
+    assert bases
+    weights = {name: (p, p.detach().clone()) for name, p in policy.named_parameters()}
+    kwargs = dict(num_generations=2, max_new_tokens=16, temperature=1.0, greedy=True, stop_ids=[])
+    side_path = generate(policy, tokenizer, PROMPTS, **kwargs)
+    with policy.disable_adapter():
+        without = generate(policy, tokenizer, PROMPTS, **kwargs)
+    with adapter_merged(policy):
+        inside = {name: m for name, m in policy.named_modules()}
+        assert not any(isinstance(m, quantised) for m in inside.values())
+        assert all(isinstance(inside[name], MergedLinear) for name in bases)
+        assert all(m.disable_adapters for m in inside.values() if isinstance(m, LoraLayer))
+        merged = generate(policy, tokenizer, PROMPTS, **kwargs)
+    assert not torch.equal(without.completion_ids, side_path.completion_ids), "the adapter changes the tokens"
+    assert torch.equal(merged.completion_ids, side_path.completion_ids)
+    # bitsandbytes' int8 matmul also rounds its input to int8 (LLM.int8's vector-wise quantisation); the dense copy
+    # multiplies the unrounded input: same tokens, log-probs a few hundredths apart on this tiny model
+    assert (merged.logprobs - side_path.logprobs).abs().max() < (1e-4 if quantization == "nf4" else 0.05)
+    assert {name: m for name, m in policy.named_modules() if isinstance(m, quantised)} == bases
+    assert not any(isinstance(m, MergedLinear) for m in policy.modules())
+    assert not any(m.disable_adapters for m in policy.modules() if isinstance(m, LoraLayer))
+    for name, p in policy.named_parameters():
+        assert p is weights[name][0] and torch.equal(p, weights[name][1]), name
+    assert torch.equal(generate(policy, tokenizer, PROMPTS, **kwargs).completion_ids, side_path.completion_ids)

@@ -179,6 +179,8 @@ def decode(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision
     active = torch.arange(rows, device=device)  # the output row of each row of the batch
     static = None if cache_mode == "dynamic" else StaticDecodeStep.for_batch(
         policy, cache, attention_mask, max_new_tokens, compiled=cache_mode == "compiled")
+    if static is not None:  # copied into the static cache: the prompt's keys and values of every row, freed now
+        out = cache = None
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     steps = 0
     for step in range(max_new_tokens):

@@ -2,7 +2,8 @@
 
 Parameter counts are computed from the model's `config.json` (no weights are loaded). The step's two
 peaks are the generation phase (weights + LoRA state + KV cache) and the training phase (weights +
-LoRA state + checkpointed activations + one layer recomputed + the log-prob chunk); the larger wins.
+LoRA state + checkpointed activations + one layer recomputed + the log-prob chunk, and the KV cache when
+the static or compiled decode cache keeps it for the next step); the larger wins.
 These are estimates; `bench/e2e_step.py` measures.
 
 `--gpus N` (data parallelism under torchrun) plans one GPU of N: each holds the whole model, adapter and
@@ -70,6 +71,8 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
     tokens plus one image at max_pixels for stage mgt) and completions of max_new_tokens."""
     from lmmr1_kernels.logprobs import chunk_rows_for_bytes
 
+    from .decoding import StaticDecodeStep
+
     counts = count_parameters(config, cfg.lora_r, tuple(cfg.lora_target_modules))
     text = config.text_config
     h, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
@@ -79,6 +82,13 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
     prompt = prompt_tokens or min(cfg.max_prompt_tokens, 256 + (image_tokens(cfg.max_pixels) if has_images else 0))
     seq = prompt + cfg.max_new_tokens
     sequences = cfg.prompts_per_step * cfg.num_generations
+    # a generate call takes generation_batch_size prompts (0: all of them) with their G completions
+    generating_prompts = min(cfg.prompts_per_step, cfg.generation_batch_size or cfg.prompts_per_step)
+    # the static and compiled caches are preallocated at a multiple of LENGTH_QUANTUM and kept for the next
+    # step's rollouts (decoding.StaticDecodeStep), so they hold their memory through the training phase too
+    kept_cache = cfg.decode_cache != "dynamic"
+    quantum = StaticDecodeStep.LENGTH_QUANTUM
+    cache_len = -(-seq // quantum) * quantum if kept_cache else seq
     micro = cfg.micro_batch_size
     if cfg.max_tokens_per_micro_batch:  # as micro_batching.micro_rows caps it
         micro = min(micro, max(1, cfg.max_tokens_per_micro_batch // seq))
@@ -96,7 +106,7 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
     vision_act = 0
     if has_images:  # one image per prompt through the vision tower, no grad (frozen), its blocks' working set
         patches = cfg.max_pixels // (14 * 14)
-        vision_act = cfg.prompts_per_step * patches * config.vision_config.hidden_size * elt * 6
+        vision_act = generating_prompts * patches * config.vision_config.hidden_size * elt * 6
     parts = {
         "quantised language-model linears": counts.language_linear * weight_bits / 8,
         "unquantised parts (embeddings, LM head, norms, vision)":
@@ -107,12 +117,12 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
         "merged copy of the adapted linears (merge_for_rollouts)":
             counts.lora_targeted * elt if cfg.merge_for_rollouts else 0,
         "KV cache during generation":
-            2 * layers * text.num_key_value_heads * head_dim * elt * sequences * seq,
+            2 * layers * text.num_key_value_heads * head_dim * elt * generating_prompts * cfg.num_generations * cache_len,
         # with checkpointing one hidden state per layer is kept and one layer's working set is rebuilt in
         # backward; without it every layer keeps its whole working set
         # the prefill runs each prompt once (no grad): one layer's transients at a time over all prompt tokens
         "prefill working set (one layer, no grad)":
-            cfg.prompts_per_step * prompt * elt * (3 * text.intermediate_size + 4 * h),
+            generating_prompts * prompt * elt * (3 * text.intermediate_size + 4 * h),
         "activations kept for backward": micro_tokens * elt * layers * (
             h if cfg.gradient_checkpointing else 12 * h + 4 * text.intermediate_size),
         "one layer recomputed in backward":
@@ -132,19 +142,21 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
         "quantised language-model linears", "unquantised parts (embeddings, LM head, norms, vision)",
         "LoRA parameters + gradients + optimizer states (fp32)", "CUDA context and workspaces"))
     dequantised = parts["dequantised weight of the largest linear"]
-    generating = dequantised + sum(parts[k] for k in (
-        "KV cache during generation", "prefill working set (one layer, no grad)", "vision encoder working set",
+    kv_cache = parts["KV cache during generation"]
+    generating = dequantised + kv_cache + sum(parts[k] for k in (
+        "prefill working set (one layer, no grad)", "vision encoder working set",
         "merged copy of the adapted linears (merge_for_rollouts)"))
     # the logits block is freed before the backward reaches the layers, so it and the recomputed layer are
     # never alive together
     backward = dequantised + parts["activations kept for backward"] + max(
         parts["log-prob chunk (logits block + gradient of hidden)"], parts["one layer recomputed in backward"])
     generation = static + generating
-    training = static + max(backward, parts["optimizer step scratch"])
+    training = static + max(backward, parts["optimizer step scratch"]) + (kv_cache if kept_cache else 0)
     return {"parts": parts, "generation_working_set": generating, "training_working_set": backward,
             "generation_peak": generation * FRAGMENTATION, "training_peak": training * FRAGMENTATION,
             "peak": max(generation, training) * FRAGMENTATION, "counts": counts, "sequence_tokens": seq,
-            "prompt_tokens": prompt, "micro_batch": micro, "micro_batch_tokens": micro_tokens, "sequences": sequences}
+            "prompt_tokens": prompt, "kv_cache_kept": kept_cache, "micro_batch": micro,
+            "micro_batch_tokens": micro_tokens, "sequences": sequences}
 
 
 def advice(cfg: TrainConfig, result: dict) -> str:
@@ -172,6 +184,8 @@ def render(cfg: TrainConfig, model_name: str, result: dict, gpu_gb: float, gpus:
     lines += [f"{name:<58}{value / GIB:>8.2f}" for name, value in result["parts"].items()]
     lines.append(f"{'peak while generating (x' + str(FRAGMENTATION) + ' allocator slack)':<58}"
                  f"{result['generation_peak'] / GIB:>8.2f}")
+    if result["kv_cache_kept"]:
+        lines.append(f"(decode_cache {cfg.decode_cache}: the KV cache is kept for the next step, through training)")
     lines.append(f"{'peak while training (x' + str(FRAGMENTATION) + ' allocator slack)':<58}"
                  f"{result['training_peak'] / GIB:>8.2f}")
     fits = result["peak"] <= gpu_gb * GIB

@@ -10,7 +10,7 @@ from lmmr1_kernels import grpo_loss
 from lmmr1_lite import models
 from lmmr1_lite.cli import main
 from lmmr1_lite.config import REPO_ROOT, resolve_config
-from lmmr1_lite.plan import GIB, count_parameters, estimate
+from lmmr1_lite.plan import FRAGMENTATION, GIB, count_parameters, estimate, render
 from lmmr1_lite.rollout import Rollout, encode_prompts
 from lmmr1_lite.step import micro_rows
 
@@ -147,6 +147,38 @@ def test_planner_arithmetic_and_advice():
                 "unquantised parts (embeddings, LM head, norms, vision)"):
         assert fp32[key] == 2 * parts[key]
     assert fp32["quantised language-model linears"] == parts["quantised language-model linears"]
+
+
+def test_planner_sizes_the_kv_cache_by_generate_call_and_keeps_a_static_one_through_training():
+    """The KV cache holds one generate call's rows (generation_batch_size prompts x G); the static and compiled
+    caches are preallocated at a multiple of StaticDecodeStep.LENGTH_QUANTUM and kept for the next step (on the
+    H200 the FRE step's generate left 0.88 GiB behind, its static cache: 64 rows x 384 positions), so the
+    training phase holds them too."""
+    from lmmr1_lite.decoding import StaticDecodeStep
+
+    cfg = resolve_config(None, str(REPO_ROOT / "configs" / "qwen2_5_vl_3b" / "fre.yaml"), {"max_new_tokens": 256})
+    config = AutoConfig.from_pretrained(REPO_ROOT / "configs" / "models" / "qwen2_5_vl_3b")
+    text = config.text_config
+    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 2
+    key = "KV cache during generation"
+    dynamic = estimate(cfg, config, False, prompt_tokens=107)
+    assert dynamic["sequence_tokens"] == 363 and not dynamic["kv_cache_kept"]
+    assert dynamic["parts"][key] == per_token * 64 * 363
+    half = estimate(replace(cfg, generation_batch_size=4), config, False, prompt_tokens=107)
+    assert half["parts"][key] == dynamic["parts"][key] / 2
+    assert half["parts"]["prefill working set (one layer, no grad)"] == \
+        dynamic["parts"]["prefill working set (one layer, no grad)"] / 2
+    assert estimate(replace(cfg, generation_batch_size=99), config, False, prompt_tokens=107)["parts"][key] == \
+        dynamic["parts"][key]
+    for mode in ("static", "compiled"):
+        kept = estimate(replace(cfg, decode_cache=mode), config, False, prompt_tokens=107)
+        assert StaticDecodeStep.LENGTH_QUANTUM == 128 and kept["kv_cache_kept"]
+        assert kept["parts"][key] == per_token * 64 * 384  # 363 rounded up to 3 x 128
+        assert kept["training_working_set"] == dynamic["training_working_set"]
+        assert kept["training_peak"] == pytest.approx(dynamic["training_peak"] + kept["parts"][key] * FRAGMENTATION)
+        assert "the KV cache is kept for the next step, through training" in \
+            render(replace(cfg, decode_cache=mode), "3b", kept, 24)
+    assert "kept for the next step" not in render(cfg, "3b", dynamic, 24)
 
 
 def test_planner_working_sets_of_each_phase():

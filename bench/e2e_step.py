@@ -214,6 +214,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile-backward", action="store_true",
                         help="after the step, profile one more gradient pass (torch.profiler: the top ops, the "
                              "device's busy time against the wall) into the report's backward_profile")
+    parser.add_argument("--backward-ab", default=None, metavar="KEY=VALUE",
+                        help="after the step, time the gradient pass twice more on its rollouts: as configured, then "
+                             "with this config change (micro_batch_size=64: the token budget alone sizes the "
+                             "micro-batches), into the report's backward_ab")
     parser.add_argument("--tokens-per-second", type=float, default=None,
                         help="the decode speed --decode-only measured, for --generation-budget-s")
     parser.add_argument("--generation-budget-s", type=float, default=None,
@@ -222,6 +226,15 @@ def main(argv: list[str] | None = None) -> dict:
                              "then for that length too, so a slow decode still gives a whole step to compare")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "e2e_step.json"))
     args = parser.parse_args(argv)
+    from lmmr1_lite.config import ConfigError, coerce, parse_sets
+
+    backward_change = {}
+    try:
+        if args.backward_ab:
+            backward_change = {key: coerce(key, value, "--backward-ab")
+                               for key, value in parse_sets([args.backward_ab], "--backward-ab").items()}
+    except ConfigError as err:
+        parser.error(str(err))
     for mode in filter(None, [*args.decode_modes.split(","), args.decode_mode, args.decode_profile]):
         try:
             decode_settings(mode)
@@ -229,11 +242,11 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(str(err))
 
     from lmmr1_lite import models
-    from lmmr1_lite.config import parse_sets, resolve_config
+    from lmmr1_lite.config import resolve_config
     from lmmr1_lite.distributed import OneProcess, start_verifier_pool
     from lmmr1_lite.plan import estimate
-    from lmmr1_lite.step import (StepContext, compute_gradients, generate_rollouts, policy_logprobs, score_rollouts,
-                                 update_policy)
+    from lmmr1_lite.step import (StepContext, compute_gradients, generate_rollouts, micro_rows, policy_logprobs,
+                                 rows_with_loss, score_rollouts, update_policy)
     from lmmr1_lite.tasks import generate as draw
     from lmmr1_lite.train import seed_everything
 
@@ -245,6 +258,10 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = resolve_config(None, args.config, overrides)
     if args.decode_mode:
         cfg = replace(cfg, **decode_settings(args.decode_mode))
+    try:  # before the model loads: a change that no config takes is one line now, not after the step
+        replace(cfg, **backward_change)
+    except ConfigError as err:
+        parser.error(f"--backward-ab {args.backward_ab}: {err}")
     cut_from = None
     if args.tokens_per_second and args.generation_budget_s:
         cap = new_tokens_within(cfg.max_new_tokens, cfg.prompts_per_step * cfg.num_generations,
@@ -304,6 +321,17 @@ def main(argv: list[str] | None = None) -> dict:
     meter.measure("backward", lambda: compute_gradients(ctx, scored))
     optimizer.zero_grad(set_to_none=True)
     meter.measure("train", lambda: update_policy(ctx, scored))
+    backward_ab = None
+    if backward_change:  # the same rollouts, the same work; only the change differs (after the measured phases)
+        backward_ab = {}
+        for label, variant in (("as configured", cfg), (args.backward_ab, replace(cfg, **backward_change))):
+            optimizer.zero_grad(set_to_none=True)
+            timed = replace(ctx, cfg=variant, micro_batch_size=variant.micro_batch_size)
+            start = meter.now()
+            compute_gradients(timed, scored)
+            trained = len(rows_with_loss(variant, scored.advantages))  # the rows the pass runs on
+            backward_ab[label] = {"seconds": meter.now() - start, "rows_trained": trained, "rows_per_micro_batch": min(
+                trained, micro_rows(variant, scored.batch, variant.micro_batch_size))}
     backward_profile = None
     if args.profile_backward:  # after the measured phases, so that its overhead is in none of them
         optimizer.zero_grad(set_to_none=True)
@@ -345,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
         "planner_peak_gib": plan["peak"] / GIB, "planner_fits": plan["peak"] <= args.gpu_gib * GIB,
         "has_images": has_images, "device_memory": device_memory, "progress": meter.progress,
         "decode_mode": decode_mode(cfg), "max_new_tokens_cut_from": cut_from, "decode": {},
-        "backward_profile": backward_profile,
+        "backward_profile": backward_profile, "backward_ab": backward_ab,
         "note": "random weights: completions run to max_new_tokens, the worst case for memory",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,7 @@ LOSS_SHAPES = "8192x2048,16384x2048,8192x3584"
 # no side path) with each cache; static (253 tokens/s against dynamic's 496, run 3) and the compiled side path
 # (744, its graphs without CUDA graphs) were measured on 2026-12-04 and are left out to keep the part's time
 DECODE_MODES = "dynamic,dynamic+merged,compiled+merged"
+BACKWARD_AB = "micro_batch_size=64"  # e2e_fre: the gradient pass timed as configured and with this change
 DECODE_PROFILE = "dynamic+merged"  # the dynamic cache's profile is in run 3: 14 % of the wall busy on the GPU
 KERNEL_TESTS = ("tests/test_kernels.py", "tests/test_objectives.py")  # their tests marked `device`
 
@@ -296,8 +297,11 @@ def command_for(name: str, args, learned: dict, budget_s: float | None = None) -
     cmd = [py, "bench/e2e_step.py", "--out", out / f"{name}.json"]
     if stage == "mgt":
         cmd += ["--data", "geometry"]
-    if name == "e2e_fre":  # where the training pass's time goes (10x a no-grad pass on the H200, 2026-12-04)
-        cmd += ["--profile-backward"]
+    if name == "e2e_fre":  # where the training pass's time goes (10x a no-grad pass on the H200, 2026-12-04), and
+        # whether fewer, larger micro-batches (the configs' 8 rows lifted; the 8,192-token budget still caps them)
+        # shorten it: that pass ran 8 micro-batches where a no-grad pass ran 3
+        # (the dry run's tiny config puts all 8 rows in one micro-batch: there the change is to 2 rows)
+        cmd += ["--profile-backward", "--backward-ab", "micro_batch_size=2" if args.dry_run else BACKWARD_AB]
     if name == "decode":
         # compiling the decode step on a CPU (inductor) takes about a minute: the compiled mode on CUDA only
         cmd += ["--decode-only", "--decode-modes", "dynamic,dynamic+merged" if args.dry_run else DECODE_MODES,
@@ -461,6 +465,11 @@ def tables(parts: list[Part], header: str) -> str:
                 for c, v in report["components"].items()]
         if report.get("decode"):
             out += [""] + decode_table(report["decode"])
+        if report.get("backward_ab"):
+            out += ["", f"{name}: the gradient pass again on the step's rollouts:", "",
+                    "| training pass | rows trained | rows per micro-batch | seconds |", "|---|---:|---:|---:|"]
+            out += [f"| {label} | {run['rows_trained']} | {run['rows_per_micro_batch']} | {fmt(run['seconds'])} |"
+                    for label, run in report["backward_ab"].items()]
         out += profile_table(report.get("backward_profile"), f"{name}: a profiled gradient pass after the step")
     return "\n".join(out) + "\n"
 

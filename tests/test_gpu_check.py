@@ -83,6 +83,12 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
         assert report["progress"]["generate"]["forward_calls"] > 0
     backward = fre["backward_profile"]  # the FRE step profiles one more gradient pass; MGT does not
     assert mgt["backward_profile"] is None and backward["wall_seconds"] > 0 and len(backward["top"]) == 15
+    # and times two more on its rollouts: as configured (the tiny config: all 2 x 4 rows at once), then changed
+    assert mgt["backward_ab"] is None and list(fre["backward_ab"]) == ["as configured", "micro_batch_size=2"]
+    configured, changed = fre["backward_ab"].values()
+    assert configured["seconds"] > 0 and changed["seconds"] > 0
+    assert configured["rows_trained"] == changed["rows_trained"] == 8  # beta > 0: every row trains
+    assert configured["rows_per_micro_batch"] == 8 and changed["rows_per_micro_batch"] == 2
     assert any(row["op"].startswith("aten::") and row["calls"] > 0 for row in backward["top"])
 
     table = (out / "summary.md").read_text()
@@ -94,6 +100,7 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
     assert re.search(r"^Decode profile, dynamic\+merged mode, 8 new tokens: [\d.]+ s wall, [\d.]+ s of CPU in torch's ops; "
                      r"top ops by self CPU time:$", table, re.M)
     assert re.search(r"^e2e_fre: a profiled gradient pass after the step: [\d.]+ s wall, ", table, re.M)
+    assert re.search(r"^\| micro_batch_size=2 \| 8 \| 2 \| [\d.]+ \|$", table, re.M)
     assert ("; the steps generate with the one that decodes most in their time, its compile counted |" in table
             and f"generated in decode mode {fastest}" in table)
     assert re.search(r"^\| 64 \| 32 \| 1000 \| torch.float32 \| lmmr1 gspo \|( [\d.]* \|){4} [\d.]+ \|$", table, re.M)
@@ -282,7 +289,8 @@ def test_the_steps_generate_with_the_cache_that_decodes_most_in_their_time(gpu_c
 
 def test_a_decode_mode_is_a_cache_and_whether_the_lora_is_merged(capsys):
     """e2e_step's decode modes: 'CACHE' generates through the LoRA's side path, 'CACHE+merged' with
-    merge_for_rollouts; anything else is one line and exit 2 before a model loads."""
+    merge_for_rollouts; anything else, or a --backward-ab change no config takes, is one line and exit 2 before
+    a model loads."""
     sys.path.insert(0, str(REPO_ROOT / "bench"))
     from e2e_step import decode_mode, decode_settings, main
 
@@ -292,11 +300,14 @@ def test_a_decode_mode_is_a_cache_and_whether_the_lora_is_merged(capsys):
     for bad in ("fast", "dynamic+", "dynamic+fused", "+merged", "merged"):
         with pytest.raises(ValueError, match="expected one of dynamic, static, compiled, optionally with '.merged'"):
             decode_settings(bad)
-    for argv in (["--decode-modes", "dynamic,dynamic+fused"], ["--decode-mode", "quick"],
-                 ["--decode-profile", "static+"]):
+    for argv, says in ((["--decode-modes", "dynamic,dynamic+fused"], "decode mode"),
+                       (["--decode-mode", "quick"], "decode mode"), (["--decode-profile", "static+"], "decode mode"),
+                       (["--backward-ab", "micro_batch_size"], "expected KEY=VALUE"),
+                       (["--backward-ab", "micro_batch_sise=8"], "unknown config field 'micro_batch_sise'"),
+                       (["--backward-ab", "micro_batch_size=0"], "micro_batch_size must be >= 1")):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
-        assert exit_.value.code == 2 and "decode mode" in capsys.readouterr().err.splitlines()[-1]
+        assert exit_.value.code == 2 and says in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_a_slow_decode_cuts_the_steps_completions_to_fit(gpu_check):

@@ -281,6 +281,24 @@ def test_static_decode_step_traces_whole_over_a_4bit_base_with_lora(tiny_cfg):
     assert explanation.graph_count == 1
 
 
+def test_static_decode_step_traces_whole_from_merged_copies_of_a_4bit_base(tiny_cfg):
+    """merge_for_rollouts on an NF4 base with decode_cache 'compiled': the step over the dense MergedLinear copies
+    (no bitsandbytes call, no LoRA side path) is one graph with no graph break either."""
+    from lmmr1_lite.rollout import MergedLinear, adapter_merged
+
+    def bitsandbytes_calls(explanation) -> int:
+        return sum("bitsandbytes" in str(node.target) for graph in explanation.graphs for node in graph.graph.nodes)
+
+    policy, explain = static_decode_step_to_explain(tiny_cfg(quantization="nf4", dtype="bfloat16"))
+    assert bitsandbytes_calls(explain()) > 0  # the side path's graph calls gemm_4bit
+    torch._dynamo.reset()
+    with adapter_merged(policy):
+        assert any(isinstance(m, MergedLinear) for m in policy.modules())
+        explanation = explain()
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    assert explanation.graph_count == 1 and bitsandbytes_calls(explanation) == 0
+
+
 def test_static_decode_step_traces_whole_with_liger_modules_and_never_calls_liger(tiny_cfg, monkeypatch,
                                                                                   liger_kernel_calls):
     """With the RMSNorm and SwiGLU MLP `patch_with_liger` installs on CUDA, the traced step is still one graph and

@@ -327,11 +327,14 @@ def main(argv: list[str] | None = None) -> dict:
         for label, variant in (("as configured", cfg), (args.backward_ab, replace(cfg, **backward_change))):
             optimizer.zero_grad(set_to_none=True)
             timed = replace(ctx, cfg=variant, micro_batch_size=variant.micro_batch_size)
-            start = meter.now()
-            compute_gradients(timed, scored)
+            meter.measure("backward_ab", lambda: compute_gradients(timed, scored))
+            phase = meter.phases.pop("backward_ab")
             trained = len(rows_with_loss(variant, scored.advantages))  # the rows the pass runs on
-            backward_ab[label] = {"seconds": meter.now() - start, "rows_trained": trained, "rows_per_micro_batch": min(
-                trained, micro_rows(variant, scored.batch, variant.micro_batch_size))}
+            # its working set (the peak above the start, less the gradients it leaves) at two micro-batch sizes
+            # separates what grows with a micro-batch's tokens from what does not
+            backward_ab[label] = {"seconds": phase["seconds"], "rows_trained": trained, "rows_per_micro_batch": min(
+                trained, micro_rows(variant, scored.batch, variant.micro_batch_size)),
+                "working_set_gib": phase["peak_extra_gib"] - phase["left_behind_gib"]}
     backward_profile = None
     if args.profile_backward:  # after the measured phases, so that its overhead is in none of them
         optimizer.zero_grad(set_to_none=True)

@@ -469,8 +469,10 @@ def tables(parts: list[Part], header: str) -> str:
             out += [""] + decode_table(report["decode"])
         if report.get("backward_ab"):
             out += ["", f"{name}: the gradient pass again on the step's rollouts:", "",
-                    "| training pass | rows trained | rows per micro-batch | seconds |", "|---|---:|---:|---:|"]
-            out += [f"| {label} | {run['rows_trained']} | {run['rows_per_micro_batch']} | {fmt(run['seconds'])} |"
+                    "| training pass | rows trained | rows per micro-batch | seconds | working set GiB |",
+                    "|---|---:|---:|---:|---:|"]
+            out += [f"| {label} | {run['rows_trained']} | {run['rows_per_micro_batch']} | {fmt(run['seconds'])} | "
+                    f"{fmt(run['working_set_gib'], 3)} |"
                     for label, run in report["backward_ab"].items()]
         out += profile_table(report.get("backward_profile"), f"{name}: a profiled gradient pass after the step")
     return "\n".join(out) + "\n"

@@ -87,6 +87,7 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
     assert mgt["backward_ab"] is None and list(fre["backward_ab"]) == ["as configured", "micro_batch_size=2"]
     configured, changed = fre["backward_ab"].values()
     assert configured["seconds"] > 0 and changed["seconds"] > 0
+    assert all(isinstance(run["working_set_gib"], float) for run in (configured, changed))
     assert configured["rows_trained"] == changed["rows_trained"] == 8  # beta > 0: every row trains
     assert configured["rows_per_micro_batch"] == 8 and changed["rows_per_micro_batch"] == 2
     assert any(row["op"].startswith("aten::") and row["calls"] > 0 for row in backward["top"])
@@ -100,7 +101,7 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
     assert re.search(r"^Decode profile, dynamic\+merged mode, 8 new tokens: [\d.]+ s wall, [\d.]+ s of CPU in torch's ops; "
                      r"top ops by self CPU time:$", table, re.M)
     assert re.search(r"^e2e_fre: a profiled gradient pass after the step: [\d.]+ s wall, ", table, re.M)
-    assert re.search(r"^\| micro_batch_size=2 \| 8 \| 2 \| [\d.]+ \|$", table, re.M)
+    assert re.search(r"^\| micro_batch_size=2 \| 8 \| 2 \| [\d.]+ \| -?[\d.]+ \|$", table, re.M)
     assert ("; the steps generate with the one that decodes most in their time, its compile counted |" in table
             and f"generated in decode mode {fastest}" in table)
     assert re.search(r"^\| 64 \| 32 \| 1000 \| torch.float32 \| lmmr1 gspo \|( [\d.]* \|){4} [\d.]+ \|$", table, re.M)

@@ -7,6 +7,7 @@ Writes bench/out/kernels_cpu_memory.json and prints a table.
     python bench/kernels_cpu_memory.py                 # N=4096, H=1024, V=151936, fp32 (issue target)
     python bench/kernels_cpu_memory.py --n 512 --v 32000  # quick
     python bench/kernels_cpu_memory.py --objectives    # also GSPO and the high-entropy-token loss
+    python bench/kernels_cpu_memory.py --dtype bfloat16  # hidden states and LM head in bf16, as the 3B trains
 """
 from __future__ import annotations
 
@@ -45,15 +46,15 @@ OBJECTIVES = {"lmmr1_kernels": {}, "lmmr1 gspo": {"importance_sampling_level": "
               "lmmr1 top-ent 0.2": {"top_entropy_quantile": 0.2}}
 
 
-def run_case(case: str, shape: tuple[int, int, int], head_grad: bool, chunk_bytes: int) -> dict:
+def run_case(case: str, shape: tuple[int, int, int], head_grad: bool, chunk_bytes: int, dtype: str) -> dict:
     import torch
 
     from lmmr1_kernels import grpo_loss  # imported (triton and all) before the baseline is read
 
     n, h, v = shape
     torch.manual_seed(0)
-    hidden = torch.randn(n, h, requires_grad=True)
-    weight = torch.randn(v, h).mul_(0.02).requires_grad_(head_grad)
+    hidden = torch.randn(n, h, dtype=getattr(torch, dtype)).requires_grad_()
+    weight = torch.randn(v, h, dtype=getattr(torch, dtype)).mul_(0.02).requires_grad_(head_grad)
     targets = torch.randint(0, v, (n,))
     advantages = torch.randn(1)
     mask = torch.ones(1, n)
@@ -85,20 +86,22 @@ def main() -> None:
     parser.add_argument("--chunk-bytes", type=int, default=0,
                         help="bytes of one fp32 logits chunk (0: the kernels' default, 256 MiB; the config's "
                              "logprob_chunk_bytes)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="of the hidden states and the LM head (the logits are fp32 either way)")
     args = parser.parse_args()
     if args.case:  # child process: one case
-        print(json.dumps(run_case(args.case, (args.n, args.h, args.v), args.head_grad, args.chunk_bytes)))
+        print(json.dumps(run_case(args.case, (args.n, args.h, args.v), args.head_grad, args.chunk_bytes, args.dtype)))
         return
 
     results = []
     for head_grad in (False, True):
         for case in ("naive", *(OBJECTIVES if args.objectives else ["lmmr1_kernels"])):
             cmd = [sys.executable, __file__, "--case", case, "--n", str(args.n), "--h", str(args.h), "--v", str(args.v),
-                   "--chunk-bytes", str(args.chunk_bytes)]
+                   "--chunk-bytes", str(args.chunk_bytes), "--dtype", args.dtype]
             out = subprocess.run(cmd + (["--head-grad"] if head_grad else []), check=True, capture_output=True, text=True)
             results.append({**json.loads(out.stdout.strip().splitlines()[-1]), "head_grad": head_grad})
     report = {"benchmark": "kernels_cpu_memory", "date": str(date.today()), "machine": platform.processor() or platform.machine(),
-              "shape": {"N": args.n, "H": args.h, "V": args.v, "dtype": "float32"},
+              "shape": {"N": args.n, "H": args.h, "V": args.v, "dtype": args.dtype},
               "chunk_bytes": args.chunk_bytes or "kernel default (256 MiB)", "results": results}
     for head_grad in (False, True):
         naive = next(r for r in results if r["case"] == "naive" and r["head_grad"] == head_grad)
@@ -106,7 +109,7 @@ def main() -> None:
         report[f"ratio_head_grad_{head_grad}"] = ours["extra_bytes"] / naive["extra_bytes"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"N={args.n} H={args.h} V={args.v} fp32, chunk {report['chunk_bytes']}, forward+backward, peak extra "
+    print(f"N={args.n} H={args.h} V={args.v} {args.dtype}, chunk {report['chunk_bytes']}, forward+backward, peak extra "
           "resident memory")
     print(f"{'LM head':<14}{'case':<19}{'extra MiB':>12}{'seconds':>10}{'vs naive':>10}")
     for r in results:

@@ -127,9 +127,11 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
             h if cfg.gradient_checkpointing else 12 * h + 4 * text.intermediate_size),
         "one layer recomputed in backward":
             micro_tokens * elt * (12 * h + 4 * text.intermediate_size) if cfg.gradient_checkpointing else 0,
-        # one fp32 [rows, vocab] logits block (its gradient written in place) and the fp32 gradient of the
-        # scored hidden states
-        "log-prob chunk (logits block + gradient of hidden)": chunk_rows * vocab * 4 + scored * h * 4,
+        # one fp32 [rows, vocab] logits block (its gradient written in place), with a bf16 head also the GEMM's
+        # half-size result while it is widened into that block and the gradient cast back for the grad-hidden
+        # GEMM; and the gradient of the scored hidden states, in their dtype
+        "log-prob chunk (logits block + gradient of hidden)":
+            chunk_rows * vocab * (4 + (elt if elt < 4 else 0)) + scored * h * elt,
         "vision encoder working set": vision_act,
         # a 4/8-bit linear is dequantised to `dtype` for its matmul, forward and backward, one at a time
         "dequantised weight of the largest linear": 0 if cfg.quantization == "none" else largest_linear * elt,

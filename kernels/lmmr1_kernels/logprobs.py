@@ -52,17 +52,24 @@ def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """Logits of one chunk in float32: `hidden [n, H] @ weight[V, H].T (+ bias)` -> `[n, V]`.
 
     The GEMM runs in the input dtype (bf16 tensor cores on GPU, fp32 accumulate) and is widened
-    once, so everything downstream of it is fp32. fp32 inputs write straight into `out` (a buffer
-    reused across chunks), so a call allocates its chunk-sized buffers once, not once per chunk."""
-    if out is not None and hidden.dtype == weight.dtype == torch.float32:
-        out = out[: hidden.shape[0]]
+    once, so everything downstream of it is fp32. With `out` (a buffer reused across chunks) the
+    result is written there: fp32 inputs straight, bf16 ones widened into it, so a call allocates its
+    fp32 chunk buffers once, and a bf16 chunk adds only its GEMM's own half-size result while it is
+    copied (before: the widened copy was a second fp32 block, beside an unused buffer)."""
+    if out is None:
+        logits = hidden @ weight.t()
+        if bias is not None:
+            logits = logits + bias
+        return logits.float()
+    out = out[: hidden.shape[0]]
+    if hidden.dtype == weight.dtype == torch.float32:
         if bias is None:
             return torch.matmul(hidden, weight.t(), out=out)
         return torch.addmm(bias.float(), hidden, weight.t(), out=out)
-    logits = hidden @ weight.t()
+    out.copy_(hidden @ weight.t())
     if bias is not None:
-        logits = logits + bias
-    return logits.float()
+        out.add_(bias)
+    return out
 
 
 def chunk_buffers(rows: int, vocab: int, hidden: torch.Tensor, backend: str):

@@ -3,7 +3,8 @@
   * prefill: the backbone (`models.backbone`) once per prompt, with the same positions HF `generate`
     computes (`cumsum(mask) - 1`, and Qwen2.5-VL's 3-D multimodal rotary positions when
     `mm_token_type_ids` are given); then the `DynamicCache`, the attention mask and the last
-    positions are repeated to the G rows of each group (`batch_repeat_interleave`). The positions of
+    positions are repeated to the G rows of each group (`batch_repeat_interleave`; the static and
+    compiled caches instead copy each prompt's keys and values into its G rows of their own cache). The positions of
     every later token are `last + 1` per row, so the rotary offsets of the image rows (HF keeps them
     as `rope_deltas`) travel with the expanded rows without touching the model's state.
   * decode: one token per row per step; logits only for the last position (`hidden @ lm_head.T`,
@@ -99,8 +100,10 @@ class StaticDecodeStep:
                         if compiled else self._forward)
 
     @classmethod
-    def for_batch(cls, policy, prefilled, attention_mask: torch.Tensor, max_new_tokens: int, compiled: bool):
-        """The step for this batch, its cache holding the prefilled (and row-expanded) `prefilled` cache."""
+    def for_batch(cls, policy, prefilled, attention_mask: torch.Tensor, max_new_tokens: int, compiled: bool,
+                  count: int = 1):
+        """The step for this batch (`attention_mask`: one row per completion), its cache holding the prefilled cache
+        of the prompts, each repeated to its `count` rows."""
         rows, prompt_len = attention_mask.shape
         max_len = -(-(prompt_len + max_new_tokens) // cls.LENGTH_QUANTUM) * cls.LENGTH_QUANTUM
         # keyed by the backbone, which each instance holds: its id cannot be reused while the entry exists
@@ -109,18 +112,20 @@ class StaticDecodeStep:
             cls._instances = {k: v for k, v in cls._instances.items() if k[0] == key[0]}  # another model's: dropped
             cls._instances[key] = cls(policy, rows, max_len, compiled)
         step = cls._instances[key]
-        step.load(prefilled, attention_mask)
+        step.load(prefilled, attention_mask, count)
         return step
 
-    def load(self, prefilled, attention_mask: torch.Tensor) -> None:
-        prompt_len = attention_mask.shape[1]
+    def load(self, prefilled, attention_mask: torch.Tensor, count: int = 1) -> None:
+        """Each prompt's keys and values copied into its `count` rows (a broadcast copy: the prompts' cache is
+        never expanded to every row beside the static one)."""
+        rows, prompt_len = attention_mask.shape
         for layer, source in zip(self.cache.layers, prefilled.layers):
-            if not layer.is_initialized:
-                layer.lazy_initialization(source.keys, source.values)
+            if not layer.is_initialized:  # shapes from a view with every row: no copy
+                layer.lazy_initialization(*(t[:1].expand(rows, *t.shape[1:]) for t in (source.keys, source.values)))
             layer.keys.zero_()
             layer.values.zero_()
-            layer.keys[:, :, :prompt_len].copy_(source.keys)
-            layer.values[:, :, :prompt_len].copy_(source.values)
+            for mine, theirs in ((layer.keys, source.keys), (layer.values, source.values)):
+                mine.view(-1, count, *mine.shape[1:])[:, :, :, :prompt_len].copy_(theirs[:, None])
             layer.cumulative_length.fill_(prompt_len)
         if self.mask is None:
             self.mask = attention_mask.new_zeros(attention_mask.shape[0], self.cache.layers[0].max_cache_len)
@@ -172,14 +177,17 @@ def decode(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision
     cache, hidden = _output_cache(out), out.last_hidden_state[:, -1]
     last_position = positions[..., -1:]  # [4, B, 1]
     if count > 1:  # one prefill per prompt; its cache serves the prompt's `count` rows
-        cache.batch_repeat_interleave(count)
         hidden = hidden.repeat_interleave(count, dim=0)
         attention_mask = attention_mask.repeat_interleave(count, dim=0)
         last_position = last_position.repeat_interleave(count, dim=1)
     active = torch.arange(rows, device=device)  # the output row of each row of the batch
-    static = None if cache_mode == "dynamic" else StaticDecodeStep.for_batch(
-        policy, cache, attention_mask, max_new_tokens, compiled=cache_mode == "compiled")
-    if static is not None:  # copied into the static cache: the prompt's keys and values of every row, freed now
+    static = None
+    if cache_mode == "dynamic":
+        if count > 1:
+            cache.batch_repeat_interleave(count)
+    else:  # the prompts' cache copied into each of their rows of the static one, then freed
+        static = StaticDecodeStep.for_batch(policy, cache, attention_mask, max_new_tokens,
+                                            compiled=cache_mode == "compiled", count=count)
         out = cache = None
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     steps = 0

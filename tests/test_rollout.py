@@ -218,6 +218,17 @@ def test_static_cache_decode_gives_the_dynamic_tokens(tiny_policy):
     assert torch.equal(dynamic.completion_mask, static.completion_mask)
     assert len(StaticDecodeStep._instances) == 1
     cache = next(iter(StaticDecodeStep._instances.values())).cache
+    # each prompt's cache copied into its G rows of the static one (a broadcast copy, never expanded first): with
+    # no stop every row stays in the dynamic batch too, so the same seed draws the same tokens in both
+    grouped = {}
+    for mode in ("dynamic", "static"):
+        torch.manual_seed(1)
+        grouped[mode] = generate(policy, tokenizer, messages, num_generations=3, max_new_tokens=10, temperature=1.0,
+                                 stop_ids=[-1], image_processor=processor, cache_mode=mode)
+    assert grouped["static"].completion_ids.shape == (3 * len(messages), 10)
+    assert torch.equal(grouped["dynamic"].completion_ids, grouped["static"].completion_ids)
+    assert (grouped["dynamic"].logprobs - grouped["static"].logprobs).abs().max() < 1e-5
+    StaticDecodeStep._instances = {k: v for k, v in StaticDecodeStep._instances.items() if v.cache is cache}
     torch.manual_seed(0)
     stops = stop_token_ids(tokenizer, ["</answer>"])
     sampled = generate(policy, tokenizer, messages * 2, num_generations=3, max_new_tokens=25, temperature=1.0,

@@ -201,7 +201,8 @@ def decode(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision
         steps = step + 1
         finished = torch.isin(chosen, stop_tensor)
         if stop_strings:
-            finished |= stop_strings(tokens[active, : step + 1].cpu()).to(device)
+            # only the last `window` tokens can complete a stop string: the rest of the history stays on the device
+            finished |= stop_strings(tokens[active, max(0, step + 1 - stop_strings.window): step + 1].cpu()).to(device)
         if static is not None:  # every row stays; a row's first stop sets its length
             lengths[finished & ~done] = step + 1
             done |= finished

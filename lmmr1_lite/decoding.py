@@ -4,8 +4,8 @@
     computes (`cumsum(mask) - 1`, and Qwen2.5-VL's 3-D multimodal rotary positions when
     `mm_token_type_ids` are given); then the `DynamicCache`, the attention mask and the last
     positions are repeated to the G rows of each group (`batch_repeat_interleave`; the static and
-    compiled caches instead copy each prompt's keys and values into its G rows of their own cache). The positions of
-    every later token are `last + 1` per row, so the rotary offsets of the image rows (HF keeps them
+    compiled caches instead copy each prompt's keys and values into its G rows of their own cache).
+    The positions of every later token are `last + 1` per row, so the rotary offsets of the image rows (HF keeps them
     as `rope_deltas`) travel with the expanded rows without touching the model's state.
   * decode: one token per row per step; logits only for the last position (`hidden @ lm_head.T`,
     fp32), never `[tokens, vocab]` for the prompt; the token drawn by `sampling.next_tokens`.

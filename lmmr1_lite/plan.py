@@ -116,8 +116,8 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
         # originals, full-precision or 4/8-bit, are kept to come back untouched)
         "merged copy of the adapted linears (merge_for_rollouts)":
             counts.lora_targeted * elt if cfg.merge_for_rollouts else 0,
-        "KV cache during generation":
-            2 * layers * text.num_key_value_heads * head_dim * elt * generating_prompts * cfg.num_generations * cache_len,
+        "KV cache during generation": 2 * layers * text.num_key_value_heads * head_dim * elt
+                                      * generating_prompts * cfg.num_generations * cache_len,
         # with checkpointing one hidden state per layer is kept and one layer's working set is rebuilt in
         # backward; without it every layer keeps its whole working set
         # the prefill runs each prompt once (no grad): one layer's transients at a time over all prompt tokens

@@ -125,7 +125,7 @@ def merged_linear(base, delta: torch.Tensor, dtype: torch.dtype) -> MergedLinear
 @contextmanager
 def adapter_merged(policy):
     """Inside: each LoRA layer's base weight replaced by a merged copy (W + scaling * B A, summed in fp32, rounded
-    to the compute dtype) and the adapters disabled, so a forward runs one GEMM per layer instead of three; on
+    to W's dtype) and the adapters disabled, so a forward runs one GEMM per layer instead of three; on
     exit the original weights come back untouched (merging in place and unmerging would round W twice and let
     it drift step after step). A quantised (4/8-bit) base layer is replaced, while inside, by a dense
     `MergedLinear` of its dequantised weight plus the delta in the model's dtype (the embeddings' dtype): no

@@ -132,7 +132,8 @@ class TrainConfig:
                                   "as a vLLM-served policy's are; the update still computes the exact policy. Costs a "
                                   "copy of the adapted weights in `dtype` while generating (the planner counts it); a "
                                   "4/8-bit base generates from dense dequantised copies: no dequantisation and no "
-                                  "side path per decode step.")
+                                  "side path per decode step. With decode_cache 'compiled' the copies are kept "
+                                  "between steps (fixed addresses for its CUDA graphs), through training too.")
     stop_tokens: list = _f(["</answer>"], "Strings (besides EOS) that end a completion, one or several tokens each "
                            "(`</answer>` is three in Qwen's vocabulary); the completion keeps the stop string.")
     # --- rewards -------------------------------------------------------------------------------

@@ -153,7 +153,11 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
     backward = dequantised + parts["activations kept for backward"] + max(
         parts["log-prob chunk (logits block + gradient of hidden)"], parts["one layer recomputed in backward"])
     generation = static + generating
-    training = static + max(backward, parts["optimizer step scratch"]) + (kv_cache if kept_cache else 0)
+    # with decode_cache 'compiled' the merged copies (merge_for_rollouts) are kept between steps too
+    # (rollout.adapter_merged's `keep`: the CUDA graphs need their addresses fixed)
+    kept = (kv_cache if kept_cache else 0) + (parts["merged copy of the adapted linears (merge_for_rollouts)"]
+                                              if cfg.decode_cache == "compiled" else 0)
+    training = static + max(backward, parts["optimizer step scratch"]) + kept
     return {"parts": parts, "generation_working_set": generating, "training_working_set": backward,
             "generation_peak": generation * FRAGMENTATION, "training_peak": training * FRAGMENTATION,
             "peak": max(generation, training) * FRAGMENTATION, "counts": counts, "sequence_tokens": seq,
@@ -187,7 +191,9 @@ def render(cfg: TrainConfig, model_name: str, result: dict, gpu_gb: float, gpus:
     lines.append(f"{'peak while generating (x' + str(FRAGMENTATION) + ' allocator slack)':<58}"
                  f"{result['generation_peak'] / GIB:>8.2f}")
     if result["kv_cache_kept"]:
-        lines.append(f"(decode_cache {cfg.decode_cache}: the KV cache is kept for the next step, through training)")
+        kept = "the KV cache" + (" and the merged copy are" if cfg.merge_for_rollouts and cfg.decode_cache == "compiled"
+                                 else " is")
+        lines.append(f"(decode_cache {cfg.decode_cache}: {kept} kept for the next step, through training)")
     lines.append(f"{'peak while training (x' + str(FRAGMENTATION) + ' allocator slack)':<58}"
                  f"{result['training_peak'] / GIB:>8.2f}")
     fits = result["peak"] <= gpu_gb * GIB

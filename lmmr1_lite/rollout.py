@@ -103,61 +103,68 @@ def offset_prompt_indices(parts: list[Rollout]) -> list[torch.Tensor]:
 
 
 class MergedLinear(torch.nn.Linear):
-    """A dense stand-in for a quantised (4/8-bit) base linear while generating: its weight the dequantised base
-    plus the LoRA delta, in the model's compute dtype; input and output keep the caller's dtype, as the
-    bitsandbytes layer's do."""
+    """A dense stand-in for a LoRA layer's base linear while generating: its weight the base's (dequantised when
+    4/8-bit) plus the LoRA delta; input and output keep the caller's dtype, as a bitsandbytes layer's do."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
-def merged_linear(base, delta: torch.Tensor, dtype: torch.dtype) -> MergedLinear:
-    """`base` (a bitsandbytes Linear4bit/Linear8bitLt) dequantised, `delta` added in fp32, rounded to `dtype`."""
+def merged_weight(base, delta: torch.Tensor) -> torch.Tensor:
+    """fp32 `W + delta` of a base linear, `W` dequantised when `base` is a bitsandbytes Linear4bit/Linear8bitLt."""
+    if base.weight.dtype.is_floating_point:
+        return base.weight.float() + delta
     from peft.utils.integrations import dequantize_bnb_weight
 
-    weight = dequantize_bnb_weight(base.weight, getattr(base, "state", None)).float() + delta
-    dense = MergedLinear(base.in_features, base.out_features, bias=False, device="meta")
-    dense.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
-    dense.bias = base.bias  # shared, not copied
-    return dense
+    return dequantize_bnb_weight(base.weight, getattr(base, "state", None)).float() + delta
 
 
 @contextmanager
-def adapter_merged(policy):
-    """Inside: each LoRA layer's base weight replaced by a merged copy (W + scaling * B A, summed in fp32, rounded
-    to W's dtype) and the adapters disabled, so a forward runs one GEMM per layer instead of three; on
-    exit the original weights come back untouched (merging in place and unmerging would round W twice and let
-    it drift step after step). A quantised (4/8-bit) base layer is replaced, while inside, by a dense
-    `MergedLinear` of its dequantised weight plus the delta in the model's dtype (the embeddings' dtype): no
-    dequantisation and no side path per decode step, at the price of the adapted weights in that dtype while
-    generating (the planner counts it)."""
+def adapter_merged(policy, keep: bool = False):
+    """Inside: each LoRA layer's base linear replaced by a dense `MergedLinear` of W + scaling * B A (summed in
+    fp32, rounded to W's dtype, or to the model's dtype, the embeddings', for a 4/8-bit W, which is dequantised)
+    and the adapters disabled, so a forward runs one GEMM per layer instead of three, with no dequantisation;
+    on exit the original modules come back untouched (merging in place and unmerging would round W twice and let
+    it drift step after step). The copies cost the adapted weights in that dtype while generating.
+
+    `keep`: the copies stay allocated between calls (held on the policy, outside its modules and state dict)
+    and are refreshed in place, so every call generates from the same tensors at the same addresses, which a
+    compiled decode step's CUDA graphs need (new weights each call would make them record again); the price
+    is holding the copies through training too (the planner counts it for decode_cache 'compiled')."""
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in policy.modules() if isinstance(m, LoraLayer) and m.active_adapters]
+    if not keep:
+        policy.__dict__.pop("_merged_rollout_copies", None)
     if not layers:
         yield
         return
-    dtype = policy.get_input_embeddings().weight.dtype
-    weights, modules = [], []  # (base, its weight) and (LoRA layer, its quantised base) to put back on exit
+    kept = policy.__dict__.setdefault("_merged_rollout_copies", {}) if keep else {}
+    model_dtype = policy.get_input_embeddings().weight.dtype
+    originals = []  # (LoRA layer, its base linear) to put back on exit
     with torch.no_grad():
         for layer in layers:
             base = layer.get_base_layer()
-            delta = sum(layer.get_delta_weight(name).float() for name in layer.active_adapters if name in layer.lora_A)
-            if base.weight.dtype.is_floating_point:
-                weights.append((base, base.weight))
-                base.weight = torch.nn.Parameter((base.weight.float() + delta).to(base.weight.dtype),
-                                                 requires_grad=False)
+            dtype = base.weight.dtype if base.weight.dtype.is_floating_point else model_dtype
+            weight = merged_weight(base, sum(layer.get_delta_weight(name).float()
+                                             for name in layer.active_adapters if name in layer.lora_A))
+            dense = kept.get(layer)
+            if dense is None or dense.weight.dtype != dtype or dense.weight.shape != weight.shape:
+                dense = MergedLinear(base.in_features, base.out_features, bias=False, device="meta")
+                dense.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+                if keep:
+                    kept[layer] = dense
             else:
-                modules.append((layer, layer.base_layer))
-                layer.base_layer = merged_linear(base, delta, dtype)
-            del delta
+                dense.weight.copy_(weight)  # rounded to its dtype, in place: the same address every call
+            dense.bias = base.bias  # shared, not copied
+            del weight
+            originals.append((layer, layer.base_layer))
+            layer.base_layer = dense
     try:
         with policy.disable_adapter():
             yield
     finally:
-        for base, weight in weights:
-            base.weight = weight
-        for layer, base in modules:
+        for layer, base in originals:
             layer.base_layer = base
 
 

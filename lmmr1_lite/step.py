@@ -105,7 +105,8 @@ def generate_rollouts(ctx: StepContext, examples: list[Example]) -> Rollout:
                      stop_strings=cfg.stop_tokens, top_k=cfg.top_k, top_p=cfg.top_p,
                      image_processor=ctx.image_processor, cache_mode=cfg.decode_cache)
             for i in range(0, len(messages), size)], ctx.tokenizer.pad_token_id)
-    with adapter_merged(ctx.policy) if cfg.merge_for_rollouts else nullcontext():
+    # the compiled decode step's CUDA graphs need the merged weights at the same addresses every step
+    with adapter_merged(ctx.policy, keep=cfg.decode_cache == "compiled") if cfg.merge_for_rollouts else nullcontext():
         batch, ctx.generation_batch_size = halve_on_oom(run, ctx.generation_batch_size, "generation")
     return batch
 

@@ -179,6 +179,17 @@ def test_planner_sizes_the_kv_cache_by_generate_call_and_keeps_a_static_one_thro
         assert "the KV cache is kept for the next step, through training" in \
             render(replace(cfg, decode_cache=mode), "3b", kept, 24)
     assert "kept for the next step" not in render(cfg, "3b", dynamic, 24)
+    # with the compiled cache the merged copies of merge_for_rollouts stay too (their CUDA graphs' addresses)
+    merged = "merged copy of the adapted linears (merge_for_rollouts)"
+    for mode, kept_copy in (("dynamic", False), ("static", False), ("compiled", True)):
+        plain = estimate(replace(cfg, decode_cache=mode), config, False, prompt_tokens=107)
+        both = estimate(replace(cfg, decode_cache=mode, merge_for_rollouts=True), config, False, prompt_tokens=107)
+        assert both["parts"][merged] > 0 and both["generation_peak"] == pytest.approx(
+            plain["generation_peak"] + both["parts"][merged] * FRAGMENTATION)
+        assert both["training_peak"] == pytest.approx(
+            plain["training_peak"] + (both["parts"][merged] * FRAGMENTATION if kept_copy else 0))
+    text = render(replace(cfg, decode_cache="compiled", merge_for_rollouts=True), "3b", both, 24)
+    assert "the KV cache and the merged copy are kept for the next step, through training" in text
 
 
 def test_planner_working_sets_of_each_phase():

@@ -398,3 +398,36 @@ def test_rollouts_from_a_quantised_base_merge_into_dense_copies_and_put_the_base
     for name, p in policy.named_parameters():
         assert p is weights[name][0] and torch.equal(p, weights[name][1]), name
     assert torch.equal(generate(policy, tokenizer, PROMPTS, **kwargs).completion_ids, side_path.completion_ids)
+
+
+def test_kept_merged_copies_are_refreshed_in_place_at_the_same_addresses(build_tiny_policy):
+    """adapter_merged(keep=True) (merge_for_rollouts with decode_cache 'compiled', whose CUDA graphs need fixed
+    addresses): a second call generates from the same tensors, refreshed in place with the LoRA as it is now (its
+    tokens equal the side path's after the adapter changed); the copies are never parameters or state of the
+    policy, and a call without keep drops them."""
+    from lmmr1_lite.rollout import MergedLinear, adapter_merged
+
+    policy, tokenizer, _ = build_tiny_policy(quantization="nf4", gradient_checkpointing=False)
+    names = {n for n, _ in policy.named_parameters()}
+    state = set(policy.state_dict())
+    kwargs = dict(num_generations=2, max_new_tokens=12, temperature=1.0, greedy=True, stop_ids=[])
+
+    def inside() -> tuple[dict, torch.Tensor]:
+        with adapter_merged(policy, keep=True):
+            pointers = {n: m.weight.data_ptr() for n, m in policy.named_modules() if isinstance(m, MergedLinear)}
+            return pointers, generate(policy, tokenizer, PROMPTS, **kwargs).completion_ids
+    first, tokens = inside()
+    assert first and torch.equal(tokens, generate(policy, tokenizer, PROMPTS, **kwargs).completion_ids)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-3.0)  # an update that changes the adapted policy's tokens
+    second, changed = inside()
+    assert second == first, "the same tensors at the same addresses"
+    assert not torch.equal(changed, tokens)
+    assert torch.equal(changed, generate(policy, tokenizer, PROMPTS, **kwargs).completion_ids)
+    assert len(policy.__dict__["_merged_rollout_copies"]) == len(first)
+    assert {n for n, _ in policy.named_parameters()} == names and set(policy.state_dict()) == state
+    with adapter_merged(policy):
+        pass
+    assert "_merged_rollout_copies" not in policy.__dict__

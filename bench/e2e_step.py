@@ -515,7 +515,7 @@ def image_processor_for(cfg):
 def time_decode(meter: PhaseMeter, ctx, examples, mode: str, new_tokens: int) -> dict:
     """Generation of `examples` (G completions each, `new_tokens` tokens) in decode mode `mode`: a first run (the
     compiled cache compiles in it), then a timed one; tokens decoded per second of the timed run. With '+merged'
-    the timed run merges afresh (new weight tensors: on CUDA a compiled step's graphs see new addresses)."""
+    the timed run merges again, as every step does (in place for the compiled cache, which keeps its copies)."""
     from lmmr1_lite.step import generate_rollouts
 
     timed = replace(ctx, cfg=replace(ctx.cfg, **decode_settings(mode), max_new_tokens=new_tokens))

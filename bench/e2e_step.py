@@ -211,6 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode-profile", default="", metavar="MODE",
                         help="once this one of --decode-modes is timed, profile a short generation with this "
                              "mode (torch.profiler: the top ops, the device's busy time against the wall)")
+    parser.add_argument("--explain-decode", default="", metavar="MODE",
+                        help="with --decode-only, first explain (torch._dynamo.explain) the static decode step in this "
+                             "mode's weights (merged or not): its graphs and graph breaks, which decide whether the "
+                             "compiled cache can run as CUDA graphs")
     parser.add_argument("--profile-backward", action="store_true",
                         help="after the step, profile one more gradient pass (torch.profiler: the top ops, the "
                              "device's busy time against the wall) into the report's backward_profile")
@@ -235,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
                                for key, value in parse_sets([args.backward_ab], "--backward-ab").items()}
     except ConfigError as err:
         parser.error(str(err))
-    for mode in filter(None, [*args.decode_modes.split(","), args.decode_mode, args.decode_profile]):
+    for mode in filter(None, [*args.decode_modes.split(","), args.decode_mode, args.decode_profile,
+                              args.explain_decode]):
         try:
             decode_settings(mode)
         except ValueError as err:
@@ -305,6 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
                   "prompts": cfg.prompts_per_step, "generations": cfg.num_generations, "phases": meter.phases,
                   "decode": {}}
         meter.out = None  # the full report from here on
+        if args.explain_decode:
+            report["decode_explain"] = explain_decode(policy, args.explain_decode)
+            print(f"decode explain {args.explain_decode}: {json.dumps(report['decode_explain'])}", flush=True)
         return time_decode_modes(report, meter, ctx, examples, args)
 
     with forward_progress(meter, "generate", models.backbone(policy)):
@@ -415,6 +423,22 @@ def decode_settings(mode: str) -> dict:
 def decode_mode(cfg) -> str:
     """`decode_settings`'s inverse: the mode a config generates with."""
     return cfg.decode_cache + ("+merged" if cfg.merge_for_rollouts else "")
+
+
+def explain_decode(policy, mode: str) -> dict:
+    """`decoding.static_step_explainer`'s summary for the weights decode mode `mode` generates from (the merged
+    copies with '+merged'); an error as one line, so that it cannot cost the timed modes."""
+    from lmmr1_lite.decoding import explanation_summary, static_step_explainer
+    from lmmr1_lite.rollout import adapter_merged
+
+    try:
+        began = time.perf_counter()
+        with adapter_merged(policy) if decode_settings(mode)["merge_for_rollouts"] else contextlib.nullcontext():
+            explanation = static_step_explainer(policy)()
+        torch._dynamo.reset()  # the timed modes compile from scratch, as a run does
+        return {"mode": mode, **explanation_summary(explanation), "seconds": time.perf_counter() - began}
+    except Exception as err:  # a diagnosis: its failure must not cost the timed modes
+        return {"mode": mode, "error": f"{type(err).__name__}: {str(err)[:200]}".splitlines()[0]}
 
 
 def time_decode_modes(report: dict, meter: PhaseMeter, ctx, examples, args) -> dict:

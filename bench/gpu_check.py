@@ -60,6 +60,8 @@ LOSS_SHAPES = "8192x2048,16384x2048,8192x3584"
 # (744, its graphs without CUDA graphs) were measured on 2026-12-04 and are left out to keep the part's time
 DECODE_MODES = "dynamic,dynamic+merged,compiled+merged"
 BACKWARD_AB = "micro_batch_size=64"  # e2e_fre: the gradient pass timed as configured and with this change
+DECODE_EXPLAIN = "compiled+merged"  # its static step traced first: graphs and graph breaks (run 3's log showed a
+# graph break in Qwen2_5_VLModel.forward on the H200, which no CPU trace here reproduces)
 DECODE_PROFILE = "dynamic+merged"  # the dynamic cache's profile is in run 3: 14 % of the wall busy on the GPU
 KERNEL_TESTS = ("tests/test_kernels.py", "tests/test_objectives.py")  # their tests marked `device`
 
@@ -83,8 +85,8 @@ def parts_for(dry_run: bool) -> list[Part]:
     # most in its time. Measured in the next call (2026-12-04, run 3): the decode part ~175 s (the compiled mode's
     # compile 84 s of it), the FRE step 172 s with completions cut to fit. The decode part's modes since (DECODE_MODES:
     # the static cache and the compiled side path out, the merged dynamic and compiled caches in) are estimated from
-    # those at about 185 s: 200 s, the compiled mode last
-    return [Part("install", 60, 10), Part("kernels", 90, 30), Part("loss", 100, 40), Part("decode", 200, 60),
+    # those at about 185 s, and the static step's trace (DECODE_EXPLAIN) first: 220 s, the compiled mode last
+    return [Part("install", 60, 10), Part("kernels", 90, 30), Part("loss", 100, 40), Part("decode", 220, 60),
             Part("e2e_fre", 240, 120), Part("e2e_mgt", 200, 120)]
 
 
@@ -307,7 +309,8 @@ def command_for(name: str, args, learned: dict, budget_s: float | None = None) -
     if name == "decode":
         # compiling the decode step on a CPU (inductor) takes about a minute: the compiled mode on CUDA only
         cmd += ["--decode-only", "--decode-modes", "dynamic,dynamic+merged" if args.dry_run else DECODE_MODES,
-                "--decode-new-tokens", "4" if args.dry_run else "32", "--decode-profile", DECODE_PROFILE]
+                "--decode-new-tokens", "4" if args.dry_run else "32", "--decode-profile", DECODE_PROFILE,
+                "--explain-decode", DECODE_EXPLAIN]
     elif choice := best_decode(learned.get("decode_report"), share):
         cmd += ["--decode-mode", choice["decode_mode"]]
         if share:  # less the compile the step's process pays first
@@ -402,7 +405,7 @@ def part_line(part: Part) -> str:
                            for mode, d in report["decode"].items())
         steps_use = ("; the steps generate with the one that decodes most in their time, its compile counted"
                      if best_decode(report) else "; the steps keep their configs' decode_cache and merge_for_rollouts")
-        return f"{speeds or 'no mode timed'}{steps_use}"
+        return f"{speeds or 'no mode timed'}{steps_use}{explain_line(report.get('decode_explain'))}"
     if report and report.get("partial"):
         progress = "".join(f"; {phase} had made {p['forward_calls']} forward calls in {p['seconds']:.0f} s "
                            f"({1e3 * p['seconds'] / p['forward_calls']:.0f} ms each)"
@@ -476,6 +479,18 @@ def tables(parts: list[Part], header: str) -> str:
                     for label, run in report["backward_ab"].items()]
         out += profile_table(report.get("backward_profile"), f"{name}: a profiled gradient pass after the step")
     return "\n".join(out) + "\n"
+
+
+def explain_line(explained: dict | None) -> str:
+    """e2e_step's `decode_explain`: how torch.compile splits the static decode step (one graph, no break: CUDA
+    graphs can run it whole)."""
+    if not explained:
+        return ""
+    if "error" in explained:
+        return f"; the {explained['mode']} step's trace failed: {explained['error']}"
+    breaks = f": {'; '.join(explained['break_reasons'])}" if explained["break_reasons"] else ""
+    return (f"; the {explained['mode']} step traces as {explained['graphs']} graph(s) with "
+            f"{explained['graph_breaks']} graph break(s){breaks}")
 
 
 def decode_table(decode: dict) -> list[str]:

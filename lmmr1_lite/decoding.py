@@ -145,6 +145,34 @@ class StaticDecodeStep:
         return self.forward(input_ids, self.mask, position_ids).clone()  # a CUDA graph reuses its output
 
 
+def static_step_explainer(policy, rows: int = 2, prompt_tokens: int = 6):
+    """A function that returns `torch._dynamo.explain` of one static-cache decode step of `policy`, what
+    decode_cache 'compiled' compiles (its CUDA graphs need the step traced whole: one graph, no graph break),
+    over `rows` prompts of `prompt_tokens` fixed token ids, prefilled now. It traces whatever modules the policy
+    has when called (inside `rollout.adapter_merged`: the merged copies)."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 30, (rows, prompt_tokens), generator=generator).to(policy.device)
+    mask = torch.ones_like(ids)
+    positions = models.prefill_positions(policy, ids, mask, {}, None)
+    with torch.no_grad():
+        out = models.backbone(policy)(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        step = StaticDecodeStep(policy, rows, StaticDecodeStep.LENGTH_QUANTUM, compiled=False)
+        step.load(_output_cache(out), mask)
+        step.mask[:, step.length] = 1
+
+    def explain():
+        with torch.no_grad():
+            return torch._dynamo.explain(step._forward)(ids[:, :1], step.mask, positions[..., -1:] + 1)
+    return explain
+
+
+def explanation_summary(explanation, reasons: int = 5) -> dict:
+    """What `torch._dynamo.explain` found, as JSON: graphs, graph breaks and the first breaks' reasons."""
+    return {"graphs": explanation.graph_count, "graph_breaks": explanation.graph_break_count,
+            "ops": explanation.op_count,
+            "break_reasons": [str(b.reason).splitlines()[0][:200] for b in explanation.break_reasons[:reasons]]}
+
+
 @torch.no_grad()
 def decode(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: dict | None = None, *,
            count: int, max_new_tokens: int, temperature: float, stop_ids, pad_id: int, greedy: bool = False,

@@ -66,6 +66,9 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
     for mode in decode["decode"].values():
         assert mode["rows"] == 8 and 0 < mode["tokens_decoded"] <= 8 * 4 and mode["tokens_per_second"] > 0
     fastest = max(decode["decode"], key=lambda mode: decode["decode"][mode]["tokens_per_second"])
+    explained = decode["decode_explain"]  # the static step traced first, in the merged weights: whole
+    assert explained["mode"] == "compiled+merged" and explained["graphs"] == 1
+    assert explained["graph_breaks"] == 0 and explained["break_reasons"] == [] and explained["ops"] > 0
     profile = decode["decode_profile"]  # where a short merged dynamic-cache generation's time went
     assert profile["mode"] == "dynamic+merged" and profile["device_busy_seconds"] is None  # CUDA only
     assert 0 < profile["ops_cpu_seconds"] and 0 < profile["wall_seconds"] and len(profile["top"]) == 15
@@ -98,12 +101,12 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
         assert re.search(rf"^\| {part} \| ok \| [\d.]+ \| .+ \|$", table, re.M), part
     assert "| 14 passed, 0 failed (tests/test_kernels.py, tests/test_objectives.py) |" in table
     assert "| dynamic+merged | 8 | 4 |" in table and "| lmmr1_kernels |" in table
+    assert "its compile counted; the compiled+merged step traces as 1 graph(s) with 0 graph break(s) |" in table
     assert re.search(r"^Decode profile, dynamic\+merged mode, 8 new tokens: [\d.]+ s wall, [\d.]+ s of CPU in torch's ops; "
                      r"top ops by self CPU time:$", table, re.M)
     assert re.search(r"^e2e_fre: a profiled gradient pass after the step: [\d.]+ s wall, ", table, re.M)
     assert re.search(r"^\| micro_batch_size=2 \| 8 \| 2 \| [\d.]+ \| -?[\d.]+ \|$", table, re.M)
-    assert ("; the steps generate with the one that decodes most in their time, its compile counted |" in table
-            and f"generated in decode mode {fastest}" in table)
+    assert f"generated in decode mode {fastest}" in table
     assert re.search(r"^\| 64 \| 32 \| 1000 \| torch.float32 \| lmmr1 gspo \|( [\d.]* \|){4} [\d.]+ \|$", table, re.M)
     assert proc.stdout.rstrip().endswith(table.rstrip()), "the table is printed last"
     assert "===== e2e_mgt" in (out / "parts.log").read_text()
@@ -286,6 +289,12 @@ def test_the_steps_generate_with_the_cache_that_decodes_most_in_their_time(gpu_c
     report["decode"] = {"broken": decode["broken"]}
     assert gpu_check.part_line(part).endswith("broken error; the steps keep their configs' decode_cache and "
                                               "merge_for_rollouts")
+    report["decode_explain"] = {"mode": "compiled+merged", "graphs": 2, "graph_breaks": 1, "ops": 9,
+                                "break_reasons": ["call_method requires_grad_"]}
+    assert gpu_check.part_line(part).endswith("merge_for_rollouts; the compiled+merged step traces as 2 graph(s) "
+                                              "with 1 graph break(s): call_method requires_grad_")
+    assert gpu_check.explain_line({"mode": "compiled", "error": "Unsupported: x"}) == \
+        "; the compiled step's trace failed: Unsupported: x"
 
 
 def test_a_decode_mode_is_a_cache_and_whether_the_lora_is_merged(capsys):

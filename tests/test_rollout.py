@@ -261,26 +261,12 @@ def test_compiled_decode_gives_the_dynamic_tokens(tiny_policy):
 
 
 def static_decode_step_to_explain(cfg):
-    """The policy `cfg` builds, prefilled with two 6-token prompts, and a function that returns
-    torch._dynamo.explain of one static-cache decode step (what decode_cache 'compiled' compiles)."""
-    from lmmr1_lite.decoding import StaticDecodeStep, _output_cache
+    """The policy `cfg` builds (a 4-bit base) and `decoding.static_step_explainer` of it."""
+    from lmmr1_lite.decoding import static_step_explainer
 
     policy = models.add_lora(models.load_base_model(cfg, torch.device("cpu")), cfg).eval()
     assert any(type(m).__name__ == "Linear4bit" for m in policy.modules()), "the base is 4-bit"
-    ids = torch.randint(5, 30, (2, 6), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    body = models.backbone(policy)
-    positions = models.prefill_positions(policy, ids, mask, {}, None)
-    with torch.no_grad():
-        prefilled = _output_cache(body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True))
-        step = StaticDecodeStep(policy, 2, 128, compiled=False)
-        step.load(prefilled, mask)
-        step.mask[:, step.length] = 1
-
-    def explain():
-        with torch.no_grad():
-            return torch._dynamo.explain(step._forward)(ids[:, :1], step.mask, positions[..., -1:] + 1)
-    return policy, explain
+    return policy, static_step_explainer(policy)
 
 
 def test_static_decode_step_traces_whole_over_a_4bit_base_with_lora(tiny_cfg):

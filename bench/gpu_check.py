@@ -344,6 +344,11 @@ def collect(part: Part, args, log_path: Path, log_start: int) -> None:
         report = read_json(Path(args.out) / ("loss_kernels.json" if part.name == "loss" else f"{part.name}.json"))
         if report is not None:
             part.result["report"] = report
+        # inductor's reasons for running a compiled graph without CUDA graphs (run 3: "mutated inputs", from
+        # Liger's RMSNorm kernel inside the decode step): whether the compiled cache replays CUDA graphs
+        text = log_path.read_text(errors="replace")[log_start:]
+        part.result["cudagraph_skips"] = sorted({reason.strip() for reason in re.findall(
+            r"skipping cudagraphs due to ([^.(\n]+)", text)})
 
 
 def children_cpu_seconds() -> float:
@@ -405,7 +410,9 @@ def part_line(part: Part) -> str:
                            for mode, d in report["decode"].items())
         steps_use = ("; the steps generate with the one that decodes most in their time, its compile counted"
                      if best_decode(report) else "; the steps keep their configs' decode_cache and merge_for_rollouts")
-        return f"{speeds or 'no mode timed'}{steps_use}{explain_line(report.get('decode_explain'))}"
+        compiled = any(mode.startswith("compiled") and "tokens_per_second" in d for mode, d in report["decode"].items())
+        return (f"{speeds or 'no mode timed'}{steps_use}{explain_line(report.get('decode_explain'))}"
+                f"{cudagraph_line(r, compiled)}")
     if report and report.get("partial"):
         progress = "".join(f"; {phase} had made {p['forward_calls']} forward calls in {p['seconds']:.0f} s "
                            f"({1e3 * p['seconds'] / p['forward_calls']:.0f} ms each)"
@@ -422,6 +429,7 @@ def part_line(part: Part) -> str:
         if report.get("max_new_tokens_cut_from"):
             cache += (f", completions cut to {report['max_new_tokens']} tokens (from {report['max_new_tokens_cut_from']})"
                       f" to fit the part's time")
+        cache += cudagraph_line(r, compiled=str(report.get("decode_mode", "")).startswith("compiled"))
         return (f"planner peak {report['planner_peak_gib']:.2f} GiB "
                 f"({'fits' if report.get('planner_fits') else 'does not fit'}); {measured}{cache}{decode}")
     return r.get("note", "")
@@ -479,6 +487,14 @@ def tables(parts: list[Part], header: str) -> str:
                     for label, run in report["backward_ab"].items()]
         out += profile_table(report.get("backward_profile"), f"{name}: a profiled gradient pass after the step")
     return "\n".join(out) + "\n"
+
+
+def cudagraph_line(result: dict, compiled: bool) -> str:
+    """Whether inductor logged skipping CUDA graphs in this part (with its reasons); said only when a compiled
+    graph ran, or a skip was logged."""
+    if result.get("cudagraph_skips"):
+        return f"; inductor skipped CUDA graphs: {', '.join(result['cudagraph_skips'])}"
+    return "; no CUDA-graph skip logged" if compiled else ""
 
 
 def explain_line(explained: dict | None) -> str:

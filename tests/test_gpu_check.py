@@ -284,7 +284,8 @@ def test_the_steps_generate_with_the_cache_that_decodes_most_in_their_time(gpu_c
     part = gpu_check.Part("decode", 1, 1, {"status": "ok", "seconds": 90.0, "report": report})
     table = gpu_check.tables([part], "## head")
     assert ("| decode | ok | 90.0 | dynamic 256 tokens/s, static 512 tokens/s, compiled 1024 tokens/s, broken error; "
-            "the steps generate with the one that decodes most in their time, its compile counted |") in table
+            "the steps generate with the one that decodes most in their time, its compile counted; no CUDA-graph skip "
+            "logged |") in table
     assert "Decode, 3b, nf4, bfloat16, 8 prompts x 8 (H200):" in table and "| static | 64 | 32 | 9.00 | 4.00 | 512.0 |" in table
     report["decode"] = {"broken": decode["broken"]}
     assert gpu_check.part_line(part).endswith("broken error; the steps keep their configs' decode_cache and "
@@ -295,6 +296,30 @@ def test_the_steps_generate_with_the_cache_that_decodes_most_in_their_time(gpu_c
                                               "with 1 graph break(s): call_method requires_grad_")
     assert gpu_check.explain_line({"mode": "compiled", "error": "Unsupported: x"}) == \
         "; the compiled step's trace failed: Unsupported: x"
+
+
+def test_the_summary_says_whether_inductor_skipped_cuda_graphs(gpu_check, tmp_path):
+    """Inductor's "skipping cudagraphs due to ..." lines in a part's share of parts.log (run 3's, verbatim) become
+    the part's cudagraph_skips and its summary says so; a compiled mode with no such line says none was logged."""
+    log = tmp_path / "parts.log"
+    earlier = "W1204 18:00:00.000000 515 torch/_inductor/cudagraph_utils.py:207] [__cudagraphs] skipping " \
+              "cudagraphs due to cpu device (arg0_1). Found from : \n"
+    log.write_text(earlier)
+    start = log.stat().st_size
+    with log.open("a") as handle:
+        handle.write("W1204 18:06:35.353000 515 torch/_inductor/cudagraph_utils.py:207] [__cudagraphs] skipping "
+                     "cudagraphs due to mutated inputs (1 instances). Found from : \n" * 2 + "decode compiled: {}\n")
+    args = gpu_check.argparse.Namespace(out=str(tmp_path))
+    part = gpu_check.Part("decode", 1, 1, {"status": "ok"})
+    gpu_check.collect(part, args, log, start)
+    assert part.result["cudagraph_skips"] == ["mutated inputs"]  # once, and not the earlier part's
+    part.result["report"] = {"decode": {"compiled+merged": {"rows": 64, "new_tokens": 32, "first_run_seconds": 90.0,
+                                                            "seconds": 2.0, "tokens_per_second": 1024.0}}}
+    assert gpu_check.part_line(part).endswith("; inductor skipped CUDA graphs: mutated inputs")
+    part.result["cudagraph_skips"] = []
+    assert gpu_check.part_line(part).endswith("its compile counted; no CUDA-graph skip logged")
+    part.result["report"]["decode"] = {"dynamic": part.result["report"]["decode"]["compiled+merged"]}
+    assert gpu_check.part_line(part).endswith("its compile counted")
 
 
 def test_a_decode_mode_is_a_cache_and_whether_the_lora_is_merged(capsys):

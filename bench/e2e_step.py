@@ -329,25 +329,6 @@ def main(argv: list[str] | None = None) -> dict:
     meter.measure("backward", lambda: compute_gradients(ctx, scored))
     optimizer.zero_grad(set_to_none=True)
     meter.measure("train", lambda: update_policy(ctx, scored))
-    backward_ab = None
-    if backward_change:  # the same rollouts, the same work; only the change differs (after the measured phases)
-        backward_ab = {}
-        for label, variant in (("as configured", cfg), (args.backward_ab, replace(cfg, **backward_change))):
-            optimizer.zero_grad(set_to_none=True)
-            timed = replace(ctx, cfg=variant, micro_batch_size=variant.micro_batch_size)
-            meter.measure("backward_ab", lambda: compute_gradients(timed, scored))
-            phase = meter.phases.pop("backward_ab")
-            trained = len(rows_with_loss(variant, scored.advantages))  # the rows the pass runs on
-            # its working set (the peak above the start, less the gradients it leaves) at two micro-batch sizes
-            # separates what grows with a micro-batch's tokens from what does not
-            backward_ab[label] = {"seconds": phase["seconds"], "rows_trained": trained, "rows_per_micro_batch": min(
-                trained, micro_rows(variant, scored.batch, variant.micro_batch_size)),
-                "working_set_gib": phase["peak_extra_gib"] - phase["left_behind_gib"]}
-    backward_profile = None
-    if args.profile_backward:  # after the measured phases, so that its overhead is in none of them
-        optimizer.zero_grad(set_to_none=True)
-        backward_profile = profiled(lambda: compute_gradients(ctx, scored))
-
     config = policy.get_base_model().config
     prompt_tokens = int(batch.prompt_mask.sum(1).max())
     plan = estimate(cfg, config, has_images=has_images, prompt_tokens=prompt_tokens)
@@ -384,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
         "planner_peak_gib": plan["peak"] / GIB, "planner_fits": plan["peak"] <= args.gpu_gib * GIB,
         "has_images": has_images, "device_memory": device_memory, "progress": meter.progress,
         "decode_mode": decode_mode(cfg), "max_new_tokens_cut_from": cut_from, "decode": {},
-        "backward_profile": backward_profile, "backward_ab": backward_ab,
+        "backward_profile": None, "backward_ab": None,
         "note": "random weights: completions run to max_new_tokens, the worst case for memory",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -395,7 +376,27 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = row["measured_vs_planner"]
         print(f"| {name} | {row['planner_gib']:.3f} | {row['measured_gib']:.3f} | "
               f"{'' if ratio is None else f'{ratio:.2f}'} |", flush=True)
-    meter.out = None  # the full report from here on
+    meter.out = None  # the full report from here on, written again after each of the extras below, so that a
+    # budget that stops the process in one of them keeps the step's measurements
+    if backward_change:  # the same rollouts, the same work; only the change differs
+        report["backward_ab"] = {}
+        for label, variant in (("as configured", cfg), (args.backward_ab, replace(cfg, **backward_change))):
+            optimizer.zero_grad(set_to_none=True)
+            timed = replace(ctx, cfg=variant, micro_batch_size=variant.micro_batch_size)
+            meter.measure("backward_ab", lambda: compute_gradients(timed, scored))
+            phase = meter.phases.pop("backward_ab")
+            trained = len(rows_with_loss(variant, scored.advantages))  # the rows the pass runs on
+            # its working set (the peak above the start, less the gradients it leaves) at two micro-batch sizes
+            # separates what grows with a micro-batch's tokens from what does not
+            report["backward_ab"][label] = {
+                "seconds": phase["seconds"], "rows_trained": trained,
+                "rows_per_micro_batch": min(trained, micro_rows(variant, scored.batch, variant.micro_batch_size)),
+                "working_set_gib": phase["peak_extra_gib"] - phase["left_behind_gib"]}
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if args.profile_backward:  # after the measured phases, so that its overhead is in none of them
+        optimizer.zero_grad(set_to_none=True)
+        report["backward_profile"] = profiled(lambda: compute_gradients(ctx, scored))
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return time_decode_modes(report, meter, ctx, examples, args)
 
 

@@ -377,6 +377,27 @@ def test_the_step_reports_each_phase_as_it_ends(tmp_path):
     assert partial["phases"]["load"]["seconds"] > 0 and partial["phases"]["load"]["peak_extra_gib"] > 0.02
 
 
+def test_a_step_stopped_in_its_extras_keeps_its_whole_report(tmp_path, monkeypatch):
+    """bench/e2e_step.py writes the step's full report (phases, planner components) before its extra passes
+    (--backward-ab, --profile-backward) and again after each, so a budget that stops it in one keeps the rest."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import e2e_step
+
+    def stopped(run):
+        raise KeyboardInterrupt  # as the part's budget would stop the process here
+
+    monkeypatch.setattr(e2e_step, "profiled", stopped)
+    out = tmp_path / "step.json"
+    with pytest.raises(KeyboardInterrupt):
+        e2e_step.main(["--set", "prompts_per_step=2", "--set", "num_generations=4", "--set", "max_new_tokens=8",
+                       "--backward-ab", "micro_batch_size=2", "--profile-backward", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert "partial" not in report and list(report["phases"]) == [
+        "load", "generate", "score_and_reference", "reference_pass", "old_pass", "backward", "train"]
+    assert report["components"] and report["planner_peak_gib"] > 0
+    assert list(report["backward_ab"]) == ["as configured", "micro_batch_size=2"] and report["backward_profile"] is None
+
+
 def test_a_step_stopped_while_generating_says_how_far_it_got(tmp_path):
     """bench/e2e_step.py's forward_progress: every `every` forward calls of the module the count and the seconds
     so far go into the partial report, and the final count when the phase ends."""

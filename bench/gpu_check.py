@@ -19,11 +19,14 @@ when less time is left than it needs, and stopped at its budget, so one slow or 
            ours (with loss_kernels.OBJECTIVES, each also as a multiple of the token-level loss's time), forward +
            backward time and peak memory, the LM-head GEMM floor
   decode   bench/e2e_step.py --decode-only: the 3B architecture (random weights, NF4, bf16, Qwen's tokenizer,
-           configs/qwen2_5_vl_3b/fre.yaml's 8 x 8 rows) generating in each of DECODE_MODES (the dynamic cache
-           through the LoRA's side path; with merge_for_rollouts, dynamic and compiled);
-           the steps below generate with the one that decodes most in their time (its compile counted)
+           configs/qwen2_5_vl_3b/fre.yaml's 8 x 8 rows): its static decode step traced first (DECODE_EXPLAIN:
+           graphs, graph breaks), then generating in each of DECODE_MODES (the dynamic cache through the LoRA's
+           side path; with merge_for_rollouts, dynamic and compiled); the steps below generate with the one
+           that decodes most in their time (its compile counted). Every part's summary line lists inductor's
+           reasons for skipping CUDA graphs, read from its log
   e2e_fre  bench/e2e_step.py: the same model and config, one GRPO step; each phase's peak CUDA memory beside
-           the planner's, whether the step fits 24 GiB
+           the planner's, whether the step fits 24 GiB; then the gradient pass profiled, and timed as configured
+           and with BACKWARD_AB
   e2e_mgt  the same with configs/qwen2_5_vl_3b/mgt.yaml on geometry images
 Writes into --out (default bench/out/gpu_check): summary.json, summary.md (the table, printed last),
 parts.log (every part's output), loss_kernels.json, decode.json, e2e_fre.json, e2e_mgt.json.

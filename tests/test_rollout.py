@@ -417,3 +417,31 @@ def test_kept_merged_copies_are_refreshed_in_place_at_the_same_addresses(build_t
     with adapter_merged(policy):
         pass
     assert "_merged_rollout_copies" not in policy.__dict__
+
+
+def test_compiled_decode_from_kept_merged_copies_follows_the_updated_adapter(build_tiny_policy):
+    """merge_for_rollouts with decode_cache 'compiled' (the kept copies refreshed in place): after the adapter
+    changes, the compiled step (not compiled again) decodes the updated policy's tokens, not the weights it was
+    traced with."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from lmmr1_lite.rollout import adapter_merged
+
+    policy, tokenizer, _ = build_tiny_policy(quantization="nf4", gradient_checkpointing=False)
+    kwargs = dict(num_generations=1, max_new_tokens=12, temperature=1.0, greedy=True, stop_ids=[])
+
+    def compiled() -> torch.Tensor:
+        with adapter_merged(policy, keep=True):
+            return generate(policy, tokenizer, PROMPTS, cache_mode="compiled", **kwargs).completion_ids
+    torch._dynamo.reset()
+    before = compiled()
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    assert torch.equal(before, generate(policy, tokenizer, PROMPTS, **kwargs).completion_ids)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-3.0)
+    after = compiled()
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs, "not compiled again"
+    assert not torch.equal(after, before)
+    assert torch.equal(after, generate(policy, tokenizer, PROMPTS, **kwargs).completion_ids)

@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
                                for key, value in parse_sets([args.backward_ab], "--backward-ab").items()}
     except ConfigError as err:
         parser.error(str(err))
+    if args.explain_decode and not args.decode_only:
+        parser.error("--explain-decode traces the decode step of --decode-only; add --decode-only")
     for mode in filter(None, [*args.decode_modes.split(","), args.decode_mode, args.decode_profile,
                               args.explain_decode]):
         try:
@@ -368,8 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
         "backward_profile": None, "backward_ab": None,
         "note": "random weights: completions run to max_new_tokens, the worst case for memory",
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print(json.dumps(report, indent=2))
     print(f"\n| component | planner GiB | measured GiB | measured / planner |\n|---|---:|---:|---:|")
     for name, row in components.items():
@@ -392,11 +393,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "seconds": phase["seconds"], "rows_trained": trained,
                 "rows_per_micro_batch": min(trained, micro_rows(variant, scored.batch, variant.micro_batch_size)),
                 "working_set_gib": phase["peak_extra_gib"] - phase["left_behind_gib"]}
-            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+            write_report(args.out, report)
     if args.profile_backward:  # after the measured phases, so that its overhead is in none of them
         optimizer.zero_grad(set_to_none=True)
         report["backward_profile"] = profiled(lambda: compute_gradients(ctx, scored))
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.out, report)
     return time_decode_modes(report, meter, ctx, examples, args)
 
 
@@ -406,6 +407,16 @@ def new_tokens_within(max_new_tokens: int, rows: int, tokens_per_second: float, 
     never stop early, so every row runs to the cap."""
     fits = int(seconds * tokens_per_second / rows) // 64 * 64
     return min(max_new_tokens, max(64, fits))
+
+
+def write_report(out: str | Path, report: dict) -> None:
+    """The report as it stands, written again after every part of it that may be the last before a stop."""
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def error_line(err: Exception) -> str:
+    """An exception as one line for the report (a diagnosis that failed must not cost the other measurements)."""
+    return f"{type(err).__name__}: {str(err)[:200]}".splitlines()[0]
 
 
 DECODE_CACHES = ("dynamic", "static", "compiled")
@@ -439,25 +450,25 @@ def explain_decode(policy, mode: str) -> dict:
         torch._dynamo.reset()  # the timed modes compile from scratch, as a run does
         return {"mode": mode, **explanation_summary(explanation), "seconds": time.perf_counter() - began}
     except Exception as err:  # a diagnosis: its failure must not cost the timed modes
-        return {"mode": mode, "error": f"{type(err).__name__}: {str(err)[:200]}".splitlines()[0]}
+        return {"mode": mode, "error": error_line(err)}
 
 
 def time_decode_modes(report: dict, meter: PhaseMeter, ctx, examples, args) -> dict:
     """Each of --decode-modes timed into `report["decode"]`, the report rewritten after each one."""
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     for mode in filter(None, args.decode_modes.split(",")):
         try:
             report["decode"][mode] = time_decode(meter, ctx, examples, mode, args.decode_new_tokens)
         except Exception as err:  # a mode that cannot run here (a compile error, say) must not cost the others
-            report["decode"][mode] = {"error": f"{type(err).__name__}: {str(err)[:200]}".splitlines()[0]}
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+            report["decode"][mode] = {"error": error_line(err)}
+        write_report(args.out, report)
         print(f"decode {mode}: {json.dumps(report['decode'][mode])}", flush=True)
         if mode == args.decode_profile and "tokens_per_second" in report["decode"][mode]:
             try:  # at once, so that a later mode's long compile stopped by a budget cannot cost it
                 report["decode_profile"] = profile_decode(ctx, examples, mode)
             except Exception as err:  # the profiler is a diagnosis: its failure must not cost the other modes
-                report["decode_profile"] = {"error": f"{type(err).__name__}: {str(err)[:200]}".splitlines()[0]}
-            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+                report["decode_profile"] = {"error": error_line(err)}
+            write_report(args.out, report)
     return report
 
 

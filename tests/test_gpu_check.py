@@ -339,7 +339,8 @@ def test_a_decode_mode_is_a_cache_and_whether_the_lora_is_merged(capsys):
                        (["--decode-mode", "quick"], "decode mode"), (["--decode-profile", "static+"], "decode mode"),
                        (["--backward-ab", "micro_batch_size"], "expected KEY=VALUE"),
                        (["--backward-ab", "micro_batch_sise=8"], "unknown config field 'micro_batch_sise'"),
-                       (["--backward-ab", "micro_batch_size=0"], "micro_batch_size must be >= 1")):
+                       (["--backward-ab", "micro_batch_size=0"], "micro_batch_size must be >= 1"),
+                       (["--explain-decode", "compiled+merged"], "add --decode-only")):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and says in capsys.readouterr().err.splitlines()[-1]

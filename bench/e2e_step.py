@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (default: the tiny FRE one)")
     parser.add_argument("--model", default=None, help="architecture directory (random weights are used)")
+    parser.add_argument("--layers", type=int, default=None, metavar="N",
+                        help="keep the architecture's first N decoder layers: the same widths, vocabulary and "
+                             "per-layer working set in a model a CPU can step through (memory per layer, not a total)")
     parser.add_argument("--data", default="arithmetic", help="a generated task for the prompts (default: arithmetic)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--gpu-gib", type=float, default=24.0, help="CUDA: the card size the step must fit")
@@ -262,6 +265,11 @@ def main(argv: list[str] | None = None) -> dict:
     overrides.update(random_init="true", data=args.data)
     if args.model:
         overrides["model"] = args.model
+    if args.layers is not None:
+        if args.layers < 1 or not args.model:
+            parser.error(f"--layers {args.layers}: needs --model (an architecture directory) and N >= 1")
+        shortened = tempfile.TemporaryDirectory()  # removed when the process ends
+        overrides["model"] = first_layers_of(args.model, args.layers, shortened.name)
     cfg = resolve_config(None, args.config, overrides)
     if args.decode_mode:
         cfg = replace(cfg, **decode_settings(args.decode_mode))
@@ -290,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.tokenizer)
     has_images = any(e.images for e in examples)
     image_processor = image_processor_for(cfg) if has_images else None
-    model_named = cfg.model
+    model_named = args.model or cfg.model  # the architecture named, not the --layers copy's temporary directory
     if cuda and cfg.quantization != "none":
         # The random weights written first, outside the phases, so that "load" measures what a user's load of
         # pretrained weights does (quantised on load, layer by layer), not the full-precision random model.
@@ -308,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.decode_only:
         report = {"benchmark": "e2e_step", "date": str(date.today()), "decode_only": True,
                   "device": torch.cuda.get_device_name() if cuda else "cpu", "model": model_named,
+                  "layers": args.layers,
                   "tokenizer": cfg.tokenizer, "quantization": cfg.quantization, "dtype": cfg.dtype,
                   "prompts": cfg.prompts_per_step, "generations": cfg.num_generations, "phases": meter.phases,
                   "decode": {}}
@@ -358,7 +367,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "e2e_step", "date": str(date.today()),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "model": model_named, "tokenizer": cfg.tokenizer, "quantization": cfg.quantization, "dtype": cfg.dtype,
+        "model": model_named, "layers": args.layers, "tokenizer": cfg.tokenizer, "quantization": cfg.quantization,
+        "dtype": cfg.dtype,
         "prompts": cfg.prompts_per_step,
         "generations": cfg.num_generations, "max_new_tokens": cfg.max_new_tokens, "prompt_tokens": prompt_tokens,
         "completion_tokens_mean": float(batch.completion_mask.sum(1).float().mean()),
@@ -399,6 +409,26 @@ def main(argv: list[str] | None = None) -> dict:
         report["backward_profile"] = profiled(lambda: compute_gradients(ctx, scored))
         write_report(args.out, report)
     return time_decode_modes(report, meter, ctx, examples, args)
+
+
+def first_layers_of(model_dir: str, layers: int, directory: str) -> str:
+    """A copy of architecture directory `model_dir` in `directory` whose language model keeps its first `layers`
+    decoder layers (its config's num_hidden_layers and layer_types cut; every other file as it is)."""
+    import shutil
+
+    source = Path(model_dir)
+    if not (source / "config.json").is_file():
+        raise SystemExit(f"--layers: {model_dir} has no config.json (an architecture directory is needed)")
+    for item in source.iterdir():
+        if item.is_file() and not item.name.endswith((".safetensors", ".bin")):
+            shutil.copy(item, directory)
+    config = json.loads((source / "config.json").read_text())
+    text = config.get("text_config", config)
+    text["num_hidden_layers"] = min(layers, text["num_hidden_layers"])
+    if isinstance(text.get("layer_types"), list):
+        text["layer_types"] = text["layer_types"][:text["num_hidden_layers"]]
+    (Path(directory) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
 
 
 def new_tokens_within(max_new_tokens: int, rows: int, tokens_per_second: float, seconds: float) -> int:
@@ -505,6 +535,8 @@ def profiled(run, top: int = 15) -> dict:
     return {"wall_seconds": wall,
             "device_busy_seconds": sum(device_us(e) for e in events) / 1e6 if cuda else None,
             "ops_cpu_seconds": sum(e.self_cpu_time_total for e in events) / 1e6,  # the rest of the wall: Python
+            # each one a dispatch from the host (a kernel launch or more on a GPU): the host's work, by device
+            "aten_calls": sum(int(e.count) for e in events if e.key.startswith("aten::")),
             "ranked_by": "self device time" if cuda else "self CPU time",
             "top": [{"op": e.key[:80], "calls": int(e.count), "self_cpu_ms": e.self_cpu_time_total / 1e3,
                      "self_device_ms": device_us(e) / 1e3} for e in ranked]}

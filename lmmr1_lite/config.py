@@ -122,10 +122,11 @@ class TrainConfig:
                            "and the cache), 'static' (preallocated, fixed shapes; finished rows stay, masked) or "
                            "'compiled' (static, and the decode step under torch.compile: CUDA graphs on CUDA, "
                            "where a small model's step is bound by kernel launches). Not yet measured on a GPU.")
-    lora_autocast: bool = _f(True, "With a bf16 base, compute the LoRA side path of the training and log-prob passes "
-                             "in bf16 under autocast, its weights kept in fp32 for the optimizer (as TRL's bf16 "
-                             "training does), instead of peft casting every layer's input to fp32 and its output "
-                             "back (bench/RESULTS.md). No effect on an fp32 or 4-bit base.")
+    lora_autocast: bool = _f(True, "With a model computing in bf16 (its base bf16, or 4/8-bit with bf16 compute), "
+                             "compute the LoRA side path of the training and log-prob passes in bf16 under "
+                             "autocast, its weights kept in fp32 for the optimizer (as TRL's bf16 training does), "
+                             "instead of peft casting every layer's input to fp32 and its output back "
+                             "(bench/RESULTS.md). No effect on an fp32 model.")
     merge_for_rollouts: bool = _f(False, "Generate rollouts with the LoRA folded into a copy of the base's weights: no "
                                   "LoRA side path in every layer's decode step (on the 2-core CPU the real 0.5B model "
                                   "generates faster, bench/RESULTS.md). The sampling weights are rounded to `dtype`, "

@@ -318,22 +318,23 @@ def backbone(policy):
 
 @contextlib.contextmanager
 def lora_autocast(policy, enabled: bool = True):
-    """Inside: a LoRA side path on a bf16 base computed in bf16, its fp32 weights cast once per call by
+    """Inside: a LoRA side path on a bf16 model computed in bf16, its fp32 weights cast once per call by
     autocast (and their gradients returned in fp32, the optimizer's master copy), as TRL's bf16 training
     does. Without it peft casts each layer's input to fp32, runs the two small GEMMs in fp32, adds the bf16
     base output to an fp32 result and casts that back: three activation-sized copies per LoRA layer, forward
-    and backward (the training pass 134 -> 104 s without them at the real shape, bench/RESULTS.md). A no-op unless the base's linear weights are bf16 and the LoRA's fp32 (a 4-bit base
-    keeps peft's casts). Wrap only the model's forward: autocast would also lower the log-prob kernels' fp32."""
+    and backward (the training pass 134 -> 104 s without them at the real shape, bench/RESULTS.md). The
+    model's activations decide, not the base's storage: a 4-bit or 8-bit base computing in bf16 (the 3B
+    configs) gets it too. A no-op unless the activations are bf16 and the LoRA's weights fp32. Wrap only
+    the model's forward: autocast would also lower the log-prob kernels' fp32."""
     layer = next((m for m in policy.modules() if getattr(m, "lora_A", None)), None) if enabled else None
-    base = layer.get_base_layer().weight.dtype if layer is not None else None
-    lora = next(iter(layer.lora_A.values())).weight.dtype if layer is not None else None
-    if base != torch.bfloat16 or lora != torch.float32:
+    activations = unwrap(policy).get_input_embeddings().weight.dtype if layer is not None else None
+    lora = next(iter(layer.lora_A.values())).weight if layer is not None else None
+    if activations != torch.bfloat16 or lora.dtype != torch.float32:
         yield
         return
     from peft.helpers import disable_input_dtype_casting
 
-    with torch.autocast(layer.get_base_layer().weight.device.type, dtype=torch.bfloat16), \
-            disable_input_dtype_casting(policy):
+    with torch.autocast(lora.device.type, dtype=torch.bfloat16), disable_input_dtype_casting(policy):
         yield
 
 

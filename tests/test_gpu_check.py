@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -340,10 +341,29 @@ def test_a_decode_mode_is_a_cache_and_whether_the_lora_is_merged(capsys):
                        (["--backward-ab", "micro_batch_size"], "expected KEY=VALUE"),
                        (["--backward-ab", "micro_batch_sise=8"], "unknown config field 'micro_batch_sise'"),
                        (["--backward-ab", "micro_batch_size=0"], "micro_batch_size must be >= 1"),
-                       (["--explain-decode", "compiled+merged"], "add --decode-only")):
+                       (["--explain-decode", "compiled+merged"], "add --decode-only"),
+                       (["--layers", "4"], "needs --model"),
+                       (["--model", "configs/models/qwen2_5_vl_3b", "--layers", "0"], "N >= 1")):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and says in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_layers_keeps_the_first_decoder_layers_of_an_architecture(tmp_path):
+    """e2e_step --layers: the architecture's copy keeps its widths, vocabulary and chat template, with its
+    language model cut to the first N layers (what a CPU measures per layer of the 3B)."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from e2e_step import first_layers_of
+
+    source = REPO_ROOT / "configs" / "models" / "qwen2_5_vl_3b"
+    cut = Path(first_layers_of(str(source), 4, str(tmp_path)))
+    full, short = (json.loads((d / "config.json").read_text()) for d in (source, cut))
+    assert short["text_config"]["num_hidden_layers"] == 4 and len(short["text_config"]["layer_types"]) == 4
+    for key in ("num_hidden_layers", "layer_types"):
+        full["text_config"].pop(key), short["text_config"].pop(key)
+    assert short == full, "every other setting as it was"
+    assert (cut / "chat_template.jinja").read_text() == (source / "chat_template.jinja").read_text()
+    assert json.loads((source / "config.json").read_text())["text_config"]["num_hidden_layers"] == 36
 
 
 def test_a_slow_decode_cuts_the_steps_completions_to_fit(gpu_check):

@@ -90,12 +90,18 @@ def test_instruct_prior_teaches_the_format_and_answer_words_not_the_answers(tiny
     assert 0.1 < accuracy < 0.4, f"the prior must not teach the answers: sampled accuracy {accuracy:.2f}"
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_lora_autocast_runs_the_side_path_in_bf16_and_keeps_fp32_gradients(build_tiny_policy, checkpointing):
-    """`lora_autocast` on a bf16 base: every LoRA GEMM gets a bf16 input (peft would cast it to the fp32 LoRA
-    weights), the loss and the fp32 LoRA gradients agree with peft's fp32 side path to bf16 rounding, also when
-    gradient checkpointing recomputes the layers in backward (outside the context)."""
-    policy, tokenizer, cfg = build_tiny_policy(dtype="bfloat16", gradient_checkpointing=checkpointing)
+@pytest.mark.parametrize("quantization,checkpointing", [("none", False), ("none", True), ("nf4", True)])
+def test_lora_autocast_runs_the_side_path_in_bf16_and_keeps_fp32_gradients(build_tiny_policy, quantization,
+                                                                           checkpointing):
+    """`lora_autocast` on a model computing in bf16, its base in bf16 or NF4 (the 3B configs): every LoRA GEMM
+    gets a bf16 input (peft would cast it to the fp32 LoRA weights), the loss and the fp32 LoRA gradients agree
+    with peft's fp32 side path to bf16 rounding, also when gradient checkpointing recomputes the layers in
+    backward (outside the context)."""
+    policy, tokenizer, cfg = build_tiny_policy(dtype="bfloat16", quantization=quantization,
+                                               gradient_checkpointing=checkpointing)
+    if quantization == "nf4":
+        import bitsandbytes as bnb
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in policy.modules())
     enc, targets = _batch(tokenizer)
     lora_a = [m for n, m in policy.named_modules() if n.endswith("lora_A.default")]
     seen = []

@@ -52,6 +52,18 @@ def _bench_module(name: str):
     return module
 
 
+def test_layer_saved_bench_writes_the_layer_against_the_planner(tmp_path):
+    """bench/layer_saved.py on the tiny model: its JSON has the planner's figure and both side paths per token,
+    the fp32 casts the larger, with the saved storages by shape."""
+    report = _bench_module("layer_saved").main(["--quantization", "none", "--tokens", "24",
+                                                "--out", str(tmp_path / "layer.json")])
+    assert json.loads((tmp_path / "layer.json").read_text()) == report
+    assert report["planner_bytes_per_token"] > 0
+    assert report["peft_fp32_casts_bytes_per_token"] > 1.4 * report["bf16_side_path_bytes_per_token"] > 0
+    assert set(report["by_shape"]) == {"bf16_side_path", "peft_fp32_casts"}
+    assert any("float32" in shape for shape in report["by_shape"]["peft_fp32_casts"])
+
+
 def test_real_fre_tables_are_judged_from_the_completions_and_rescore_checks_them(tmp_path):
     """bench/real_fre.py's tables: each completion judged now (not the score a file recorded), paired counts
     and the sign test over each problem set, the commonest-answer baseline; --rescore rebuilds eval.json's

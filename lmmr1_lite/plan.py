@@ -72,6 +72,7 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
     from lmmr1_kernels.logprobs import chunk_rows_for_bytes
 
     from .decoding import StaticDecodeStep
+    from .sampling import SAMPLE_CHUNK_BYTES, scratch_bytes_per_logit
 
     counts = count_parameters(config, cfg.lora_r, tuple(cfg.lora_target_modules))
     text = config.text_config
@@ -84,6 +85,7 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
     sequences = cfg.prompts_per_step * cfg.num_generations
     # a generate call takes generation_batch_size prompts (0: all of them) with their G completions
     generating_prompts = min(cfg.prompts_per_step, cfg.generation_batch_size or cfg.prompts_per_step)
+    generating_rows = generating_prompts * cfg.num_generations
     # the static and compiled caches are preallocated at a multiple of LENGTH_QUANTUM and kept for the next
     # step's rollouts (decoding.StaticDecodeStep), so they hold their memory through the training phase too
     kept_cache = cfg.decode_cache != "dynamic"
@@ -123,6 +125,11 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
         # the prefill runs each prompt once (no grad): one layer's transients at a time over all prompt tokens
         "prefill working set (one layer, no grad)":
             generating_prompts * prompt * elt * (3 * text.intermediate_size + 4 * h),
+        # each decode step's logits in `dtype` for every row of the call, and the sampler's fp32 scratch
+        # over one chunk of rows (sampling.next_tokens: its chunks hold SAMPLE_CHUNK_BYTES of fp32 logits)
+        "decode step's logits and sampling scratch": generating_rows * vocab * elt + min(
+            generating_rows, max(1, SAMPLE_CHUNK_BYTES["cuda"] // (4 * vocab))) * vocab * scratch_bytes_per_logit(
+            cfg.temperature, cfg.top_k, cfg.top_p),
         "activations kept for backward": micro_tokens * elt * layers * (
             h if cfg.gradient_checkpointing else 12 * h + 4 * text.intermediate_size),
         "one layer recomputed in backward":
@@ -146,8 +153,8 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
     dequantised = parts["dequantised weight of the largest linear"]
     kv_cache = parts["KV cache during generation"]
     generating = dequantised + kv_cache + sum(parts[k] for k in (
-        "prefill working set (one layer, no grad)", "vision encoder working set",
-        "merged copy of the adapted linears (merge_for_rollouts)"))
+        "prefill working set (one layer, no grad)", "decode step's logits and sampling scratch",
+        "vision encoder working set", "merged copy of the adapted linears (merge_for_rollouts)"))
     # the logits block is freed before the backward reaches the layers, so it and the recomputed layer are
     # never alive together
     backward = dequantised + parts["activations kept for backward"] + max(

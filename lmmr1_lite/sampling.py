@@ -18,6 +18,17 @@ SAMPLE_BLOCK = 1024  # tokens per block of the two-level inverse-CDF draw
 SAMPLE_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 16 * 2**20}
 
 
+def scratch_bytes_per_logit(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> int:
+    """Peak bytes `next_tokens` allocates per logit of a chunk (`[rows, V]`), beyond the logits themselves:
+    their fp32 copy and its softmax (8); the temperature-scaled copy when temperature != 1 (4); with top-k
+    or top-p the filtered copy and its softmax (8); top-p's fallback that sorts whole rows (when the 1,024
+    likeliest tokens hold less than top_p) adds the sorted scores, their int64 indices, their cumulative
+    softmax and the removal masks (20). Measured on this CPU at 64 x 151,936 (tests/test_sampling.py):
+    8.2, 12.2 (T 0.7), 16.2 (top-k 50) and 36.1 (top-p 0.9 through the sort)."""
+    filtering = 0 < top_k or top_p < 1.0
+    return 8 + (4 if temperature != 1.0 else 0) + (8 if filtering else 0) + (20 if top_p < 1.0 else 0)
+
+
 def inverse_cdf_sample(weights: torch.Tensor, uniforms: torch.Tensor, block: int = SAMPLE_BLOCK):
     """One draw per row from unnormalised non-negative `weights [n, V]` (fp32), with `uniforms [n]`
     (fp64, in [0, 1)). Returns `(tokens [n] int64, total [n] fp64)`, total the row sum of the weights.

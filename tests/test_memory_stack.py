@@ -207,9 +207,17 @@ def test_planner_working_sets_of_each_phase():
         "dequantised weight of the largest linear"] == 0
     assert parts["prefill working set (one layer, no grad)"] == \
         cfg.prompts_per_step * 100 * 2 * (3 * text.intermediate_size + 4 * text.hidden_size)
+    # each decode step's bf16 logits for the call's 64 rows and the sampler's fp32 scratch over them (one chunk
+    # on CUDA; temperature 1, no filtering: a copy and its softmax, tests/test_sampling.py)
+    sampling = "decode step's logits and sampling scratch"
+    assert parts[sampling] == 64 * text.vocab_size * (2 + 8)
+    assert estimate(replace(cfg, temperature=0.7, top_p=0.9), config, False, prompt_tokens=100)["parts"][sampling] \
+        == 64 * text.vocab_size * (2 + 8 + 4 + 8 + 20)
+    assert estimate(replace(cfg, generation_batch_size=2), config, False, prompt_tokens=100)["parts"][sampling] \
+        == 16 * text.vocab_size * (2 + 8)
     assert result["generation_working_set"] == sum(parts[k] for k in (
-        "KV cache during generation", "prefill working set (one layer, no grad)", "vision encoder working set",
-        "dequantised weight of the largest linear"))
+        "KV cache during generation", "prefill working set (one layer, no grad)", sampling,
+        "vision encoder working set", "dequantised weight of the largest linear"))
     alternatives = (parts["log-prob chunk (logits block + gradient of hidden)"], parts["one layer recomputed in backward"])
     assert min(alternatives) > 0
     assert result["training_working_set"] == parts["activations kept for backward"] + max(alternatives) + \

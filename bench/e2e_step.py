@@ -221,10 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile-backward", action="store_true",
                         help="after the step, profile one more gradient pass (torch.profiler: the top ops, the "
                              "device's busy time against the wall) into the report's backward_profile")
-    parser.add_argument("--backward-ab", default=None, metavar="KEY=VALUE",
-                        help="after the step, time the gradient pass twice more on its rollouts: as configured, then "
+    parser.add_argument("--backward-ab", action="append", default=[], metavar="KEY=VALUE",
+                        help="after the step, time the gradient pass again on its rollouts: as configured, then "
                              "with this config change (micro_batch_size=64: the token budget alone sizes the "
-                             "micro-batches), into the report's backward_ab")
+                             "micro-batches; share_prompt=false: one forward per micro-batch instead of the "
+                             "prompts' and the completions'), into the report's backward_ab; repeat for more "
+                             "changes, each timed alone")
     parser.add_argument("--tokens-per-second", type=float, default=None,
                         help="the decode speed --decode-only measured, for --generation-budget-s")
     parser.add_argument("--generation-budget-s", type=float, default=None,
@@ -235,11 +237,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from lmmr1_lite.config import ConfigError, coerce, parse_sets
 
-    backward_change = {}
+    backward_changes = {}  # each --backward-ab, as given -> its config fields
     try:
-        if args.backward_ab:
-            backward_change = {key: coerce(key, value, "--backward-ab")
-                               for key, value in parse_sets([args.backward_ab], "--backward-ab").items()}
+        for change in args.backward_ab:
+            backward_changes[change] = {key: coerce(key, value, "--backward-ab")
+                                        for key, value in parse_sets([change], "--backward-ab").items()}
     except ConfigError as err:
         parser.error(str(err))
     if args.explain_decode and not args.decode_only:
@@ -273,10 +275,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = resolve_config(None, args.config, overrides)
     if args.decode_mode:
         cfg = replace(cfg, **decode_settings(args.decode_mode))
-    try:  # before the model loads: a change that no config takes is one line now, not after the step
-        replace(cfg, **backward_change)
-    except ConfigError as err:
-        parser.error(f"--backward-ab {args.backward_ab}: {err}")
+    for change, fields in backward_changes.items():
+        try:  # before the model loads: a change that no config takes is one line now, not after the step
+            replace(cfg, **fields)
+        except ConfigError as err:
+            parser.error(f"--backward-ab {change}: {err}")
     cut_from = None
     if args.tokens_per_second and args.generation_budget_s:
         cap = new_tokens_within(cfg.max_new_tokens, cfg.prompts_per_step * cfg.num_generations,
@@ -389,9 +392,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"{'' if ratio is None else f'{ratio:.2f}'} |", flush=True)
     meter.out = None  # the full report from here on, written again after each of the extras below, so that a
     # budget that stops the process in one of them keeps the step's measurements
-    if backward_change:  # the same rollouts, the same work; only the change differs
+    if backward_changes:  # the same rollouts, the same work; only the change differs
         report["backward_ab"] = {}
-        for label, variant in (("as configured", cfg), (args.backward_ab, replace(cfg, **backward_change))):
+        variants = [("as configured", cfg)] + [(change, replace(cfg, **fields))
+                                               for change, fields in backward_changes.items()]
+        for label, variant in variants:
             optimizer.zero_grad(set_to_none=True)
             timed = replace(ctx, cfg=variant, micro_batch_size=variant.micro_batch_size)
             meter.measure("backward_ab", lambda: compute_gradients(timed, scored))

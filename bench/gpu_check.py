@@ -26,7 +26,7 @@ when less time is left than it needs, and stopped at its budget, so one slow or 
            reasons for skipping CUDA graphs, read from its log
   e2e_fre  bench/e2e_step.py: the same model and config, one GRPO step; each phase's peak CUDA memory beside
            the planner's, whether the step fits 24 GiB; then the gradient pass profiled, and timed as configured
-           and with BACKWARD_AB
+           and with each of BACKWARD_AB
   e2e_mgt  the same with configs/qwen2_5_vl_3b/mgt.yaml on geometry images
 Writes into --out (default bench/out/gpu_check): summary.json, summary.md (the table, printed last),
 parts.log (every part's output), loss_kernels.json, decode.json, e2e_fre.json, e2e_mgt.json.
@@ -62,7 +62,10 @@ LOSS_SHAPES = "8192x2048,16384x2048,8192x3584"
 # no side path) with each cache; static (253 tokens/s against dynamic's 496, run 3) and the compiled side path
 # (744, its graphs without CUDA graphs) were measured on 2026-12-04 and are left out to keep the part's time
 DECODE_MODES = "dynamic,dynamic+merged,compiled+merged"
-BACKWARD_AB = "micro_batch_size=64"  # e2e_fre: the gradient pass timed as configured and with this change
+# e2e_fre: the gradient pass timed as configured and with each of these changes alone: fewer, larger micro-batches;
+# one forward per micro-batch instead of two (the prompts', then the completions' over them): half the kernel
+# launches (289k -> 146k aten calls per pass on the CPU, 2026-12-04) for the prompts' compute G times over
+BACKWARD_AB = ("micro_batch_size=64", "share_prompt=false")
 DECODE_EXPLAIN = "compiled+merged"  # its static step traced first: graphs and graph breaks (run 3's log showed a
 # graph break in Qwen2_5_VLModel.forward on the H200, which no CPU trace here reproduces)
 DECODE_PROFILE = "dynamic+merged"  # the dynamic cache's profile is in run 3: 14 % of the wall busy on the GPU
@@ -306,9 +309,11 @@ def command_for(name: str, args, learned: dict, budget_s: float | None = None) -
         cmd += ["--data", "geometry"]
     if name == "e2e_fre":  # where the training pass's time goes (10x a no-grad pass on the H200, 2026-12-04), and
         # whether fewer, larger micro-batches (the configs' 8 rows lifted; the 8,192-token budget still caps them)
-        # shorten it: that pass ran 8 micro-batches where a no-grad pass ran 3
+        # shorten it: that pass ran 8 micro-batches where a no-grad pass ran 3; and whether computing each
+        # prompt once per micro-batch (a second forward) costs more launches than it saves compute
         # (the dry run's tiny config puts all 8 rows in one micro-batch: there the change is to 2 rows)
-        cmd += ["--profile-backward", "--backward-ab", "micro_batch_size=2" if args.dry_run else BACKWARD_AB]
+        changes = ("micro_batch_size=2", "share_prompt=false") if args.dry_run else BACKWARD_AB
+        cmd += ["--profile-backward"] + [arg for change in changes for arg in ("--backward-ab", change)]
     if name == "decode":
         # compiling the decode step on a CPU (inductor) takes about a minute: the compiled mode on CUDA only
         cmd += ["--decode-only", "--decode-modes", "dynamic,dynamic+merged" if args.dry_run else DECODE_MODES,

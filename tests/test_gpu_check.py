@@ -87,13 +87,16 @@ def test_dry_run_runs_every_part_and_reports_it(tmp_path):
         assert report["progress"]["generate"]["forward_calls"] > 0
     backward = fre["backward_profile"]  # the FRE step profiles one more gradient pass; MGT does not
     assert mgt["backward_profile"] is None and backward["wall_seconds"] > 0 and len(backward["top"]) == 15
-    # and times two more on its rollouts: as configured (the tiny config: all 2 x 4 rows at once), then changed
-    assert mgt["backward_ab"] is None and list(fre["backward_ab"]) == ["as configured", "micro_batch_size=2"]
-    configured, changed = fre["backward_ab"].values()
-    assert configured["seconds"] > 0 and changed["seconds"] > 0
-    assert all(isinstance(run["working_set_gib"], float) for run in (configured, changed))
-    assert configured["rows_trained"] == changed["rows_trained"] == 8  # beta > 0: every row trains
-    assert configured["rows_per_micro_batch"] == 8 and changed["rows_per_micro_batch"] == 2
+    # and times three more on its rollouts: as configured (the tiny config: all 2 x 4 rows at once), then with
+    # each change alone (the prompts unshared keeps the configured micro-batches)
+    assert mgt["backward_ab"] is None and list(fre["backward_ab"]) == ["as configured", "micro_batch_size=2",
+                                                                        "share_prompt=false"]
+    configured, changed, unshared = fre["backward_ab"].values()
+    assert all(run["seconds"] > 0 and isinstance(run["working_set_gib"], float)
+               for run in (configured, changed, unshared))
+    assert configured["rows_trained"] == changed["rows_trained"] == unshared["rows_trained"] == 8  # beta > 0
+    assert configured["rows_per_micro_batch"] == unshared["rows_per_micro_batch"] == 8
+    assert changed["rows_per_micro_batch"] == 2
     assert any(row["op"].startswith("aten::") and row["calls"] > 0 for row in backward["top"])
 
     table = (out / "summary.md").read_text()
@@ -341,6 +344,8 @@ def test_a_decode_mode_is_a_cache_and_whether_the_lora_is_merged(capsys):
                        (["--backward-ab", "micro_batch_size"], "expected KEY=VALUE"),
                        (["--backward-ab", "micro_batch_sise=8"], "unknown config field 'micro_batch_sise'"),
                        (["--backward-ab", "micro_batch_size=0"], "micro_batch_size must be >= 1"),
+                       (["--backward-ab", "share_prompt=false", "--backward-ab", "micro_batch_size=0"],
+                        "--backward-ab micro_batch_size=0: micro_batch_size must be >= 1"),
                        (["--explain-decode", "compiled+merged"], "add --decode-only"),
                        (["--layers", "4"], "needs --model"),
                        (["--model", "configs/models/qwen2_5_vl_3b", "--layers", "0"], "N >= 1")):
@@ -411,12 +416,14 @@ def test_a_step_stopped_in_its_extras_keeps_its_whole_report(tmp_path, monkeypat
     out = tmp_path / "step.json"
     with pytest.raises(KeyboardInterrupt):
         e2e_step.main(["--set", "prompts_per_step=2", "--set", "num_generations=4", "--set", "max_new_tokens=8",
-                       "--backward-ab", "micro_batch_size=2", "--profile-backward", "--out", str(out)])
+                       "--backward-ab", "micro_batch_size=2", "--backward-ab", "share_prompt=false",
+                       "--profile-backward", "--out", str(out)])
     report = json.loads(out.read_text())
     assert "partial" not in report and list(report["phases"]) == [
         "load", "generate", "score_and_reference", "reference_pass", "old_pass", "backward", "train"]
     assert report["components"] and report["planner_peak_gib"] > 0
-    assert list(report["backward_ab"]) == ["as configured", "micro_batch_size=2"] and report["backward_profile"] is None
+    assert list(report["backward_ab"]) == ["as configured", "micro_batch_size=2", "share_prompt=false"]
+    assert report["backward_profile"] is None
 
 
 def test_a_step_stopped_while_generating_says_how_far_it_got(tmp_path):

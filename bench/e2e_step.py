@@ -268,8 +268,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model:
         overrides["model"] = args.model
     if args.layers is not None:
-        if args.layers < 1 or not args.model:
-            parser.error(f"--layers {args.layers}: needs --model (an architecture directory) and N >= 1")
+        if args.layers < 1 or not args.model or not (Path(args.model) / "config.json").is_file():
+            parser.error(f"--layers {args.layers}: needs --model, an architecture directory (its config.json), "
+                         "and N >= 1")
         shortened = tempfile.TemporaryDirectory()  # removed when the process ends
         overrides["model"] = first_layers_of(args.model, args.layers, shortened.name)
     cfg = resolve_config(None, args.config, overrides)
@@ -422,8 +423,6 @@ def first_layers_of(model_dir: str, layers: int, directory: str) -> str:
     import shutil
 
     source = Path(model_dir)
-    if not (source / "config.json").is_file():
-        raise SystemExit(f"--layers: {model_dir} has no config.json (an architecture directory is needed)")
     for item in source.iterdir():
         if item.is_file() and not item.name.endswith((".safetensors", ".bin")):
             shutil.copy(item, directory)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e_step import first_layers_of  # noqa: E402
+from e2e_step import first_layers_of, write_report  # noqa: E402
 
 
 def saved_bytes_of_one_layer(policy, tokens: int, autocast: bool) -> dict:
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.tokens < 3:
         parser.error("--tokens must be at least 3")
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: not an architecture directory (no config.json)")
     from lmmr1_lite import models
     from lmmr1_lite.config import resolve_config
     from lmmr1_lite.plan import estimate
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
               "by_shape": {label: saved_bytes_of_one_layer(policy, args.tokens, autocast)["by_shape"]
                            for label, autocast in (("bf16_side_path", True), ("peft_fp32_casts", False))}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print(json.dumps(report, indent=2))
     return report
 

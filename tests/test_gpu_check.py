@@ -348,6 +348,7 @@ def test_a_decode_mode_is_a_cache_and_whether_the_lora_is_merged(capsys):
                         "--backward-ab micro_batch_size=0: micro_batch_size must be >= 1"),
                        (["--explain-decode", "compiled+merged"], "add --decode-only"),
                        (["--layers", "4"], "needs --model"),
+                       (["--model", "configs", "--layers", "4"], "its config.json"),
                        (["--model", "configs/models/qwen2_5_vl_3b", "--layers", "0"], "N >= 1")):
         with pytest.raises(SystemExit) as exit_:
             main(argv)

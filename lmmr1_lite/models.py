@@ -286,8 +286,34 @@ def add_lora(model, cfg: TrainConfig):
     if cfg.gradient_checkpointing:
         # Non-reentrant: with peft's frozen inputs, reentrant checkpointing yields no gradients.
         # Transformers applies it only in train mode, so generation (eval mode) keeps its KV cache.
-        policy.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False, "context_fn": recompute_with_forward_casting(policy)})
     return policy
+
+
+def recompute_with_forward_casting(policy):
+    """torch checkpoint's `context_fn`: the backward recomputes each layer with peft's input casting as it was
+    in that layer's forward. The recompute runs in backward, outside `lora_autocast`'s context; torch restores
+    autocast there but not peft's switch, so without this peft's fp32 casts came back in every recomputed
+    LoRA layer (an fp32 copy of each input, then autocast's bf16 copy of it: tests/test_multimodal.py)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tuners = [m for m in policy.modules() if isinstance(m, BaseTunerLayer)]
+
+    @contextlib.contextmanager
+    def casting(enabled: bool):
+        before = [m.cast_input_dtype_enabled for m in tuners]
+        for module in tuners:
+            module.cast_input_dtype_enabled = enabled
+        try:
+            yield
+        finally:
+            for module, was in zip(tuners, before):
+                module.cast_input_dtype_enabled = was
+
+    def context_fn():  # called in the forward of each checkpointed layer; the second context wraps its recompute
+        return contextlib.nullcontext(), casting(tuners[0].cast_input_dtype_enabled if tuners else True)
+    return context_fn
 
 
 def load_adapter_weights(policy, adapter_dir: Path) -> None:

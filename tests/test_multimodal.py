@@ -44,6 +44,43 @@ def test_image_tokens_match_features_in_generation_and_training(tiny_policy):
         assert hidden.shape[:2] == micro.completion_ids.shape
 
 
+def test_lora_autocast_on_an_nf4_base_through_the_vision_tower(build_tiny_policy):
+    """The MGT configs' training pass: an NF4 base computing in bf16, images through the vision tower, the LoRA
+    side path in bf16 under autocast (`lora_autocast`) and with gradient checkpointing: every LoRA GEMM takes
+    bf16 inputs, the loss and the fp32 LoRA gradients are finite and agree with peft's fp32 side path."""
+    from lmmr1_kernels import grpo_loss
+
+    policy, tokenizer, cfg = build_tiny_policy(dtype="bfloat16", quantization="nf4", gradient_checkpointing=True)
+    processor = models.load_image_processor(cfg.model, 56 * 56, 112 * 112)
+    examples, _ = draw("tiny_color", 2, 0, seed=0)
+    torch.manual_seed(0)
+    batch = generate(policy, tokenizer, [build_messages(e) for e in examples], num_generations=2, max_new_tokens=6,
+                     temperature=1.0, stop_ids=stop_token_ids(tokenizer, ["</answer>"]), image_processor=processor)
+    assert all(v is not None for v in batch.vision)
+    lora_a = [m for n, m in policy.named_modules() if n.endswith("lora_A.default")]
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype)) for m in lora_a]
+    policy.train()
+    runs = {}
+    for autocast in (False, True):
+        seen.clear()
+        policy.zero_grad(set_to_none=True)
+        with models.lora_autocast(policy, autocast):
+            hidden = models.completion_hidden(policy, batch)
+        loss, _ = grpo_loss(hidden, models.lm_head_weight(policy), batch.completion_ids, batch.completion_mask,
+                            torch.tensor([1.0, -1.0, 0.5, -0.5]))
+        loss.backward()
+        assert set(seen) == {torch.bfloat16 if autocast else torch.float32}
+        grads = [p.grad for p in policy.parameters() if p.requires_grad]
+        assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+        runs[autocast] = loss.detach(), torch.cat([g.flatten() for g in grads])
+    for hook in hooks:
+        hook.remove()
+    (loss_fp32, grad_fp32), (loss_bf16, grad_bf16) = runs[False], runs[True]
+    assert torch.isfinite(loss_bf16) and abs(loss_bf16 - loss_fp32) <= 2e-2 * abs(loss_fp32) + 1e-3
+    assert torch.nn.functional.cosine_similarity(grad_bf16, grad_fp32, dim=0) > 0.99
+
+
 def test_mgt_continues_the_fre_adapter(tmp_path, capsys):
     fre, mgt = tmp_path / "fre", tmp_path / "mgt"
     small = ["--eval-size", "4", "--prompts-per-step", "2", "--num-generations", "2"]

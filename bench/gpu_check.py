@@ -64,7 +64,7 @@ LOSS_SHAPES = "8192x2048,16384x2048,8192x3584"
 DECODE_MODES = "dynamic,dynamic+merged,compiled+merged"
 # e2e_fre: the gradient pass timed as configured and with each of these changes alone: fewer, larger micro-batches;
 # one forward per micro-batch instead of two (the prompts', then the completions' over them): half the kernel
-# launches (the 3B's first 4 layers: 33.9k -> 17.5k aten calls per gradient pass on the CPU, 2026-12-04) for the
+# launches (the 3B's first 4 layers: 33.0k -> 17.0k aten calls per gradient pass on the CPU, 2026-12-04) for the
 # prompts' compute G times over
 BACKWARD_AB = ("micro_batch_size=64", "share_prompt=false")
 DECODE_EXPLAIN = "compiled+merged"  # its static step traced first: graphs and graph breaks (run 3's log showed a

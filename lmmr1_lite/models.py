@@ -295,7 +295,8 @@ def recompute_with_forward_casting(policy):
     """torch checkpoint's `context_fn`: the backward recomputes each layer with peft's input casting as it was
     in that layer's forward. The recompute runs in backward, outside `lora_autocast`'s context; torch restores
     autocast there but not peft's switch, so without this peft's fp32 casts came back in every recomputed
-    LoRA layer (an fp32 copy of each input, then autocast's bf16 copy of it: tests/test_multimodal.py)."""
+    LoRA layer over a bf16 base, and on a CPU over a 4-bit one (peft's 4-bit layer skips them by itself only
+    under CUDA's autocast): an fp32 copy of each input, then autocast's bf16 copy of it (tests/test_models.py)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     tuners = [m for m in policy.modules() if isinstance(m, BaseTunerLayer)]

@@ -297,24 +297,32 @@ def recompute_with_forward_casting(policy):
     autocast there but not peft's switch, so without this peft's fp32 casts came back in every recomputed
     LoRA layer over a bf16 base, and on a CPU over a 4-bit one (peft's 4-bit layer skips them by itself only
     under CUDA's autocast): an fp32 copy of each input, then autocast's bf16 copy of it (tests/test_models.py)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    tuners = [m for m in policy.modules() if isinstance(m, BaseTunerLayer)]
-
-    @contextlib.contextmanager
-    def casting(enabled: bool):
-        before = [m.cast_input_dtype_enabled for m in tuners]
-        for module in tuners:
-            module.cast_input_dtype_enabled = enabled
-        try:
-            yield
-        finally:
-            for module, was in zip(tuners, before):
-                module.cast_input_dtype_enabled = was
+    tuners = peft_layers(policy)
 
     def context_fn():  # called in the forward of each checkpointed layer; the second context wraps its recompute
-        return contextlib.nullcontext(), casting(tuners[0].cast_input_dtype_enabled if tuners else True)
+        return contextlib.nullcontext(), input_casting(tuners, tuners[0].cast_input_dtype_enabled if tuners else True)
     return context_fn
+
+
+def peft_layers(policy) -> list:
+    """The peft tuner layers of `policy` (each with peft's `cast_input_dtype_enabled` switch)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in policy.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def input_casting(tuners: list, enabled: bool):
+    """Inside: peft's casting of each LoRA layer's input to its weights' dtype on or off in `tuners`; restored on
+    exit."""
+    before = [m.cast_input_dtype_enabled for m in tuners]
+    for module in tuners:
+        module.cast_input_dtype_enabled = enabled
+    try:
+        yield
+    finally:
+        for module, was in zip(tuners, before):
+            module.cast_input_dtype_enabled = was
 
 
 def load_adapter_weights(policy, adapter_dir: Path) -> None:
@@ -359,9 +367,7 @@ def lora_autocast(policy, enabled: bool = True):
     if activations != torch.bfloat16 or lora.dtype != torch.float32:
         yield
         return
-    from peft.helpers import disable_input_dtype_casting
-
-    with torch.autocast(lora.device.type, dtype=torch.bfloat16), disable_input_dtype_casting(policy):
+    with torch.autocast(lora.device.type, dtype=torch.bfloat16), input_casting(peft_layers(policy), False):
         yield
 
 

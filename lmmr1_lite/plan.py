@@ -72,7 +72,7 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
     from lmmr1_kernels.logprobs import chunk_rows_for_bytes
 
     from .decoding import StaticDecodeStep
-    from .sampling import SAMPLE_CHUNK_BYTES, scratch_bytes_per_logit
+    from .sampling import sample_chunk_rows, scratch_bytes_per_logit
 
     counts = count_parameters(config, cfg.lora_r, tuple(cfg.lora_target_modules))
     text = config.text_config
@@ -118,18 +118,18 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
         # originals, full-precision or 4/8-bit, are kept to come back untouched)
         "merged copy of the adapted linears (merge_for_rollouts)":
             counts.lora_targeted * elt if cfg.merge_for_rollouts else 0,
-        "KV cache during generation": 2 * layers * text.num_key_value_heads * head_dim * elt
-                                      * generating_prompts * cfg.num_generations * cache_len,
+        "KV cache during generation": 2 * layers * text.num_key_value_heads * head_dim * elt * generating_rows
+                                      * cache_len,
         # with checkpointing one hidden state per layer is kept and one layer's working set is rebuilt in
         # backward; without it every layer keeps its whole working set
         # the prefill runs each prompt once (no grad): one layer's transients at a time over all prompt tokens
         "prefill working set (one layer, no grad)":
             generating_prompts * prompt * elt * (3 * text.intermediate_size + 4 * h),
         # each decode step's logits in `dtype` for every row of the call, and the sampler's fp32 scratch
-        # over one chunk of rows (sampling.next_tokens: its chunks hold SAMPLE_CHUNK_BYTES of fp32 logits)
-        "decode step's logits and sampling scratch": generating_rows * vocab * elt + min(
-            generating_rows, max(1, SAMPLE_CHUNK_BYTES["cuda"] // (4 * vocab))) * vocab * scratch_bytes_per_logit(
-            cfg.temperature, cfg.top_k, cfg.top_p),
+        # over one chunk of rows (sampling.next_tokens' chunks on CUDA)
+        "decode step's logits and sampling scratch": generating_rows * vocab * elt
+            + sample_chunk_rows(generating_rows, vocab, "cuda") * vocab
+            * scratch_bytes_per_logit(cfg.temperature, cfg.top_k, cfg.top_p),
         "activations kept for backward": micro_tokens * elt * layers * (
             h if cfg.gradient_checkpointing else 12 * h + 4 * text.intermediate_size),
         "one layer recomputed in backward":

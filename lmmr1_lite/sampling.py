@@ -18,6 +18,12 @@ SAMPLE_BLOCK = 1024  # tokens per block of the two-level inverse-CDF draw
 SAMPLE_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 16 * 2**20}
 
 
+def sample_chunk_rows(rows: int, vocab: int, device_type: str) -> int:
+    """Rows `next_tokens` samples at once by default: SAMPLE_CHUNK_BYTES of fp32 logits, at least one."""
+    budget = SAMPLE_CHUNK_BYTES["cuda" if device_type == "cuda" else "cpu"]
+    return min(rows, max(1, budget // (4 * vocab)))
+
+
 def scratch_bytes_per_logit(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> int:
     """Peak bytes `next_tokens` allocates per logit of a chunk (`[rows, V]`), beyond the logits themselves:
     their fp32 copy and its softmax (8); the temperature-scaled copy when temperature != 1 (4); with top-k
@@ -141,8 +147,7 @@ def next_tokens(logits: torch.Tensor, *, temperature: float = 1.0, greedy: bool 
     if suppress is not None:
         suppress = torch.as_tensor(suppress, dtype=torch.long, device=device)
         suppress = suppress if suppress.numel() else None
-    budget = SAMPLE_CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
-    rows = chunk_rows or max(1, budget // (4 * vocab))
+    rows = chunk_rows or sample_chunk_rows(n, vocab, device.type)
     for start in range(0, n, rows):
         part = slice(start, min(n, start + rows))
         tokens[part], logp[part] = _next_tokens_chunk(

@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "decode": {}}
         meter.out = None  # the full report from here on
         if args.explain_decode:
-            report["decode_explain"] = explain_decode(policy, args.explain_decode)
+            report["decode_explain"] = explain_decode(policy, args.explain_decode, cfg.lora_autocast)
             print(f"decode explain {args.explain_decode}: {json.dumps(report['decode_explain'])}", flush=True)
         return time_decode_modes(report, meter, ctx, examples, args)
 
@@ -471,16 +471,18 @@ def decode_mode(cfg) -> str:
     return cfg.decode_cache + ("+merged" if cfg.merge_for_rollouts else "")
 
 
-def explain_decode(policy, mode: str) -> dict:
+def explain_decode(policy, mode: str, lora_autocast: bool) -> dict:
     """`decoding.static_step_explainer`'s summary for the weights decode mode `mode` generates from (the merged
-    copies with '+merged'); an error as one line, so that it cannot cost the timed modes."""
+    copies with '+merged'; else the LoRA side path, under `lora_autocast` as the config's rollouts run it); an
+    error as one line, so that it cannot cost the timed modes."""
     from lmmr1_lite.decoding import explanation_summary, static_step_explainer
     from lmmr1_lite.rollout import adapter_merged
 
     try:
         began = time.perf_counter()
-        with adapter_merged(policy) if decode_settings(mode)["merge_for_rollouts"] else contextlib.nullcontext():
-            explanation = static_step_explainer(policy)()
+        merged = decode_settings(mode)["merge_for_rollouts"]
+        with adapter_merged(policy) if merged else contextlib.nullcontext():
+            explanation = static_step_explainer(policy, lora_autocast=lora_autocast and not merged)()
         torch._dynamo.reset()  # the timed modes compile from scratch, as a run does
         return {"mode": mode, **explanation_summary(explanation), "seconds": time.perf_counter() - began}
     except Exception as err:  # a diagnosis: its failure must not cost the timed modes

@@ -123,10 +123,11 @@ class TrainConfig:
                            "'compiled' (static, and the decode step under torch.compile: CUDA graphs on CUDA, "
                            "where a small model's step is bound by kernel launches). Not yet measured on a GPU.")
     lora_autocast: bool = _f(True, "With a model computing in bf16 (its base bf16, or 4/8-bit with bf16 compute), "
-                             "compute the LoRA side path of the training and log-prob passes in bf16 under "
-                             "autocast, its weights kept in fp32 for the optimizer (as TRL's bf16 training does), "
-                             "instead of peft casting every layer's input to fp32 and its output back "
-                             "(bench/RESULTS.md). No effect on an fp32 model.")
+                             "compute the LoRA side path of the rollouts, the training and the log-prob passes in "
+                             "bf16 under autocast, its weights kept in fp32 for the optimizer (as TRL's bf16 "
+                             "training does), instead of peft casting every layer's input to fp32 and its output "
+                             "back (bench/RESULTS.md); the rollouts hold a bf16 copy of the LoRA weights while "
+                             "generating. No effect on an fp32 model.")
     merge_for_rollouts: bool = _f(False, "Generate rollouts with the LoRA folded into a copy of the base's weights: no "
                                   "LoRA side path in every layer's decode step (on the 2-core CPU the real 0.5B model "
                                   "generates faster, bench/RESULTS.md). The sampling weights are rounded to `dtype`, "

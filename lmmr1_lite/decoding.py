@@ -145,11 +145,12 @@ class StaticDecodeStep:
         return self.forward(input_ids, self.mask, position_ids).clone()  # a CUDA graph reuses its output
 
 
-def static_step_explainer(policy, rows: int = 2, prompt_tokens: int = 6):
+def static_step_explainer(policy, rows: int = 2, prompt_tokens: int = 6, lora_autocast: bool = False):
     """A function that returns `torch._dynamo.explain` of one static-cache decode step of `policy`, what
     decode_cache 'compiled' compiles (its CUDA graphs need the step traced whole: one graph, no graph break),
-    over `rows` prompts of `prompt_tokens` fixed token ids, prefilled now. It traces whatever modules the policy
-    has when called (inside `rollout.adapter_merged`: the merged copies)."""
+    over `rows` prompts of `prompt_tokens` fixed token ids, prefilled now, traced under `models.lora_autocast`
+    as `decode` runs it. It traces whatever modules the policy has when called (inside
+    `rollout.adapter_merged`: the merged copies)."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 30, (rows, prompt_tokens), generator=generator).to(policy.device)
     mask = torch.ones_like(ids)
@@ -161,7 +162,7 @@ def static_step_explainer(policy, rows: int = 2, prompt_tokens: int = 6):
         step.mask[:, step.length] = 1
 
     def explain():
-        with torch.no_grad():
+        with torch.no_grad(), models.lora_autocast(policy, lora_autocast):
             return torch._dynamo.explain(step._forward)(ids[:, :1], step.mask, positions[..., -1:] + 1)
     return explain
 
@@ -178,14 +179,27 @@ def decode(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision
            count: int, max_new_tokens: int, temperature: float, stop_ids, pad_id: int, greedy: bool = False,
            top_k: int = 0, top_p: float = 1.0, suppress=None, stop_strings: StopStrings | None = None,
            mm_token_type_ids: torch.Tensor | None = None, generator: torch.Generator | None = None,
-           cache_mode: str = "dynamic"):
+           cache_mode: str = "dynamic", lora_autocast: bool = False):
     """Generate `count` continuations of each left-padded prompt row (row i*count + j: prompt i).
 
     Returns `(tokens [N, C], lengths [N], logprobs [N, C])`: tokens right-padded with `pad_id` after
     each row's end, `lengths` the tokens up to and including the stop (C if none), `logprobs` of
     the kept tokens (0 after the end); C is the longest row's length, at most `max_new_tokens`.
     `cache_mode` (see `StaticDecodeStep`): 'dynamic' (finished rows leave the batch and the cache),
-    'static' or 'compiled' (a preallocated cache and fixed shapes; finished rows stay, masked)."""
+    'static' or 'compiled' (a preallocated cache and fixed shapes; finished rows stay, masked).
+    `lora_autocast`: the model's forwards run inside ONE `models.lora_autocast` context for the whole
+    generation, the training pass's LoRA numerics: autocast casts each fp32 LoRA weight to bf16 once and
+    keeps it (its cast cache lives until the outermost context exits), where peft would cast every layer's
+    input to fp32 and its output back at every token (bench/RESULTS.md, "the rollouts' LoRA side path")."""
+    with models.lora_autocast(policy, lora_autocast):
+        return _decode(policy, input_ids, attention_mask, vision, count=count, max_new_tokens=max_new_tokens,
+                       temperature=temperature, stop_ids=stop_ids, pad_id=pad_id, greedy=greedy, top_k=top_k,
+                       top_p=top_p, suppress=suppress, stop_strings=stop_strings,
+                       mm_token_type_ids=mm_token_type_ids, generator=generator, cache_mode=cache_mode)
+
+
+def _decode(policy, input_ids, attention_mask, vision, *, count, max_new_tokens, temperature, stop_ids, pad_id,
+            greedy, top_k, top_p, suppress, stop_strings, mm_token_type_ids, generator, cache_mode):
     body, weight = models.backbone(policy), models.lm_head_weight(policy)
     bias = getattr(models.unwrap(policy).get_output_embeddings(), "bias", None)
     device = input_ids.device
@@ -220,10 +234,11 @@ def decode(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     steps = 0
     for step in range(max_new_tokens):
-        logits = torch.nn.functional.linear(hidden, weight, bias)
-        chosen, logp = next_tokens(logits, temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p,
-                                   suppress=suppress, generator=generator)
-        del logits
+        with torch.autocast(device.type, enabled=False):  # the sampler's fp32 stays fp32 under lora_autocast
+            logits = torch.nn.functional.linear(hidden, weight, bias)
+            chosen, logp = next_tokens(logits, temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p,
+                                       suppress=suppress, generator=generator)
+            del logits
         tokens[active, step] = chosen
         logprobs[active, step] = logp
         steps = step + 1

@@ -118,6 +118,11 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
         # originals, full-precision or 4/8-bit, are kept to come back untouched)
         "merged copy of the adapted linears (merge_for_rollouts)":
             counts.lora_targeted * elt if cfg.merge_for_rollouts else 0,
+        # decoding.decode under lora_autocast: autocast's cast cache holds a bf16 copy of every LoRA weight for
+        # the whole generation (no LoRA side path runs when the adapter is merged)
+        "bf16 LoRA weights while generating (lora_autocast)":
+            2 * counts.lora if cfg.lora_autocast and cfg.dtype in ("auto", "bfloat16") and not cfg.merge_for_rollouts
+            else 0,
         "KV cache during generation": 2 * layers * text.num_key_value_heads * head_dim * elt * generating_rows
                                       * cache_len,
         # with checkpointing one hidden state per layer is kept and one layer's working set is rebuilt in
@@ -154,7 +159,8 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
     kv_cache = parts["KV cache during generation"]
     generating = dequantised + kv_cache + sum(parts[k] for k in (
         "prefill working set (one layer, no grad)", "decode step's logits and sampling scratch",
-        "vision encoder working set", "merged copy of the adapted linears (merge_for_rollouts)"))
+        "vision encoder working set", "merged copy of the adapted linears (merge_for_rollouts)",
+        "bf16 LoRA weights while generating (lora_autocast)"))
     # the logits block is freed before the backward reaches the layers, so it and the recomputed layer are
     # never alive together
     backward = dequantised + parts["activations kept for backward"] + max(

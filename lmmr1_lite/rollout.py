@@ -244,13 +244,16 @@ def placeholder_ids(tokenizer) -> list[int]:
 def generate(policy, tokenizer, messages: list[list[dict]], *, num_generations: int, max_new_tokens: int,
              temperature: float, stop_ids: list[int], greedy: bool = False, image_processor=None,
              top_k: int = 0, top_p: float = 1.0, stop_strings: list[str] | tuple = (),
-             generator: torch.Generator | None = None, cache_mode: str = "dynamic") -> Rollout:
+             generator: torch.Generator | None = None, cache_mode: str = "dynamic",
+             lora_autocast: bool = False) -> Rollout:
     """Sample `num_generations` completions for each prompt (greedy: one, argmax).
 
     Each prompt is prefilled once (images through the vision encoder once) and its KV cache shared
     by its G rows; rows leave the batch when they stop. A row stops at any of `stop_ids` or at the
     end of any of `stop_strings` (several tokens allowed; single-token ones act as stop ids); its
-    mask covers the stop. `top_k` (0: off) and `top_p` (1.0: off) filter as HF's warpers do."""
+    mask covers the stop. `top_k` (0: off) and `top_p` (1.0: off) filter as HF's warpers do.
+    `lora_autocast`: the LoRA side path in bf16, as in the training pass (`decoding.decode`); the training
+    step's rollouts follow the config's `lora_autocast`, evaluation keeps peft's fp32 side path."""
     was_training = policy.training
     policy.eval()  # eval mode: gradient checkpointing off, KV cache on
     try:
@@ -265,7 +268,7 @@ def generate(policy, tokenizer, messages: list[list[dict]], *, num_generations: 
             max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=list(stop_ids) + single,
             pad_id=tokenizer.pad_token_id, greedy=greedy, top_k=top_k, top_p=top_p,
             suppress=placeholder_ids(tokenizer), stop_strings=StopStrings(tokenizer, multi), generator=generator,
-            cache_mode=cache_mode)
+            cache_mode=cache_mode, lora_autocast=lora_autocast)
     finally:
         policy.train(was_training)
     if completion_ids.shape[1] == 0:

@@ -103,7 +103,8 @@ def generate_rollouts(ctx: StepContext, examples: list[Example]) -> Rollout:
             generate(ctx.policy, ctx.tokenizer, messages[i:i + size], num_generations=cfg.num_generations,
                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=ctx.stop_ids,
                      stop_strings=cfg.stop_tokens, top_k=cfg.top_k, top_p=cfg.top_p,
-                     image_processor=ctx.image_processor, cache_mode=cfg.decode_cache)
+                     image_processor=ctx.image_processor, cache_mode=cfg.decode_cache,
+                     lora_autocast=cfg.lora_autocast)
             for i in range(0, len(messages), size)], ctx.tokenizer.pad_token_id)
     # the compiled decode step's CUDA graphs need the merged weights at the same addresses every step
     with adapter_merged(ctx.policy, keep=cfg.decode_cache == "compiled") if cfg.merge_for_rollouts else nullcontext():

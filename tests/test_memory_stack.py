@@ -181,16 +181,37 @@ def test_planner_sizes_the_kv_cache_by_generate_call_and_keeps_a_static_one_thro
             render(replace(cfg, decode_cache=mode), "3b", kept, 24)
     assert "kept for the next step" not in render(cfg, "3b", dynamic, 24)
     # with the compiled cache the merged copies of merge_for_rollouts stay too (their CUDA graphs' addresses)
+    # (and the side path's bf16 LoRA copies of lora_autocast are gone: no LoRA runs while generating)
     merged = "merged copy of the adapted linears (merge_for_rollouts)"
+    lora_copies = "bf16 LoRA weights while generating (lora_autocast)"
     for mode, kept_copy in (("dynamic", False), ("static", False), ("compiled", True)):
         plain = estimate(replace(cfg, decode_cache=mode), config, False, prompt_tokens=107)
         both = estimate(replace(cfg, decode_cache=mode, merge_for_rollouts=True), config, False, prompt_tokens=107)
+        assert plain["parts"][lora_copies] > 0 and both["parts"][lora_copies] == 0
         assert both["parts"][merged] > 0 and both["generation_peak"] == pytest.approx(
-            plain["generation_peak"] + both["parts"][merged] * FRAGMENTATION)
+            plain["generation_peak"] + (both["parts"][merged] - plain["parts"][lora_copies]) * FRAGMENTATION)
         assert both["training_peak"] == pytest.approx(
             plain["training_peak"] + (both["parts"][merged] * FRAGMENTATION if kept_copy else 0))
     text = render(replace(cfg, decode_cache="compiled", merge_for_rollouts=True), "3b", both, 24)
     assert "the KV cache and the merged copy are kept for the next step, through training" in text
+
+
+def test_planner_counts_the_bf16_lora_copies_that_rollouts_under_lora_autocast_hold():
+    """decoding.decode under lora_autocast holds autocast's bf16 cast of every LoRA weight for the whole
+    generation (tests/test_rollout.py: each cast once): 2 bytes per LoRA parameter while generating, on a model
+    computing in bf16 only ('auto' is bf16 on a GPU), none with lora_autocast off or the adapter merged."""
+    cfg = resolve_config(None, str(REPO_ROOT / "configs" / "qwen2_5_vl_3b" / "fre.yaml"))
+    config = AutoConfig.from_pretrained(REPO_ROOT / "configs" / "models" / "qwen2_5_vl_3b")
+    key = "bf16 LoRA weights while generating (lora_autocast)"
+    plan = estimate(cfg, config, False)
+    assert cfg.lora_autocast and cfg.dtype in ("auto", "bfloat16")
+    assert plan["parts"][key] == 2 * plan["counts"].lora and plan["counts"].lora > 100e6
+    for change in (dict(lora_autocast=False), dict(dtype="float32"), dict(merge_for_rollouts=True)):
+        other = estimate(replace(cfg, **change), config, False)
+        assert other["parts"][key] == 0, change
+    off = estimate(replace(cfg, lora_autocast=False), config, False)
+    assert plan["generation_working_set"] - off["generation_working_set"] == plan["parts"][key]
+    assert plan["training_working_set"] == off["training_working_set"]
 
 
 def test_planner_working_sets_of_each_phase():
@@ -217,7 +238,8 @@ def test_planner_working_sets_of_each_phase():
         == 16 * text.vocab_size * (2 + 8)
     assert result["generation_working_set"] == sum(parts[k] for k in (
         "KV cache during generation", "prefill working set (one layer, no grad)", sampling,
-        "vision encoder working set", "dequantised weight of the largest linear"))
+        "vision encoder working set", "dequantised weight of the largest linear",
+        "bf16 LoRA weights while generating (lora_autocast)"))
     alternatives = (parts["log-prob chunk (logits block + gradient of hidden)"], parts["one layer recomputed in backward"])
     assert min(alternatives) > 0
     assert result["training_working_set"] == parts["activations kept for backward"] + max(alternatives) + \
@@ -262,7 +284,9 @@ def test_planner_counts_the_merged_copy_of_merge_for_rollouts(tiny_policy):
     key = "merged copy of the adapted linears (merge_for_rollouts)"
     side, merged = (estimate(replace(cfg, merge_for_rollouts=on), tiny, False) for on in (False, True))
     assert side["parts"][key] == 0 and merged["parts"][key] == 2 * targeted
-    assert merged["generation_working_set"] == side["generation_working_set"] + 2 * targeted
+    # the merged copy replaces the side path's bf16 LoRA copies (lora_autocast)
+    lora_copies = side["parts"]["bf16 LoRA weights while generating (lora_autocast)"]
+    assert merged["generation_working_set"] == side["generation_working_set"] + 2 * targeted - lora_copies
     assert merged["training_working_set"] == side["training_working_set"]
     assert estimate(replace(cfg, merge_for_rollouts=True, quantization="nf4"), tiny, False)["parts"][key] == \
         2 * targeted

@@ -271,11 +271,25 @@ def static_decode_step_to_explain(cfg):
 
 def test_static_decode_step_traces_whole_over_a_4bit_base_with_lora(tiny_cfg):
     """decode_cache 'compiled' replays the step as a CUDA graph only if torch.compile traces it whole: over an NF4
-    base (bitsandbytes Linear4bit) with the LoRA side path, one graph and no graph break."""
-    _, explain = static_decode_step_to_explain(tiny_cfg(quantization="nf4", dtype="bfloat16"))
-    explanation = explain()
-    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
-    assert explanation.graph_count == 1
+    base (bitsandbytes Linear4bit) with the LoRA side path, in fp32 (peft's casts) and in bf16 under
+    lora_autocast (the training step's rollouts), one graph and no graph break."""
+    from lmmr1_lite.decoding import static_step_explainer
+
+    def fp32_casts(explanation) -> int:
+        return sum(node.op == "call_method" and node.target == "to" and node.kwargs.get("dtype") == torch.float32
+                   for graph in explanation.graphs for node in graph.graph.nodes)
+
+    policy, explain = static_decode_step_to_explain(tiny_cfg(quantization="nf4", dtype="bfloat16"))
+    casts = {}
+    for autocast, run in ((False, explain), (True, static_step_explainer(policy, lora_autocast=True))):
+        explanation = run()
+        assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+        assert explanation.graph_count == 1
+        casts[autocast] = fp32_casts(explanation)
+        torch._dynamo.reset()
+    # peft's cast of each LoRA layer's input to its fp32 weights is in the graph without autocast, gone with it
+    # (autocast casts the weights below dynamo's graph, when it is lowered)
+    assert casts[False] - casts[True] == sum(1 for n, _ in policy.named_modules() if n.endswith("lora_A.default"))
 
 
 def test_static_decode_step_traces_whole_from_merged_copies_of_a_4bit_base(tiny_cfg):
@@ -447,3 +461,51 @@ def test_compiled_decode_from_kept_merged_copies_follows_the_updated_adapter(bui
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs, "not compiled again"
     assert not torch.equal(after, before)
     assert torch.equal(after, generate(policy, tokenizer, PROMPTS, **kwargs).completion_ids)
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_rollouts_under_lora_autocast_run_the_side_path_in_bf16_and_cast_each_lora_weight_once(build_tiny_policy,
+                                                                                                quantization):
+    """generate(lora_autocast=True) on a model computing in bf16 (its base bf16 or NF4): every LoRA GEMM of every
+    decode step takes a bf16 input (peft would cast it to fp32 and the output back, at every token), and each
+    fp32 LoRA weight is cast to bf16 once for the whole generation (one autocast context around the loop: its
+    cast cache), not once per token; the greedy tokens and their log-probs stay those of peft's fp32 side path
+    to bf16 rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    policy, tokenizer, _ = build_tiny_policy(dtype="bfloat16", quantization=quantization,
+                                             gradient_checkpointing=False)
+    lora_weights = {p.untyped_storage().data_ptr(): name for name, p in policy.named_parameters()
+                    if "lora_" in name}
+    assert lora_weights and all(p.dtype == torch.float32 for n, p in policy.named_parameters() if "lora_" in n)
+
+    class CastsOfLoraWeights(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = dict.fromkeys(lora_weights.values(), 0)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default:
+                name = lora_weights.get(args[0].untyped_storage().data_ptr())
+                if name is not None:
+                    self.counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    lora_a = [m for n, m in policy.named_modules() if n.endswith("lora_A.default")]
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype)) for m in lora_a]
+    steps = 12
+    runs = {}
+    for autocast in (False, True):
+        seen.clear()
+        with CastsOfLoraWeights() as casts:
+            runs[autocast] = generate(policy, tokenizer, PROMPTS, num_generations=1, max_new_tokens=steps,
+                                      temperature=1.0, greedy=True, stop_ids=[], lora_autocast=autocast)
+        assert runs[autocast].completion_ids.shape[1] == steps
+        assert len(seen) == len(lora_a) * steps  # the prefill and each step but the last
+        assert set(seen) == {torch.bfloat16 if autocast else torch.float32}
+        assert set(casts.counts.values()) == ({1} if autocast else {0}), casts.counts
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(runs[True].completion_ids, runs[False].completion_ids)
+    assert (runs[True].logprobs - runs[False].logprobs).abs().max() < 0.05

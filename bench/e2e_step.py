@@ -26,7 +26,11 @@ dynamic,static,compiled,dynamic+merged` then times generation of the same prompt
 On CUDA with a quantised base the random weights are drawn on the GPU and written to a temporary directory
 first, so "load" measures a pretrained-style quantised load. `--tokens-per-second` with `--generation-budget-s`
 cuts max_new_tokens so that the generation is predicted to fit those seconds (bench/gpu_check.py passes the
-decode part's speed); the report records the cut. Image tasks (`--data geometry`) load the
+decode part's speed); the report records the cut. `--generation-deadline-s` stops the step's decode when that
+many seconds of its generation (a compile included) are spent (a prediction from a short decode misses what
+longer rows cost each step: on the H200 the MGT step's generation ran 1.65x its prediction and left no time
+for the backward, 2026-12-04), and the step goes on with the rows cut there; the report records where, and
+the planner's figures are for the length generated. Image tasks (`--data geometry`) load the
 model's image processor, or build the Qwen2-VL one from the vision config when the architecture directory
 has none. The report is written after the step and again after each decode mode; a step stopped part-way
 leaves the phases it finished and, in generation, the decode forwards made so far.
@@ -233,6 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="with --tokens-per-second: cut max_new_tokens (to a multiple of 64) so that the step's "
                              "generation is predicted to end within this many seconds; the planner's figures are "
                              "then for that length too, so a slow decode still gives a whole step to compare")
+    parser.add_argument("--generation-deadline-s", type=float, default=None,
+                        help="no decode step of the step's generation starts after this many seconds from its start "
+                             "(a compile included); the rows cut there go through the whole step, and the "
+                             "planner's figures are for the length generated")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "e2e_step.json"))
     args = parser.parse_args(argv)
     from lmmr1_lite.config import ConfigError, coerce, parse_sets
@@ -330,8 +338,14 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"decode explain {args.explain_decode}: {json.dumps(report['decode_explain'])}", flush=True)
         return time_decode_modes(report, meter, ctx, examples, args)
 
+    deadline = None if args.generation_deadline_s is None else time.monotonic() + args.generation_deadline_s
     with forward_progress(meter, "generate", models.backbone(policy)):
-        batch = meter.measure("generate", lambda: generate_rollouts(ctx, examples))
+        batch = meter.measure("generate", lambda: generate_rollouts(ctx, examples, deadline))
+    stopped_at = None  # the length the deadline cut the rows at
+    if deadline is not None and time.monotonic() > deadline and batch.completion_ids.shape[1] < cfg.max_new_tokens:
+        stopped_at = batch.completion_ids.shape[1]
+        print(f"generation stopped at {stopped_at} of {cfg.max_new_tokens} tokens by --generation-deadline-s "
+              f"{args.generation_deadline_s:.0f}", flush=True)
     scored = meter.measure("score_and_reference", lambda: score_rollouts(ctx, batch, examples))
 
     def reference():
@@ -346,7 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
     meter.measure("train", lambda: update_policy(ctx, scored))
     config = policy.get_base_model().config
     prompt_tokens = int(batch.prompt_mask.sum(1).max())
-    plan = estimate(cfg, config, has_images=has_images, prompt_tokens=prompt_tokens)
+    plan = estimate(replace(cfg, max_new_tokens=stopped_at) if stopped_at else cfg, config, has_images=has_images,
+                    prompt_tokens=prompt_tokens)
     parts = plan["parts"]
     lora_weights = sum(p.numel() * p.element_size() for p in policy.parameters() if p.requires_grad) / GIB
     phases = meter.phases
@@ -380,7 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
         "runtime_baseline_gib": baseline / GIB, "phases": phases, "components": components,
         "planner_peak_gib": plan["peak"] / GIB, "planner_fits": plan["peak"] <= args.gpu_gib * GIB,
         "has_images": has_images, "device_memory": device_memory, "progress": meter.progress,
-        "decode_mode": decode_mode(cfg), "max_new_tokens_cut_from": cut_from, "decode": {},
+        "decode_mode": decode_mode(cfg), "max_new_tokens_cut_from": cut_from,
+        "generation_stopped_at": stopped_at, "decode": {},
         "backward_profile": None, "backward_ab": None,
         "note": "random weights: completions run to max_new_tokens, the worst case for memory",
     }

@@ -324,7 +324,10 @@ def command_for(name: str, args, learned: dict, budget_s: float | None = None) -
         cmd += ["--decode-mode", choice["decode_mode"]]
         if share:  # less the compile the step's process pays first
             seconds = max(10.0, share - choice["first_run_extra_seconds"])
-            cmd += ["--tokens-per-second", f"{choice['tokens_per_second']:.1f}", "--generation-budget-s", f"{seconds:.0f}"]
+            cmd += ["--tokens-per-second", f"{choice['tokens_per_second']:.1f}", "--generation-budget-s", f"{seconds:.0f}",
+                    # and a hard stop at the whole share, the compile included: the prediction, from 32-token
+                    # rows, misses what long rows cost each step (the MGT step's ran 1.65x it, 2026-12-04)
+                    "--generation-deadline-s", f"{share:.0f}"]
     if args.dry_run:  # the tiny model (its own small vocabulary and tokenizer), a few short rollouts
         return cmd + ["--config", f"configs/tiny/{stage}.yaml", "--set", "prompts_per_step=2",
                       "--set", "num_generations=4"]
@@ -438,6 +441,8 @@ def part_line(part: Part) -> str:
         if report.get("max_new_tokens_cut_from"):
             cache += (f", completions cut to {report['max_new_tokens']} tokens (from {report['max_new_tokens_cut_from']})"
                       f" to fit the part's time")
+        if report.get("generation_stopped_at"):
+            cache += f", the decode stopped at {report['generation_stopped_at']} tokens by its deadline"
         cache += cudagraph_line(r, compiled=str(report.get("decode_mode", "")).startswith("compiled"))
         return (f"planner peak {report['planner_peak_gib']:.2f} GiB "
                 f"({'fits' if report.get('planner_fits') else 'does not fit'}); {measured}{cache}{decode}")
@@ -474,7 +479,8 @@ def tables(parts: list[Part], header: str) -> str:
         out += ["", f"{name}: the step was stopped; the phases it finished:" if report.get("partial") else
                 f"{name}: {report['model']}, {report['quantization']}, {report['dtype']}, tokenizer "
                 f"{report.get('tokenizer') or 'of the model directory'}, {report['prompts']} prompts x "
-                f"{report['generations']} x {report['max_new_tokens']} tokens (prompt {report['prompt_tokens']} "
+                f"{report['generations']} x {report.get('generation_stopped_at') or report['max_new_tokens']} tokens "
+                f"(prompt {report['prompt_tokens']} "
                 f"tokens, images: {report.get('has_images')}), {report['device']}:", "",
                 "| phase | seconds | peak above start GiB | peak reserved GiB |", "|---|---:|---:|---:|"]
         out += [f"| {phase} | {fmt(p['seconds'])} | {fmt(p['peak_extra_gib'], 3)} | "

@@ -15,6 +15,8 @@
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from . import models
@@ -179,7 +181,7 @@ def decode(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision
            count: int, max_new_tokens: int, temperature: float, stop_ids, pad_id: int, greedy: bool = False,
            top_k: int = 0, top_p: float = 1.0, suppress=None, stop_strings: StopStrings | None = None,
            mm_token_type_ids: torch.Tensor | None = None, generator: torch.Generator | None = None,
-           cache_mode: str = "dynamic", lora_autocast: bool = False):
+           cache_mode: str = "dynamic", lora_autocast: bool = False, deadline: float | None = None):
     """Generate `count` continuations of each left-padded prompt row (row i*count + j: prompt i).
 
     Returns `(tokens [N, C], lengths [N], logprobs [N, C])`: tokens right-padded with `pad_id` after
@@ -190,16 +192,19 @@ def decode(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision
     `lora_autocast`: the model's forwards run inside ONE `models.lora_autocast` context for the whole
     generation, the training pass's LoRA numerics: autocast casts each fp32 LoRA weight to bf16 once and
     keeps it (its cast cache lives until the outermost context exits), where peft would cast every layer's
-    input to fp32 and its output back at every token (bench/RESULTS.md, "the rollouts' LoRA side path")."""
+    input to fp32 and its output back at every token (bench/RESULTS.md, "the rollouts' LoRA side path").
+    `deadline` (a `time.monotonic()` value; HF generate's `max_time` as a point in time): no step starts after
+    it, so every row still running is cut at the same length (a benchmark's time budget)."""
     with models.lora_autocast(policy, lora_autocast):
         return _decode(policy, input_ids, attention_mask, vision, count=count, max_new_tokens=max_new_tokens,
                        temperature=temperature, stop_ids=stop_ids, pad_id=pad_id, greedy=greedy, top_k=top_k,
                        top_p=top_p, suppress=suppress, stop_strings=stop_strings,
-                       mm_token_type_ids=mm_token_type_ids, generator=generator, cache_mode=cache_mode)
+                       mm_token_type_ids=mm_token_type_ids, generator=generator, cache_mode=cache_mode,
+                       deadline=deadline)
 
 
 def _decode(policy, input_ids, attention_mask, vision, *, count, max_new_tokens, temperature, stop_ids, pad_id,
-            greedy, top_k, top_p, suppress, stop_strings, mm_token_type_ids, generator, cache_mode):
+            greedy, top_k, top_p, suppress, stop_strings, mm_token_type_ids, generator, cache_mode, deadline):
     body, weight = models.backbone(policy), models.lm_head_weight(policy)
     bias = getattr(models.unwrap(policy).get_output_embeddings(), "bias", None)
     device = input_ids.device
@@ -246,10 +251,11 @@ def _decode(policy, input_ids, attention_mask, vision, *, count, max_new_tokens,
         if stop_strings:
             # only the last `window` tokens can complete a stop string: the rest of the history stays on the device
             finished |= stop_strings(tokens[active, max(0, step + 1 - stop_strings.window): step + 1].cpu()).to(device)
+        last_step = step == max_new_tokens - 1 or (deadline is not None and time.monotonic() > deadline)
         if static is not None:  # every row stays; a row's first stop sets its length
             lengths[finished & ~done] = step + 1
             done |= finished
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if bool(done.all()) or last_step:
                 break
             last_position = last_position + 1
             hidden = static(chosen[:, None], last_position)
@@ -262,7 +268,7 @@ def _decode(policy, input_ids, attention_mask, vision, *, count, max_new_tokens,
             cache.batch_select_indices(keep)  # finished rows leave the batch and the cache
             active, chosen = active[keep], chosen[keep]
             attention_mask, last_position = attention_mask[keep], last_position[:, keep]
-        if step == max_new_tokens - 1:
+        if last_step:
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
         last_position = last_position + 1

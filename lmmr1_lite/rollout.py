@@ -245,7 +245,7 @@ def generate(policy, tokenizer, messages: list[list[dict]], *, num_generations: 
              temperature: float, stop_ids: list[int], greedy: bool = False, image_processor=None,
              top_k: int = 0, top_p: float = 1.0, stop_strings: list[str] | tuple = (),
              generator: torch.Generator | None = None, cache_mode: str = "dynamic",
-             lora_autocast: bool = False) -> Rollout:
+             lora_autocast: bool = False, deadline: float | None = None) -> Rollout:
     """Sample `num_generations` completions for each prompt (greedy: one, argmax).
 
     Each prompt is prefilled once (images through the vision encoder once) and its KV cache shared
@@ -253,7 +253,8 @@ def generate(policy, tokenizer, messages: list[list[dict]], *, num_generations: 
     end of any of `stop_strings` (several tokens allowed; single-token ones act as stop ids); its
     mask covers the stop. `top_k` (0: off) and `top_p` (1.0: off) filter as HF's warpers do.
     `lora_autocast`: the LoRA side path in bf16, as in the training pass (`decoding.decode`); the training
-    step's rollouts follow the config's `lora_autocast`, evaluation keeps peft's fp32 side path."""
+    step's rollouts follow the config's `lora_autocast`, evaluation keeps peft's fp32 side path. `deadline`
+    (`time.monotonic()`): no decode step starts after it; the rows it cuts are `clipped`."""
     was_training = policy.training
     policy.eval()  # eval mode: gradient checkpointing off, KV cache on
     try:
@@ -268,14 +269,15 @@ def generate(policy, tokenizer, messages: list[list[dict]], *, num_generations: 
             max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=list(stop_ids) + single,
             pad_id=tokenizer.pad_token_id, greedy=greedy, top_k=top_k, top_p=top_p,
             suppress=placeholder_ids(tokenizer), stop_strings=StopStrings(tokenizer, multi), generator=generator,
-            cache_mode=cache_mode, lora_autocast=lora_autocast)
+            cache_mode=cache_mode, lora_autocast=lora_autocast, deadline=deadline)
     finally:
         policy.train(was_training)
     if completion_ids.shape[1] == 0:
         warn_once("generate returned no new tokens")
     mask = (torch.arange(completion_ids.shape[1], device=lengths.device)[None, :] < lengths[:, None]).long()
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    clipped = lengths >= max_new_tokens  # at the cap: clipped unless its last token ended it
+    # at the cap (or cut by the deadline, at the longest row's length): clipped unless its last token ended it
+    clipped = lengths >= completion_ids.shape[1]
     if bool(clipped.any()) and completion_ids.shape[1]:
         last = completion_ids[:, -1]
         ended = torch.isin(last, torch.tensor(list(stop_ids) + single, dtype=torch.long, device=last.device))

@@ -93,8 +93,9 @@ def group_advantages(rewards_: torch.Tensor, group_size: int, scale: str = "grou
     return centred.view(-1).float()
 
 
-def generate_rollouts(ctx: StepContext, examples: list[Example]) -> Rollout:
-    """G completions for each example, in chunks of `ctx.generation_batch_size` prompts (halved on OOM)."""
+def generate_rollouts(ctx: StepContext, examples: list[Example], deadline: float | None = None) -> Rollout:
+    """G completions for each example, in chunks of `ctx.generation_batch_size` prompts (halved on OOM);
+    `deadline` (`time.monotonic()`, for a benchmark's time budget): no decode step starts after it."""
     cfg = ctx.cfg
     messages = [build_messages(e, cfg.system_prompt, cfg.prompt_template) for e in examples]
 
@@ -104,7 +105,7 @@ def generate_rollouts(ctx: StepContext, examples: list[Example]) -> Rollout:
                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=ctx.stop_ids,
                      stop_strings=cfg.stop_tokens, top_k=cfg.top_k, top_p=cfg.top_p,
                      image_processor=ctx.image_processor, cache_mode=cfg.decode_cache,
-                     lora_autocast=cfg.lora_autocast)
+                     lora_autocast=cfg.lora_autocast, deadline=deadline)
             for i in range(0, len(messages), size)], ctx.tokenizer.pad_token_id)
     # the compiled decode step's CUDA graphs need the merged weights at the same addresses every step
     with adapter_merged(ctx.policy, keep=cfg.decode_cache == "compiled") if cfg.merge_for_rollouts else nullcontext():

@@ -42,6 +42,28 @@ def test_e2e_step_bench_on_the_tiny_model(tmp_path):
     assert report["completion_tokens_mean"] > 0 and report["prompt_tokens"] > 0 and report["planner_peak_gib"] > 0
 
 
+def test_e2e_step_generation_deadline_stops_the_decode_and_the_step_goes_on(tmp_path):
+    """`--generation-deadline-s` stops the step's decode when its seconds are spent (a prediction from a short decode
+    misses what long rows cost: the H200's MGT step outlasted its part in generation, 2026-12-04): the rows cut
+    there go through the whole step, and the planner's figures are for the length generated."""
+    out = tmp_path / "e2e.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "e2e_step.py"), "--out", str(out),
+                    "--set", "prompts_per_step=2", "--set", "max_new_tokens=48", "--generation-deadline-s", "0"],
+                   check=True, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    assert report["generation_stopped_at"] == 1 and report["max_new_tokens"] == 48
+    assert report["completion_tokens_mean"] == 1.0
+    assert {"backward", "train"} <= set(report["phases"])
+    from transformers import AutoConfig
+
+    from lmmr1_lite.config import resolve_config
+    from lmmr1_lite.plan import estimate
+
+    cfg = resolve_config("fre", None, {"prompts_per_step": 2, "max_new_tokens": 1})
+    plan = estimate(cfg, AutoConfig.from_pretrained(cfg.model), False, prompt_tokens=report["prompt_tokens"])
+    assert report["planner_peak_gib"] == pytest.approx(plan["peak"] / 2**30)
+
+
 def _bench_module(name: str):
     """A script of bench/ imported as a module."""
     import importlib.util

@@ -281,8 +281,11 @@ def test_the_steps_generate_with_the_cache_that_decodes_most_in_their_time(gpu_c
     assert command[command.index("--tokens-per-second") + 1] == "512.0"
     # GENERATION_SHARE of the part's time, less the compile (the first run's extra seconds) its process pays again
     assert command[command.index("--generation-budget-s") + 1] == "115"
+    # and the decode stops at the whole share, the compile included, whatever the prediction missed
+    assert command[command.index("--generation-deadline-s") + 1] == "120"
     command = gpu_check.command_for("e2e_fre", args, {"decode_report": report}, 600)
     assert command[command.index("--decode-mode") + 1] == "compiled" and command[command.index("--generation-budget-s") + 1] == "212"
+    assert command[command.index("--generation-deadline-s") + 1] == "300"
     report = {"decode_only": True, "model": "3b", "quantization": "nf4", "dtype": "bfloat16", "prompts": 8,
               "generations": 8, "device": "H200", "phases": {}, "decode": decode}
     part = gpu_check.Part("decode", 1, 1, {"status": "ok", "seconds": 90.0, "report": report})
@@ -389,6 +392,9 @@ def test_a_slow_decode_cuts_the_steps_completions_to_fit(gpu_check):
     line = gpu_check.part_line(gpu_check.Part("e2e_fre", 1, 1, {"status": "ok", "report": step}))
     assert line.endswith("generated in decode mode static+merged, completions cut to 320 tokens (from 1024) to fit the "
                          "part's time")
+    step["generation_stopped_at"] = 201  # the deadline's cut, when the prediction missed
+    line = gpu_check.part_line(gpu_check.Part("e2e_fre", 1, 1, {"status": "ok", "report": step}))
+    assert line.endswith("(from 1024) to fit the part's time, the decode stopped at 201 tokens by its deadline")
 
 
 def test_the_step_reports_each_phase_as_it_ends(tmp_path):

@@ -509,3 +509,26 @@ def test_rollouts_under_lora_autocast_run_the_side_path_in_bf16_and_cast_each_lo
         hook.remove()
     assert torch.equal(runs[True].completion_ids, runs[False].completion_ids)
     assert (runs[True].logprobs - runs[False].logprobs).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("cache_mode", ["dynamic", "static"])
+def test_a_deadline_cuts_every_running_row_at_one_length_and_marks_it_clipped(tiny_policy, cache_mode):
+    """generate(deadline=...) (a benchmark's time budget; HF's max_time as a point in time): no decode step starts
+    after it, so a deadline already past leaves one token per row, every row clipped (none reached a stop); a
+    deadline far ahead changes nothing."""
+    import time
+
+    policy, tokenizer, _ = tiny_policy
+    kwargs = dict(num_generations=3, max_new_tokens=10, temperature=1.0, greedy=False, stop_ids=[],
+                  cache_mode=cache_mode)
+    torch.manual_seed(0)
+    free = generate(policy, tokenizer, PROMPTS, **kwargs)
+    torch.manual_seed(0)
+    far = generate(policy, tokenizer, PROMPTS, deadline=time.monotonic() + 3600, **kwargs)
+    assert free.completion_ids.shape == (6, 10) and bool(free.clipped.all())
+    assert torch.equal(far.completion_ids, free.completion_ids) and torch.equal(far.clipped, free.clipped)
+    torch.manual_seed(0)
+    cut = generate(policy, tokenizer, PROMPTS, deadline=time.monotonic(), **kwargs)
+    assert cut.completion_ids.shape == (6, 1) and cut.completion_mask.sum().item() == 6
+    assert torch.equal(cut.completion_ids, free.completion_ids[:, :1]) and bool(cut.clipped.all())
+    assert torch.equal(cut.logprobs, free.logprobs[:, :1])

@@ -86,6 +86,21 @@ def test_layer_saved_bench_writes_the_layer_against_the_planner(tmp_path):
     assert any("float32" in shape for shape in report["by_shape"]["peft_fp32_casts"])
 
 
+def test_decode_dispatches_counts_a_steps_ops_per_layer_in_each_rollout_mode(tmp_path):
+    """bench/decode_dispatches.py on the tiny model (NF4 + LoRA): a decode step's ops in one layer fall from peft's
+    fp32 casts to the bf16 side path (lora_autocast) to the merged copies (merge_for_rollouts: one GEMM per
+    linear, no bitsandbytes call), while the rest of the step (embedding, masks, head, sampler) is the same in
+    every mode; the whole model's count is layers x per layer + the rest."""
+    report = _bench_module("decode_dispatches").main(["--rows", "2", "--out", str(tmp_path / "d.json")])
+    assert json.loads((tmp_path / "d.json").read_text()) == report
+    modes = list(report["modes"].values())
+    fp32, bf16, merged = (m["per_layer"] for m in modes)
+    assert fp32 > bf16 > merged > 0
+    assert len({m["other"] for m in modes}) == 1 and modes[0]["other"] > 0
+    assert all(m["whole_model"] == report["layers"] * m["per_layer"] + m["other"] for m in modes)
+    assert modes[0]["vs_peft_fp32_casts"] == 1.0 and modes[2]["vs_peft_fp32_casts"] < 0.7
+
+
 def test_real_fre_tables_are_judged_from_the_completions_and_rescore_checks_them(tmp_path):
     """bench/real_fre.py's tables: each completion judged now (not the score a file recorded), paired counts
     and the sign test over each problem set, the commonest-answer baseline; --rescore rebuilds eval.json's

@@ -470,11 +470,11 @@ def test_rollouts_under_lora_autocast_run_the_side_path_in_bf16_and_cast_each_lo
     decode step takes a bf16 input (peft would cast it to fp32 and the output back, at every token), and each
     fp32 LoRA weight is cast to bf16 once for the whole generation (one autocast context around the loop: its
     cast cache), not once per token; the greedy tokens and their log-probs stay those of peft's fp32 side path
-    to bf16 rounding."""
+    to bf16 rounding, on text and image prompts (the vision tower's prefill under the same context)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    policy, tokenizer, _ = build_tiny_policy(dtype="bfloat16", quantization=quantization,
-                                             gradient_checkpointing=False)
+    policy, tokenizer, cfg = build_tiny_policy(dtype="bfloat16", quantization=quantization,
+                                               gradient_checkpointing=False)
     lora_weights = {p.untyped_storage().data_ptr(): name for name, p in policy.named_parameters()
                     if "lora_" in name}
     assert lora_weights and all(p.dtype == torch.float32 for n, p in policy.named_parameters() if "lora_" in n)
@@ -496,11 +496,14 @@ def test_rollouts_under_lora_autocast_run_the_side_path_in_bf16_and_cast_each_lo
     hooks = [m.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype)) for m in lora_a]
     steps = 12
     runs = {}
+    prompts = mixed_prompts(tokenizer)  # images through the vision tower in the prefill too
+    processor = models.load_image_processor(cfg.model, 56 * 56, 112 * 112)
     for autocast in (False, True):
         seen.clear()
         with CastsOfLoraWeights() as casts:
-            runs[autocast] = generate(policy, tokenizer, PROMPTS, num_generations=1, max_new_tokens=steps,
-                                      temperature=1.0, greedy=True, stop_ids=[], lora_autocast=autocast)
+            runs[autocast] = generate(policy, tokenizer, prompts, num_generations=1, max_new_tokens=steps,
+                                      temperature=1.0, greedy=True, stop_ids=[], lora_autocast=autocast,
+                                      image_processor=processor)
         assert runs[autocast].completion_ids.shape[1] == steps
         assert len(seen) == len(lora_a) * steps  # the prefill and each step but the last
         assert set(seen) == {torch.bfloat16 if autocast else torch.float32}

@@ -260,6 +260,18 @@ def test_compiled_decode_gives_the_dynamic_tokens(tiny_policy):
     assert torch.equal(dynamic.completion_ids, compiled.completion_ids)
 
 
+@pytest.mark.slow
+def test_compiled_decode_under_lora_autocast_gives_the_dynamic_tokens(build_tiny_policy):
+    """The training step's rollouts on a bf16 model run under lora_autocast: the compiled step, traced inside that
+    autocast context, gives the dynamic cache's greedy tokens there too."""
+    policy, tokenizer, _ = build_tiny_policy(dtype="bfloat16", quantization="none", gradient_checkpointing=False)
+    kwargs = dict(num_generations=2, max_new_tokens=12, temperature=1.0, stop_ids=[], greedy=True, lora_autocast=True)
+    dynamic = generate(policy, tokenizer, PROMPTS, **kwargs)
+    compiled = generate(policy, tokenizer, PROMPTS, cache_mode="compiled", **kwargs)
+    assert torch.equal(dynamic.completion_ids, compiled.completion_ids)
+    assert (dynamic.logprobs - compiled.logprobs).abs().max() < 0.05
+
+
 def static_decode_step_to_explain(cfg):
     """The policy `cfg` builds (a 4-bit base) and `decoding.static_step_explainer` of it."""
     from lmmr1_lite.decoding import static_step_explainer

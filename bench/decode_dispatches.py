@@ -3,7 +3,7 @@ for each way the rollouts can run the LoRA.
 
 On a GPU a small model's eager decode step waits on the host (the H200's 3B step kept the GPU 14 % busy,
 bench/RESULTS.md), so its time follows the ops dispatched more than the FLOPs. This counts them on any device
-(torch.profiler; every `aten::` and `bitsandbytes::` op, views included) for the architecture cut to 1 and to 2
+(torch.profiler; every `aten::` op, views included, as `bench/e2e_step.py`'s profiles count them) for the architecture cut to 1 and to 2
 decoder layers, each generating 2 and 6 new tokens: the differences give the ops of one decode step in one
 layer and in everything else (embedding, masks, final norm, LM head, the sampler, the loop), and from them the
 whole model's. Modes: the LoRA side path through peft's fp32 casts (`lora_autocast` off), the side path in
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e_step import first_layers_of, write_report  # noqa: E402
+from e2e_step import first_layers_of, profiled, write_report  # noqa: E402
 
 MODES = {"side path, peft's fp32 casts": dict(lora_autocast=False, merged=False),
          "side path in bf16 (lora_autocast)": dict(lora_autocast=True, merged=False),
@@ -36,10 +36,8 @@ PROMPT = [[{"role": "user", "content": "What is 12 times 7? Think step by step."
 
 
 def dispatches(policy, tokenizer, new_tokens: int, rows: int, lora_autocast: bool, merged: bool) -> int:
-    """Ops dispatched while generating `new_tokens` tokens for `rows` rows (after one unprofiled run: the
-    first call's one-time work is not a step's)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """`aten::` ops dispatched while generating `new_tokens` tokens for `rows` rows (e2e_step's `profiled`, after
+    one unprofiled run: the first call's one-time work is not a step's)."""
     from lmmr1_lite.rollout import adapter_merged, generate
 
     def run():
@@ -47,9 +45,7 @@ def dispatches(policy, tokenizer, new_tokens: int, rows: int, lora_autocast: boo
                  stop_ids=[], lora_autocast=lora_autocast)
     with adapter_merged(policy) if merged else contextlib.nullcontext():
         run()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            run()
-    return sum(e.count for e in prof.key_averages() if e.key.startswith(("aten::", "bitsandbytes::")))
+        return profiled(run)["aten_calls"]
 
 
 def per_step(policy, tokenizer, rows: int, mode: dict) -> float:
@@ -65,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", type=int, default=8, help="completions generated together")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "decode_dispatches.json"))
     args = parser.parse_args(argv)
+    if args.rows < 1:
+        parser.error("--rows must be at least 1")
     if args.model and not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model {args.model}: not an architecture directory (no config.json)")
     from transformers import AutoConfig
@@ -96,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         row["vs_peft_fp32_casts"] = row["whole_model"] / first
     report = {"benchmark": "decode_dispatches", "date": str(date.today()), "device": str(device),
               "model": source, "quantization": cfg.quantization, "layers": full_layers, "rows": args.rows,
-              "counted": "aten:: and bitsandbytes:: ops per decode step (torch.profiler), views included",
+              "counted": "aten:: ops per decode step (torch.profiler), views included",
               "modes": modes}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_report(args.out, report)

@@ -104,7 +104,10 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
     groups = min(cfg.prompts_per_step, whole + (2 if spill else 0))
     micro_tokens = groups * prompt + micro * cfg.max_new_tokens if cfg.share_prompt else micro * seq
     scored = micro * cfg.max_new_tokens  # completion positions the log-prob kernels score
-    chunk_rows = chunk_rows_for_bytes(scored, vocab, cfg.logprob_chunk_bytes or None, "cuda")
+    # the block's bytes per logit on CUDA (Triton, a frozen head: `logits_block_dtype`): the GEMM's bf16
+    # itself, or fp32 when the model runs in fp32
+    block_bytes = elt
+    chunk_rows = chunk_rows_for_bytes(scored, vocab, cfg.logprob_chunk_bytes or None, "cuda", block_bytes)
     optimizer_bytes = 2 if cfg.optim == "paged_adamw_8bit" else 8
     # elements of the largest language-model linear (the MLP's, or q_proj's if wider)
     largest_linear = max(h * text.num_attention_heads * head_dim, h * text.intermediate_size)
@@ -142,11 +145,9 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
             h if cfg.gradient_checkpointing else 12 * h + 4 * text.intermediate_size),
         "one layer recomputed in backward":
             micro_tokens * elt * (12 * h + 4 * text.intermediate_size) if cfg.gradient_checkpointing else 0,
-        # one fp32 [rows, vocab] logits block (its gradient written in place), with a bf16 head also the GEMM's
-        # half-size result while it is widened into that block and the gradient cast back for the grad-hidden
-        # GEMM; and the gradient of the scored hidden states, in their dtype
-        "log-prob chunk (logits block + gradient of hidden)":
-            chunk_rows * vocab * (4 + (elt if elt < 4 else 0)) + scored * h * elt,
+        # one [rows, vocab] logits block, the GEMM's own output on CUDA (its gradient written in place and
+        # taken by the grad-hidden GEMM as it is), and the gradient of the scored hidden states, in their dtype
+        "log-prob chunk (logits block + gradient of hidden)": chunk_rows * vocab * block_bytes + scored * h * elt,
         "vision encoder working set": vision_act,
         # a 4/8-bit linear is dequantised to `dtype` for its matmul, forward and backward, one at a time
         "dequantised weight of the largest linear": 0 if cfg.quantization == "none" else largest_linear * elt,

@@ -3,6 +3,8 @@
 `LMMR1_TEST_DEVICE=cuda` (with `TRITON_INTERPRET=0`) runs the same tests on a GPU, compiled Triton, with
 LMM-R1-sized shapes added at the real vocabulary (bench/gpu_check.py does this; every test here is marked
 `device`: conftest.py's `on_test_device` puts its tensors there)."""
+import importlib
+
 import pytest
 import torch
 
@@ -268,6 +270,72 @@ def test_a_bf16_chunk_is_widened_into_the_reused_buffer(with_bias):
     assert torch.allclose(unbuffered, expected, rtol=1e-2, atol=1e-2)
 
 
+def test_the_logits_block_is_fp32_unless_a_frozen_half_precision_head_runs_on_triton():
+    from lmmr1_kernels.logprobs import logits_block_dtype
+
+    frozen = torch.zeros(4, 2, dtype=torch.bfloat16)
+    assert logits_block_dtype("triton", frozen, None) == torch.bfloat16
+    assert logits_block_dtype("triton", frozen.half(), None) == torch.float16
+    assert logits_block_dtype("torch", frozen, None) == torch.float32, "the torch path computes in the block"
+    assert logits_block_dtype("triton", frozen.float(), None) == torch.float32
+    assert logits_block_dtype("triton", frozen.clone().requires_grad_(), None) == torch.float32, "a trained head"
+    assert logits_block_dtype("triton", frozen, torch.zeros(4, dtype=torch.bfloat16)) == torch.float32, "a bias"
+
+
+@pytest.mark.parametrize("objective", [{}, {"importance_sampling_level": "sequence", "top_entropy_quantile": 0.5}],
+                         ids=["token", "gspo-top-entropy"])
+def test_a_frozen_bf16_head_on_triton_keeps_its_block_in_bf16_with_the_fp32_blocks_numbers(objective, monkeypatch):
+    """On the Triton path a frozen bf16 head's logits block is the GEMM's bf16 output, read into fp32 by the
+    kernels and overwritten in place by the gradient in bf16: no fp32 block and no bf16 copy of the gradient,
+    and the log-probs, loss, metrics and hidden gradient are exactly those of the fp32 block (the GEMM's bf16
+    widened, the gradient computed in fp32 and rounded to bf16 for the grad-hidden GEMM either way)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    grpo_module = importlib.import_module("lmmr1_kernels.grpo_loss")  # the package's `grpo_loss` is the function
+    logprobs_module = importlib.import_module("lmmr1_kernels.logprobs")
+
+    B, T, H, V, chunk = 2, 5, 16, 1000, 4
+    hidden, weight, targets = make_inputs(B, T, H, V, torch.bfloat16, seed=11, weight_grad=False)
+    g = Draws(12)
+    mask, adv = (g.rand(B, T) > 0.2).long(), g.randn(B)
+    old = reference_logprobs(hidden, weight, targets, 0.8).float().detach() + 0.3 * g.randn(B, T)
+
+    class BlockSized(TorchDispatchMode):  # the dtypes of the tensors of a logits block's size the call makes
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel() >= chunk * V:
+                    self.dtypes.append(tensor.dtype)
+            return out
+
+    def run():
+        h = hidden.detach().clone().requires_grad_()
+        with BlockSized() as seen:
+            logp = token_logprobs(h, weight, targets, 0.8, backend="triton", chunk_rows=chunk)
+            logp.sum().backward()
+            grad_logprobs = h.grad.clone()
+            h.grad = None
+            loss, metrics = grpo_loss(h, weight, targets, mask, adv, old, logp.detach() - 0.1, beta=0.04,
+                                      temperature=0.8, backend="triton", chunk_rows=chunk, **objective)
+            loss.backward()
+        return [logp, grad_logprobs, loss, *metrics.values(), h.grad], seen.dtypes
+
+    bf16_block, bf16_dtypes = run()
+    assert bf16_dtypes and set(bf16_dtypes) == {torch.bfloat16}, "no fp32 block, no second bf16 copy"
+    fp32 = lambda *args: torch.float32  # noqa: E731  the path before: an fp32 block
+    monkeypatch.setattr(logprobs_module, "logits_block_dtype", fp32)
+    monkeypatch.setattr(grpo_module, "logits_block_dtype", fp32)
+    fp32_block, fp32_dtypes = run()
+    assert torch.float32 in fp32_dtypes and len(fp32_dtypes) > len(bf16_dtypes)
+    for ours, before in zip(bf16_block, fp32_block):
+        assert torch.equal(ours, before)
+    assert bf16_block[-1].abs().sum() > 0
+
+
 def test_chunk_rows_follow_the_byte_budget():
     from lmmr1_kernels.logprobs import DEFAULT_CHUNK_BYTES, chunk_rows_for_bytes
 
@@ -278,6 +346,7 @@ def test_chunk_rows_follow_the_byte_budget():
     assert chunk_rows_for_bytes(100, 71, 256 * 2**20) == 100, "never more rows than there are"
     assert chunk_rows_for_bytes(4096, vocab) == chunk_rows_for_bytes(4096, vocab, DEFAULT_CHUNK_BYTES["cpu"])
     assert chunk_rows_for_bytes(4096, vocab, device="cuda") * vocab * 4 <= DEFAULT_CHUNK_BYTES["cuda"]
+    assert chunk_rows_for_bytes(4096, vocab, 256 * 2**20, bytes_per_logit=2) == 512, "a bf16 block: twice the rows"
     with pytest.raises(ValueError):
         chunk_rows_for_bytes(10, vocab, 0)
 

@@ -38,7 +38,7 @@ import torch
 
 from .backend import resolve_backend
 from .logprobs import (accumulate_input_grads, chunk_buffers, chunk_logits, chunk_rows_for_bytes,
-                       flatten_inputs, row_stats, softmax_grad_)
+                       flatten_inputs, logits_block_dtype, row_stats, softmax_grad_)
 
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
@@ -153,10 +153,11 @@ class GRPOLossFunction(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         sums = torch.zeros(6, dtype=torch.float32, device=hidden.device)  # kl, ratio, entropy, low, high, logp
         stats = [torch.empty(num_rows, dtype=torch.float32, device=hidden.device) for _ in range(3)]  # logp, lse, H
-        logits_buffer, scratch = chunk_buffers(min(chunk_rows, num_rows), weight.shape[0], hidden, backend)
+        logits_buffer, scratch = chunk_buffers(min(chunk_rows, num_rows), weight.shape[0], hidden, backend,
+                                               logits_block_dtype(backend, weight, bias))
         for start in range(0, num_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, num_rows))
-            logits = chunk_logits(hidden[rows], weight, bias, out=logits_buffer)  # [n, V] fp32
+            logits = chunk_logits(hidden[rows], weight, bias, out=logits_buffer)  # [n, V]
             logp, lse, entropy = row_stats(backend, logits, targets[rows], temperature=options["temperature"],
                                            with_entropy=True, scratch=scratch)
             for buffer, value in zip(stats, (logp, lse, entropy)):
@@ -227,8 +228,9 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     `token_weight [B, T]` overrides the aggregation weights (used to aggregate one loss over
     several micro-batches); by default they come from `loss_agg` over this call's mask.
 
-    Chunks: `chunk_rows` rows if given, else as many as one fp32 `[rows, V]` block of `chunk_bytes`
-    holds (default `DEFAULT_CHUNK_BYTES` for the device); the result does not depend on it.
+    Chunks: `chunk_rows` rows if given, else as many as one `[rows, V]` block (fp32, or bf16 on the Triton
+    path with a frozen head: `logits_block_dtype`) of `chunk_bytes` holds (default `DEFAULT_CHUNK_BYTES` for
+    the device); the result does not depend on it.
 
     Objectives, with TRL's names: `loss_type` "grpo" (the clipped ratio) or "cispo" (the importance
     weight clipped at 1 + epsilon_high and detached, times logp); `importance_sampling_level` "token"
@@ -258,7 +260,8 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     flat_adv = advantages.float()[:, None].expand(targets.shape).reshape(-1).contiguous()
     flatten = lambda x: None if x is None else x.detach().float().reshape(-1).contiguous()  # noqa: E731
     ref = flatten(ref_logprobs) if beta != 0.0 else None
-    rows = chunk_rows or chunk_rows_for_bytes(flat_hidden.shape[0], weight.shape[0], chunk_bytes, flat_hidden.device)
+    rows = chunk_rows or chunk_rows_for_bytes(flat_hidden.shape[0], weight.shape[0], chunk_bytes, flat_hidden.device,
+                                              logits_block_dtype(backend, weight, bias).itemsize)
     options = {"beta": float(beta), "epsilon_low": float(epsilon_low), "epsilon_high": float(epsilon_high),
                "temperature": float(temperature), "loss_type": loss_type,
                "importance_sampling_level": importance_sampling_level,

@@ -3,10 +3,13 @@
     logp[n] = log_softmax(hidden[n] @ weight.T / temperature + bias)[targets[n]]
 
 The `[tokens, vocab]` logits (vocab 151,936 for Qwen2.5) are never materialised
-whole: token rows are processed in chunks whose fp32 logits block fits a byte
-budget (`chunk_bytes`, default `DEFAULT_CHUNK_BYTES`), so peak extra memory is
-that budget (twice it on the torch path, which keeps a scratch block), not
-O(tokens * vocab). Every chunk reads the whole LM head weight, so chunks of a
+whole: token rows are processed in chunks whose logits block fits a byte budget
+(`chunk_bytes`, default `DEFAULT_CHUNK_BYTES`), so peak extra memory is that
+budget (twice it on the torch path, which keeps a scratch block), not
+O(tokens * vocab). The block is fp32, except on the Triton path with a frozen
+bf16/fp16 head and no bias, where it stays in the GEMM's own dtype
+(`logits_block_dtype`): the kernels widen each tile in registers and write the
+gradient back in place in that dtype, which is what the grad-hidden GEMM takes. Every chunk reads the whole LM head weight, so chunks of a
 few hundred rows run much faster than a few dozen. Backward recomputes each chunk's logits (one extra GEMM)
 instead of keeping them; under `torch.no_grad()` nothing is saved at all, which
 is what the old-policy and reference passes need.
@@ -23,7 +26,7 @@ import torch
 from .backend import resolve_backend
 
 
-# Bytes of one fp32 `[rows, vocab]` logits block. CPU: `token_logprobs` of 1,024 rows, vocab 151,936,
+# Bytes of one `[rows, vocab]` logits block (`logits_block_dtype`). CPU: `token_logprobs` of 1,024 rows, vocab 151,936,
 # hidden 256, torch path, on the shared 2-core machine (2026-11-25, wall, median of 3, loaded by other
 # jobs): 16-row chunks 11.2 s, 64 rows 4.5 s, 128 rows 3.3 s, 256 rows (148 MiB) 2.6 s, 512 rows
 # 2.4-2.6 s, 1,024 rows 2.8 s; every chunk reads the whole LM head, so few large chunks win.
@@ -33,49 +36,66 @@ DEFAULT_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 256 * 2**20}
 
 
 def chunk_rows_for_bytes(num_rows: int, vocab_size: int, chunk_bytes: int | None = None,
-                         device: torch.device | str | None = None) -> int:
-    """Rows per chunk so that one fp32 `[rows, vocab]` block takes at most `chunk_bytes` (default:
-    DEFAULT_CHUNK_BYTES for the device type): a power of two (fewer distinct GEMM shapes), at least
-    1, and no more than `num_rows` needs."""
+                         device: torch.device | str | None = None, bytes_per_logit: int = 4) -> int:
+    """Rows per chunk so that one `[rows, vocab]` block of `bytes_per_logit`-byte logits (4: fp32; 2: a
+    bf16 block, `logits_block_dtype`) takes at most `chunk_bytes` (default: DEFAULT_CHUNK_BYTES for the
+    device type): a power of two (fewer distinct GEMM shapes), at least 1, and no more than `num_rows` needs."""
     if chunk_bytes is None:
         kind = torch.device(device).type if device is not None else "cpu"
         chunk_bytes = DEFAULT_CHUNK_BYTES.get(kind, DEFAULT_CHUNK_BYTES["cuda"])
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    rows = max(1, chunk_bytes // (4 * max(1, vocab_size)))
+    rows = max(1, chunk_bytes // (bytes_per_logit * max(1, vocab_size)))
     rows = 1 << (rows.bit_length() - 1)  # round down to a power of two
     return max(1, min(rows, num_rows))
 
 
+def logits_block_dtype(backend: str, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
+    """dtype of a call's logits block. fp32, except on the Triton path with a frozen bf16/fp16 head and no
+    bias (a LoRA policy's LM head): there the block is the GEMM's own output, which the kernels read into
+    fp32 registers, and the gradient they write back in place is rounded to that dtype, as the grad-hidden
+    GEMM takes it anyway. So the numbers are those of an fp32 block, with a third of the bytes moved per
+    logit (the GEMM's 2, read twice, written once: 8 where widening into fp32 and casting back moved 24).
+    A trained head keeps fp32 (its weight gradient sums the logits' gradient over tokens), and a bias is
+    added after the widening as before."""
+    half = weight.dtype in (torch.bfloat16, torch.float16)
+    return weight.dtype if backend == "triton" and half and not weight.requires_grad and bias is None else torch.float32
+
+
 def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits of one chunk in float32: `hidden [n, H] @ weight[V, H].T (+ bias)` -> `[n, V]`.
+    """Logits of one chunk: `hidden [n, H] @ weight[V, H].T (+ bias)` -> `[n, V]`, in float32 unless `out`
+    is a block in the GEMM's own dtype (`logits_block_dtype`).
 
-    The GEMM runs in the input dtype (bf16 tensor cores on GPU, fp32 accumulate) and is widened
-    once, so everything downstream of it is fp32. With `out` (a buffer reused across chunks) the
-    result is written there: fp32 inputs straight, bf16 ones widened into it, so a call allocates its
-    fp32 chunk buffers once, and a bf16 chunk adds only its GEMM's own half-size result while it is
-    copied (before: the widened copy was a second fp32 block, beside an unused buffer)."""
+    The GEMM runs in the input dtype (bf16 tensor cores on GPU, fp32 accumulate). With `out` (a block
+    reused across chunks) the result is written there: straight when the dtypes agree, else (a bf16 GEMM,
+    an fp32 block) widened into it, so a call allocates its chunk blocks once, and a widened chunk adds
+    only its GEMM's own half-size result while it is copied. Without `out`, a new fp32 tensor."""
     if out is None:
         logits = hidden @ weight.t()
         if bias is not None:
             logits = logits + bias
         return logits.float()
     out = out[: hidden.shape[0]]
-    if hidden.dtype == weight.dtype == torch.float32:
+    if hidden.dtype == weight.dtype == out.dtype:
         if bias is None:
             return torch.matmul(hidden, weight.t(), out=out)
-        return torch.addmm(bias.float(), hidden, weight.t(), out=out)
+        return torch.addmm(bias.to(out.dtype), hidden, weight.t(), out=out)
     out.copy_(hidden @ weight.t())
     if bias is not None:
         out.add_(bias)
     return out
 
 
-def chunk_buffers(rows: int, vocab: int, hidden: torch.Tensor, backend: str):
-    """The chunk-sized fp32 buffers a call reuses: logits, and scratch for the torch path (else None)."""
-    make = lambda: torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)  # noqa: E731
-    return make(), (make() if backend == "torch" else None)
+def logits_block(rows: int, vocab: int, hidden: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A `[rows, vocab]` logits block on `hidden`'s device, reused by every chunk of a call."""
+    return torch.empty(rows, vocab, dtype=dtype, device=hidden.device)
+
+
+def chunk_buffers(rows: int, vocab: int, hidden: torch.Tensor, backend: str, dtype: torch.dtype = torch.float32):
+    """The chunk-sized buffers a call reuses: the logits block in `dtype`, and an fp32 scratch block for the
+    torch path (else None)."""
+    return logits_block(rows, vocab, hidden, dtype), (logits_block(rows, vocab, hidden) if backend == "torch" else None)
 
 
 def row_stats_torch(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
@@ -157,6 +177,17 @@ if triton is not None:
             tl.store(entropy_ptr + row, lse - running_dot / running_sum)
 
     @triton.jit
+    def _rounded_for(x, ptr):
+        """fp32 `x` in the dtype `ptr` points to, rounded to nearest (ties to even) as torch's `.to()` rounds.
+        bf16 is rounded on the bits first: the GPU's conversion rounds to nearest even, but Triton's
+        interpreter (the CPU tests) truncates, so this keeps the two paths equal to torch's."""
+        if ptr.dtype.element_ty == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(ptr.dtype.element_ty)
+
+    @triton.jit
     def _softmax_grad_kernel(logits_ptr, targets_ptr, lse_ptr, grad_logp_ptr,
                              stride_row, vocab_size, inv_temperature, BLOCK_V: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -171,7 +202,7 @@ if triton is not None:
             z = tl.load(row_ptr + cols, mask=valid, other=0.0).to(tl.float32) * inv_temperature
             grad = -scale * tl.exp(z - lse)
             grad = tl.where(cols == target, grad + scale, grad)
-            tl.store(row_ptr + cols, grad, mask=valid)
+            tl.store(row_ptr + cols, _rounded_for(grad, logits_ptr), mask=valid)
 
 
 def _block_v(vocab_size: int) -> int:
@@ -180,7 +211,7 @@ def _block_v(vocab_size: int) -> int:
 
 def row_stats_triton(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
                      with_entropy: bool = False):
-    """Triton twin of `row_stats_torch` for a contiguous fp32 chunk `[n, V]`."""
+    """Triton twin of `row_stats_torch` for a chunk `[n, V]` (fp32, or the GEMM's bf16/fp16: read into fp32)."""
     num_rows, vocab_size = logits.shape
     logp = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
@@ -194,7 +225,8 @@ def row_stats_triton(logits: torch.Tensor, targets: torch.Tensor, temperature: f
 
 def softmax_grad_triton_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                          grad_logp: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Triton twin of `softmax_grad_torch_`: overwrites the chunk with its gradient."""
+    """Triton twin of `softmax_grad_torch_`: overwrites the chunk with its gradient, computed in fp32 and
+    stored in the chunk's dtype."""
     num_rows, vocab_size = logits.shape
     if num_rows:
         _softmax_grad_kernel[(num_rows,)](logits, targets, lse.contiguous(), grad_logp.contiguous(),
@@ -235,7 +267,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
         num_rows = hidden.shape[0]
         logp = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
-        logits_buffer, scratch = chunk_buffers(min(chunk_rows, num_rows), weight.shape[0], hidden, backend)
+        logits_buffer, scratch = chunk_buffers(min(chunk_rows, num_rows), weight.shape[0], hidden, backend,
+                                               logits_block_dtype(backend, weight, bias))
         for start in range(0, num_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, num_rows))
             logits = chunk_logits(hidden[rows], weight, bias, out=logits_buffer)
@@ -253,8 +286,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         grad_logp = grad_logp.float().contiguous()
-        logits_buffer = torch.empty(min(ctx.chunk_rows, hidden.shape[0]), weight.shape[0], dtype=torch.float32,
-                                    device=hidden.device)
+        logits_buffer = logits_block(min(ctx.chunk_rows, hidden.shape[0]), weight.shape[0], hidden,
+                                     logits_block_dtype(ctx.backend, weight, bias))
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, min(start + ctx.chunk_rows, hidden.shape[0]))
             logits = chunk_logits(hidden[rows], weight, bias, out=logits_buffer)
@@ -285,10 +318,11 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     hidden [B, T, H] or [N, H]; weight [V, H]; targets [B, T] or [N] (int64).
     Differentiable w.r.t. `hidden`, and `weight`/`bias` when they require grad.
     backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
-    Chunks: `chunk_rows` rows if given, else as many as one fp32 `[rows, V]` block of `chunk_bytes`
-    holds (default DEFAULT_CHUNK_BYTES for the device). Chunking never changes the result."""
+    Chunks: `chunk_rows` rows if given, else as many as one `[rows, V]` block (`logits_block_dtype`) of
+    `chunk_bytes` holds (default DEFAULT_CHUNK_BYTES for the device). Chunking never changes the result."""
     flat_hidden, flat_targets = flatten_inputs(hidden, targets, weight)
     backend = resolve_backend(backend, flat_hidden)
-    rows = chunk_rows or chunk_rows_for_bytes(flat_hidden.shape[0], weight.shape[0], chunk_bytes, flat_hidden.device)
+    rows = chunk_rows or chunk_rows_for_bytes(flat_hidden.shape[0], weight.shape[0], chunk_bytes, flat_hidden.device,
+                                              logits_block_dtype(backend, weight, bias).itemsize)
     logp, _ = TokenLogprobsFunction.apply(flat_hidden, weight, bias, flat_targets, float(temperature), rows, backend)
     return logp.view(targets.shape)

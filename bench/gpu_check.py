@@ -302,7 +302,8 @@ def command_for(name: str, args, learned: dict, budget_s: float | None = None) -
                 *(["-k", "real_vocab and torch or each_objective and torch"] if args.dry_run else [])]
     if name == "loss":
         return [py, "bench/loss_kernels.py", "--out", out / "loss_kernels.json",
-                *(["--smoke"] if args.dry_run else ["--shapes", LOSS_SHAPES])]
+                *(["--smoke"] if args.dry_run else ["--shapes", args.loss_shapes or LOSS_SHAPES]),
+                *(["--impls", args.loss_impls] if args.loss_impls else [])]
     stage = "fre" if name == "decode" else name.split("_")[1]
     share = GENERATION_SHARE * budget_s if budget_s else None  # of the part's time, for a step's generation
     cmd = [py, "bench/e2e_step.py", "--out", out / f"{name}.json"]
@@ -571,6 +572,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part-budget", metavar="PART=SECONDS,...", default=None,
                         help="a part's own budget instead of its default, e.g. 'e2e_fre=420' for a step at the "
                              "configs' whole completion length in a call of its own")
+    parser.add_argument("--loss-shapes", metavar="NxH,...", default=None,
+                        help=f"the loss part's shapes (default {LOSS_SHAPES})")
+    parser.add_argument("--loss-impls", metavar="NAME,...", default=None,
+                        help="the loss part's implementations only (bench/loss_kernels.py --impls), e.g. "
+                             "'naive,lmmr1_kernels,lmmr1_fp32_block': the logits block's A/B without compiling "
+                             "torch.compile's and Liger's losses")
     parser.add_argument("--decode-report", metavar="DECODE_JSON", default=None,
                         help="an earlier call's decode.json: the steps choose their cache from its speeds (and cut their "
                              "completions to fit), for a rerun of the steps without the decode part")

@@ -1,5 +1,6 @@
 """Speed and peak memory of the GRPO loss from hidden states: naive torch, torch.compile, Liger, ours
-(the token-level loss, and CISPO, GSPO and the top-20 % entropy tokens through the same kernels).
+(the token-level loss, and CISPO, GSPO and the top-20 % entropy tokens through the same kernels; on CUDA also
+the token-level loss through an fp32 logits block, the path before 2026-12-05, for an A/B in one process).
 
 For each shape (N tokens, H hidden, V vocab; bf16) and each implementation, measures forward,
 backward and forward+backward time (`triton.testing.do_bench`, median) and the peak CUDA memory of
@@ -11,15 +12,18 @@ sys.path is taken by transformers and bitsandbytes for the Hugging Face `kernels
     python bench/loss_kernels.py                       # CUDA: Qwen2.5-VL-3B (H=2048) and 7B (H=3584), N=2K/8K/16K
     python bench/loss_kernels.py --smoke               # CPU: tiny shapes, perf_counter timing (checks the script runs)
     python bench/loss_kernels.py --shapes 8192x2048    # CUDA: chosen N x H (bench/gpu_check.py picks LMM-R1's)
+    python bench/loss_kernels.py --shapes 8192x2048 --impls naive,lmmr1_kernels,lmmr1_fp32_block  # no compiles
     python bench/loss_kernels.py --shape 1024 256 32000  # CPU: one shape, perf_counter timing, fp32
 The report is rewritten after each case, so a run stopped part-way keeps the cases it finished.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import time
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -50,7 +54,28 @@ def make_cases(device: str):
     backend = "triton" if device == "cuda" else "torch"
     for name, objective in OBJECTIVES.items():  # the GRPO family: same kernels, other coefficients
         cases[name] = lambda h, w, t, a, m, o=objective: grpo_loss(h[None], w, t[None], m, a, backend=backend, **o)[0]
+    if device == "cuda":  # the token-level loss as it ran until 2026-12-05, the same numbers (tests/test_kernels.py)
+        def fp32_block_loss(h, w, t, a, m):
+            with fp32_logits_block():
+                return grpo_loss(h[None], w, t[None], m, a, backend=backend)[0]
+        cases[FP32_BLOCK] = fp32_block_loss
     return cases
+
+
+@contextmanager
+def fp32_logits_block():
+    """The kernels with an fp32 logits block whatever the head (the path before 2026-12-05: a frozen bf16 head's
+    GEMM result widened into it, the gradient cast back to bf16 for the grad-hidden GEMM), for an A/B in one
+    process. The loss's gradient is computed in its forward, so the forward is all this must wrap."""
+    modules = [importlib.import_module("lmmr1_kernels.logprobs"), importlib.import_module("lmmr1_kernels.grpo_loss")]
+    saved = [module.logits_block_dtype for module in modules]
+    for module in modules:
+        module.logits_block_dtype = lambda *args: torch.float32
+    try:
+        yield
+    finally:
+        for module, rule in zip(modules, saved):
+            module.logits_block_dtype = rule
 
 
 # lmmr1_kernels' objectives, each timed beside the token-level loss from the same inputs (bench/gpu_check.py runs
@@ -60,6 +85,7 @@ def make_cases(device: str):
 TOKEN_LEVEL = "lmmr1_kernels"
 OBJECTIVES = {TOKEN_LEVEL: {}, "lmmr1 cispo": {"loss_type": "cispo"},
               "lmmr1 gspo": {"importance_sampling_level": "sequence"}, "lmmr1 top-ent 0.2": {"top_entropy_quantile": 0.2}}
+FP32_BLOCK = "lmmr1 fp32 block"  # CUDA: the token-level loss through an fp32 logits block (`fp32_logits_block`)
 
 
 def timer(device: str):
@@ -126,6 +152,9 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, metavar=("N", "H", "V"),
                         help="one shape instead of the default grid; on CPU (no GPU, or with --smoke) timed with "
                              "perf_counter, fp32")
+    parser.add_argument("--impls", default=None, metavar="NAME,...",
+                        help="only these implementations (names as in the table, spaces or underscores alike), e.g. "
+                             "'naive,lmmr1_kernels,lmmr1_fp32_block' for the logits block's A/B without the compiles")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "loss_kernels.json"))
     args = parser.parse_args()
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
@@ -141,6 +170,15 @@ def main() -> None:
         shapes = [(64, 32, 1000)] if args.smoke else [(n, h, V_QWEN) for h in (2048, 3584) for n in (2048, 8192, 16384)]
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     bench, cases = timer(device), make_cases(device)
+    if args.impls:
+        key = lambda name: name.strip().lower().replace(" ", "_")  # noqa: E731
+        wanted = {key(name) for name in args.impls.split(",")}
+        every = ["naive", "torch.compile", "liger", *OBJECTIVES, FP32_BLOCK]  # those this device lacks are not run
+        unknown = wanted - {key(name) for name in every}
+        if unknown:
+            parser.error(f"--impls: no implementation {', '.join(sorted(unknown))}; there are "
+                         f"{', '.join(key(name) for name in every)}")
+        cases = {name: fn for name, fn in cases.items() if key(name) in wanted}
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)" if args.smoke else "cpu"
     report = {"benchmark": "kernels", "date": str(date.today()), "device": device_name, "rows": []}
     rows = report["rows"]
@@ -161,7 +199,7 @@ def main() -> None:
             if "fwd_bwd_ms" in row:
                 row["vs_gemm_floor"] = row["fwd_bwd_ms"] / row["gemm_floor_fwd_bwd_ms"]
             token_level = next((r for r in rows if r["impl"] == TOKEN_LEVEL and (r["N"], r["H"]) == (n, h)), {})
-            if name in OBJECTIVES and "fwd_bwd_ms" in row and "fwd_bwd_ms" in token_level:
+            if (name in OBJECTIVES or name == FP32_BLOCK) and "fwd_bwd_ms" in row and "fwd_bwd_ms" in token_level:
                 row["vs_token_level"] = row["fwd_bwd_ms"] / token_level["fwd_bwd_ms"]
             rows.append(row)
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

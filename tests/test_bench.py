@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lmmr1_lite.config import REPO_ROOT
 
@@ -16,6 +17,32 @@ def test_kernel_bench_smoke(tmp_path):
     impls = {row["impl"] for row in report["rows"]}
     assert {"naive", "liger", "lmmr1_kernels"} <= impls
     assert all(row["fwd_bwd_ms"] > 0 and row["vs_gemm_floor"] > 0 for row in report["rows"])
+
+
+def test_kernel_bench_runs_only_the_implementations_asked_for(tmp_path):
+    out = tmp_path / "kernels.json"
+    run = lambda impls: subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "loss_kernels.py"), "--smoke",  # noqa: E731
+                                        "--impls", impls, "--out", str(out)], capture_output=True, text=True)
+    assert run("naive,LMMR1_kernels,lmmr1_fp32_block").returncode == 0  # the fp32 block's A/B runs on CUDA only
+    assert [row["impl"] for row in json.loads(out.read_text())["rows"]] == ["naive", "lmmr1_kernels"]
+    refused = run("naive,no_such_loss")
+    assert refused.returncode == 2 and "no implementation no_such_loss" in refused.stderr.splitlines()[-1]
+
+
+def test_the_kernel_bench_fp32_block_case_is_the_path_before_and_puts_the_rule_back():
+    """bench/loss_kernels.py's CUDA A/B case: inside `fp32_logits_block` the kernels take an fp32 block for a frozen
+    bf16 head on the Triton path (the logits widened, as until 2026-12-05), and the rule is theirs again after."""
+    import importlib
+
+    from lmmr1_kernels.logprobs import logits_block_dtype
+
+    bench = _bench_module("loss_kernels")
+    modules = [importlib.import_module("lmmr1_kernels.logprobs"), importlib.import_module("lmmr1_kernels.grpo_loss")]
+    frozen = torch.zeros(3, 2, dtype=torch.bfloat16)
+    with bench.fp32_logits_block():
+        assert [m.logits_block_dtype("triton", frozen, None) for m in modules] == [torch.float32] * 2
+    assert all(m.logits_block_dtype is logits_block_dtype for m in modules)
+    assert logits_block_dtype("triton", frozen, None) == torch.bfloat16
 
 
 def test_cpu_memory_bench_ours_uses_less(tmp_path):

@@ -510,3 +510,16 @@ def test_a_part_can_be_given_its_own_budget(gpu_check, tmp_path, monkeypatch):
     assert budgets == {"install": 60, "e2e_fre": 420.0}
     for bad in ("e2e_mgt=100", "e2e_fre=long", "e2e_fre=-5", "e2e_fre=nan", "e2e_fre=inf"):
         assert gpu_check.main(["--out", out, "--parts", "e2e_fre", "--part-budget", bad]) == 2
+
+
+def test_the_loss_part_can_be_cut_to_some_shapes_and_implementations(gpu_check):
+    """--loss-shapes / --loss-impls reach bench/loss_kernels.py (the logits block's A/B at one shape without the
+    compiles of torch.compile's and Liger's losses fits a short second call); by default every shape and case."""
+    parse = lambda *extra: gpu_check.argparse.Namespace(**{"out": "o", "dry_run": False, "loss_shapes": None,  # noqa: E731
+                                                           "loss_impls": None, **dict(extra)})
+    default = gpu_check.command_for("loss", parse(), {})
+    assert default[default.index("--shapes") + 1] == gpu_check.LOSS_SHAPES and "--impls" not in default
+    cut = gpu_check.command_for("loss", parse(("loss_shapes", "8192x2048"),
+                                              ("loss_impls", "naive,lmmr1_kernels,lmmr1_fp32_block")), {})
+    assert cut[cut.index("--shapes") + 1] == "8192x2048"
+    assert cut[cut.index("--impls") + 1] == "naive,lmmr1_kernels,lmmr1_fp32_block"

@@ -547,3 +547,161 @@ def test_a_deadline_cuts_every_running_row_at_one_length_and_marks_it_clipped(ti
     assert cut.completion_ids.shape == (6, 1) and cut.completion_mask.sum().item() == 6
     assert torch.equal(cut.completion_ids, free.completion_ids[:, :1]) and bool(cut.clipped.all())
     assert torch.equal(cut.logprobs, free.logprobs[:, :1])
+
+
+# --- the dynamic decode cache: buffers written in place --------------------------------------------------------
+def cache_layers_seen(policy):
+    """`(hook, seen)`: `seen` gets, at each backbone forward that is given a cache, the types of its layers and,
+    for each layer, `(keys.data_ptr(), rows, length)` of the tensors it holds."""
+    seen = []
+
+    def record(mod, args, kwargs):
+        cache = kwargs.get(models.cache_keyword(mod))
+        if cache is not None:
+            seen.append(([type(layer) for layer in cache.layers],
+                         [(layer.keys.data_ptr(), *layer.keys.shape[::2]) for layer in cache.layers]))
+    return models.backbone(policy).register_forward_pre_hook(record, with_kwargs=True), seen
+
+
+def test_in_place_kv_cache_gives_the_concatenating_caches_tokens_and_logprobs(tiny_policy, monkeypatch):
+    """decode_cache 'dynamic' decodes over `InPlaceKVLayer`s (buffers written in place) where HF's DynamicLayer
+    concatenated at every step: the same tokens and log-probs as HF's layers, greedy and sampled, text and image
+    prompts, G = 3 rows from each prompt's one prefill (copied straight into the buffers), rows finishing at
+    different steps and leaving the batch."""
+    from lmmr1_lite import decoding
+    from lmmr1_lite.decoding import InPlaceKVLayer
+    from lmmr1_lite.rollout import decode, encode_prompts, placeholder_ids
+
+    policy, tokenizer, cfg = tiny_policy
+    processor = models.load_image_processor(cfg.model, 56 * 56, 112 * 112)
+    messages = mixed_prompts(tokenizer)
+    stops = stop_token_ids(tokenizer, ["</answer>"])
+    hf_layers = decoding.in_place_cache
+
+    def both(run):
+        """`run()` with our layers, then with HF's (the cache left as the prefill returned it)."""
+        hook, seen = cache_layers_seen(policy)
+        try:
+            ours = run()
+            assert seen and all(set(types) == {InPlaceKVLayer} for types, _ in seen), "decoded over our layers"
+            # under 128 new tokens: no reallocation, and the rows that leave are moved within the same storage
+            assert all([p for p, *_ in layers] == [p for p, *_ in seen[0][1]] for _, layers in seen)
+            assert seen[-1][1][0][1] < seen[0][1][0][1], "rows left"
+            monkeypatch.setattr(decoding, "in_place_cache", lambda *a: False)
+            seen.clear()
+            theirs = run()
+            assert all(InPlaceKVLayer not in types for types, _ in seen)
+        finally:
+            monkeypatch.setattr(decoding, "in_place_cache", hf_layers)
+            hook.remove()
+        return ours, theirs
+
+    def sampled():
+        torch.manual_seed(0)
+        return generate(policy, tokenizer, messages * 2, num_generations=3, max_new_tokens=30, temperature=1.0,
+                        stop_ids=stops, image_processor=processor)
+    ours, theirs = both(sampled)
+    lengths = ours.completion_mask.sum(1)
+    assert lengths.unique().numel() > 2 and int(lengths.min()) < 30, "rows finish at different steps"
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    assert torch.equal(ours.logprobs, theirs.logprobs)
+
+    policy.eval()
+    enc, vision = encode_prompts(tokenizer, messages, policy.device, processor)
+    free = decode(policy, enc["input_ids"], enc["attention_mask"], models.stack_vision(vision), count=3,
+                  max_new_tokens=25, temperature=1.0, stop_ids=[], pad_id=tokenizer.pad_token_id, greedy=True,
+                  suppress=placeholder_ids(tokenizer))[0]
+    greedy_stops = [int(free[0, 5]), int(free[6, 12])]  # tokens the greedy rows reach at different steps
+    ours, theirs = both(lambda: decode(policy, enc["input_ids"], enc["attention_mask"], models.stack_vision(vision),
+                                       count=3, max_new_tokens=25, temperature=1.0, stop_ids=greedy_stops,
+                                       pad_id=tokenizer.pad_token_id, greedy=True, suppress=placeholder_ids(tokenizer),
+                                       mm_token_type_ids=models.multimodal_token_types(enc["input_ids"],
+                                                                                      models.unwrap(policy).config)))
+    policy.train()
+    assert ours[1].unique().numel() > 1 and int(ours[1].min()) < 25
+    for mine, hf in zip(ours, theirs):
+        assert torch.equal(mine, hf)
+
+
+def test_in_place_kv_cache_grows_geometrically_never_per_step(tiny_policy):
+    """Over a generation longer than the first capacity (the prompt + 128 tokens) each layer's buffer is
+    reallocated at most ceil(log2(limit / first capacity)) times (limit: the prompt + max_new_tokens), and at
+    least once here; at every other step the layer hands attention a view of the same storage. Rows that leave
+    are moved to the front of the same buffers."""
+    import math
+
+    from lmmr1_lite.decoding import InPlaceKVLayer
+
+    policy, tokenizer, _ = tiny_policy
+    hook, seen = cache_layers_seen(policy)
+    max_new = 300
+    torch.manual_seed(0)
+    try:
+        batch = generate(policy, tokenizer, PROMPTS, num_generations=2, max_new_tokens=max_new, temperature=1.0,
+                         stop_ids=[])
+    finally:
+        hook.remove()
+    prompt = batch.prompt_ids.shape[1]
+    assert batch.completion_ids.shape == (4, max_new)
+    steps = [layers for types, layers in seen]  # each decode step's cache (the prefill is given none)
+    assert len(steps) == max_new - 1 and all(set(types) == {InPlaceKVLayer} for types, _ in seen)
+    bound = math.ceil(math.log2((prompt + max_new) / (prompt + 128)))
+    for layer in range(len(steps[0])):
+        pointers = [step[layer][0] for step in steps]
+        moves = sum(a != b for a, b in zip(pointers, pointers[1:]))
+        assert 1 <= moves <= bound, (layer, moves, bound)
+        assert [step[layer][2] for step in steps] == list(range(prompt, prompt + max_new - 1))
+
+
+def test_in_place_kv_layer_matches_hf_dynamic_layer_and_compacts_in_its_own_storage():
+    """`InPlaceKVLayer` against HF's `DynamicLayer` through the operations a generation (and beam search) uses:
+    a prompt's cache repeated to G rows, writes past the capacity, rows leaving, a reorder, a repeat, a crop.
+    The same keys and values throughout; rows leaving keep the storage, and writes within the capacity too."""
+    from transformers.cache_utils import DynamicLayer
+
+    from lmmr1_lite.decoding import InPlaceKVLayer
+
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(rows, tokens):
+        return torch.randn(rows, 2, tokens, 8, generator=generator), torch.randn(rows, 2, tokens, 8,
+                                                                                 generator=generator)
+    prompt = DynamicLayer()
+    prompt.update(*draw(2, 5))
+    hf = DynamicLayer()
+    hf.update(prompt.keys, prompt.values)
+    hf.batch_repeat_interleave(3)
+    ours = InPlaceKVLayer.from_layer(prompt, 3, capacity=7, limit=5 + 20)
+    assert ours.dtype == torch.float32 and ours.device == torch.device("cpu") and ours.is_initialized
+
+    def same():
+        assert torch.equal(ours.keys, hf.keys) and torch.equal(ours.values, hf.values)
+        assert ours.get_seq_length() == hf.get_seq_length() and ours.get_mask_sizes(1) == hf.get_mask_sizes(1)
+        assert ours.keys.data_ptr() == ours.buffers[0].data_ptr()  # a view of the buffer
+    same()
+    capacities = []
+    for step in range(20):
+        before = ours.buffers[0].data_ptr()
+        new = draw(hf.keys.shape[0], 1)
+        for a, b in zip(ours.update(*new), hf.update(*new)):
+            assert torch.equal(a, b)
+        grew = ours.capacity != (capacities or [7])[-1]
+        capacities.append(ours.capacity)
+        assert (ours.buffers[0].data_ptr() != before) == grew
+        if step in (4, 11):  # rows leave
+            keep = torch.tensor([0, 2, 3, 5]) if step == 4 else torch.tensor([1, 3])
+            storage = [(b.data_ptr(), b.shape) for b in ours.buffers]
+            ours.batch_select_indices(keep)
+            hf.batch_select_indices(keep)
+            assert [(b.data_ptr(), b.shape) for b in ours.buffers] == storage and ours.rows == len(keep)
+        same()
+    assert capacities == [7] * 2 + [14] * 7 + [25] * 11  # doubled, then cut at the limit: 2 reallocations
+    assert ours.allocations == 3 and ours.buffers[0].shape[0] == 4  # the last sized for the 4 rows running then
+    for apply in (lambda layer: layer.reorder_cache(torch.tensor([1, 0])),
+                  lambda layer: layer.batch_repeat_interleave(2), lambda layer: layer.crop(-4)):
+        apply(ours)
+        apply(hf)
+        same()
+    new = draw(4, 1)
+    for a, b in zip(ours.update(*new), hf.update(*new)):
+        assert torch.equal(a, b)

@@ -94,7 +94,7 @@ class InPlaceKVLayer(DynamicLayer):
 
     A write past the capacity reallocates to `min(limit, max(needed, 2 x capacity))`: with `limit` the prompt
     plus `max_new_tokens`, a generation reallocates at most `ceil(log2(limit / initial capacity))` times, and
-    the buffers a layer ever allocates sum to under three times its last (under twice where the last is a full
+    the capacities a layer ever allocates sum to under three times its last (twice where the last is a full
     doubling), so the caching allocator's reserve stays bounded. Finished rows leave by moving the kept rows to the
     front of the same buffers (`batch_select_indices`); a buffer keeps its rows' memory until it is outgrown,
     when the new one is sized for the rows still running."""

@@ -705,3 +705,32 @@ def test_in_place_kv_layer_matches_hf_dynamic_layer_and_compacts_in_its_own_stor
     new = draw(4, 1)
     for a, b in zip(ours.update(*new), hf.update(*new)):
         assert torch.equal(a, b)
+
+
+def test_in_place_cache_leaves_caches_of_other_layer_types_to_hf():
+    """`decoding.in_place_cache` replaces only a cache whose layers are all plain, filled `DynamicLayer`s (each
+    prompt's keys repeated to its rows); a sliding-window layer, an empty layer or an object without layers
+    leaves the cache as it is (decode then repeats it with HF's `batch_repeat_interleave`)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    from lmmr1_lite.decoding import InPlaceKVLayer, in_place_cache
+
+    keys = torch.arange(2 * 2 * 3 * 4, dtype=torch.float32).view(2, 2, 3, 4)
+
+    def cache_of(*layers):
+        cache = DynamicCache()
+        cache.layers = list(layers)
+        for layer in layers:
+            layer.update(keys, -keys)
+        return cache
+    ours = cache_of(DynamicLayer(), DynamicLayer())
+    assert in_place_cache(ours, 3, 10)
+    assert all(type(layer) is InPlaceKVLayer and layer.capacity == 3 + 10 for layer in ours.layers)
+    assert torch.equal(ours.layers[1].values, -keys.repeat_interleave(3, 0)) and ours.get_seq_length() == 3
+    mixed = cache_of(DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=8))
+    empty = DynamicCache()
+    empty.layers = [DynamicLayer()]
+    for cache in (mixed, empty):
+        before = list(cache.layers)
+        assert not in_place_cache(cache, 3, 10) and cache.layers == before
+    assert not in_place_cache(object(), 3, 10)

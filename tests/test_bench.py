@@ -45,6 +45,19 @@ def test_the_kernel_bench_fp32_block_case_is_the_path_before_and_puts_the_rule_b
     assert logits_block_dtype("triton", frozen, None) == torch.bfloat16
 
 
+def test_decode_cache_bench_compares_both_caches_on_the_same_tokens(tmp_path):
+    """bench/decode_cache.py, a short generation: HF's concatenating cache and ours give the same tokens, and ours
+    allocates less over the generation (the cat allocates the whole cache again at every step)."""
+    out = tmp_path / "decode_cache.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "decode_cache.py"), "--cases", "qwen05b_cache_32x400",
+                    "--repeats", "1", "--max-new-tokens", "8", "--out", str(out)], check=True, capture_output=True,
+                   text=True)
+    case = json.loads(out.read_text())["cases"]["qwen05b_cache_32x400"]
+    assert case["same_tokens"]
+    assert 0 < case["in_place"]["cache_allocated_GiB"] < case["hf_cat"]["cache_allocated_GiB"] / 2
+    assert case["in_place"]["s_per_step_wall"] > 0 and case["hf_cat"]["s_per_step_wall"] > 0
+
+
 def test_cpu_memory_bench_ours_uses_less(tmp_path):
     out = tmp_path / "mem.json"
     subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "kernels_cpu_memory.py"), "--n", "512", "--h", "64",

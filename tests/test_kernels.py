@@ -231,6 +231,28 @@ def test_every_output_element_is_written(backend, objective, monkeypatch):
     assert rel_err(logp, reference_logprobs(hidden, weight, targets, 1.3)) < 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grpo_loss_under_no_grad_computes_the_loss_without_the_gradient(backend, monkeypatch):
+    """Under `torch.no_grad()` no backward can follow, so the pass writes no gradient (the chunks' softmax
+    gradient and the grad-hidden GEMM are skipped) and gives the same loss and metrics."""
+    grpo_module = importlib.import_module("lmmr1_kernels.grpo_loss")
+    hidden, weight, targets = make_inputs(2, 6, 16, 300, torch.float32, seed=13)
+    mask, adv = torch.ones(2, 6, dtype=torch.long), torch.tensor([1.0, -1.0])
+    calls = []
+    real = grpo_module.softmax_grad_
+    monkeypatch.setattr(grpo_module, "softmax_grad_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with_grad = grpo_loss(hidden, weight, targets, mask, adv, beta=0.04, ref_logprobs=torch.zeros(2, 6),
+                          backend=backend, chunk_rows=4)
+    assert calls, "a pass that can be differentiated writes the gradient"
+    calls.clear()
+    with torch.no_grad():
+        without = grpo_loss(hidden, weight, targets, mask, adv, beta=0.04, ref_logprobs=torch.zeros(2, 6),
+                            backend=backend, chunk_rows=4)
+    assert not calls and not without[0].requires_grad
+    assert torch.equal(without[0], with_grad[0].detach())
+    assert all(torch.equal(without[1][k], with_grad[1][k]) for k in with_grad[1])
+
+
 def test_shape_errors_are_clear():
     hidden, weight, targets = make_inputs(2, 4, 8, 50, torch.float32)
     with pytest.raises(ValueError, match="disagree"):

@@ -253,6 +253,10 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if advantages.shape != targets.shape[:1]:
         raise ValueError(f"advantages must be [B]={tuple(targets.shape[:1])}, got {tuple(advantages.shape)}")
     flat_hidden, flat_targets = flatten_inputs(hidden, targets, weight)
+    if not torch.is_grad_enabled():  # no backward can follow: the loss and metrics only, no gradient written
+        # (inside the Function `needs_input_grad` reads requires_grad alone, so the gradient was computed anyway)
+        flat_hidden, weight = flat_hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
     backend = resolve_backend(backend, flat_hidden)
     weights = token_weight if token_weight is not None else token_weights(mask, loss_agg)
     weights = (weights * mask.float()).reshape(-1).contiguous()

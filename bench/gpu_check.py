@@ -483,9 +483,11 @@ def tables(parts: list[Part], header: str) -> str:
                 f"{report['generations']} x {report.get('generation_stopped_at') or report['max_new_tokens']} tokens "
                 f"(prompt {report['prompt_tokens']} "
                 f"tokens, images: {report.get('has_images')}), {report['device']}:", "",
-                "| phase | seconds | peak above start GiB | peak reserved GiB |", "|---|---:|---:|---:|"]
+                "| phase | seconds | peak above start GiB | peak reserved GiB | cudaMalloc calls | allocation retries |",
+                "|---|---:|---:|---:|---:|---:|"]
         out += [f"| {phase} | {fmt(p['seconds'])} | {fmt(p['peak_extra_gib'], 3)} | "
-                f"{fmt(p.get('peak_reserved_gib'), 3)} |" for phase, p in report["phases"].items()]
+                f"{fmt(p.get('peak_reserved_gib'), 3)} | {fmt(p.get('device_mallocs'))} | {fmt(p.get('alloc_retries'))} |"
+                for phase, p in report["phases"].items()]
         out += pace_lines(report.get("progress") or {})
         if report.get("partial"):
             continue

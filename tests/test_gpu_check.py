@@ -226,10 +226,36 @@ def test_device_memory_is_the_peak_reserved_plus_the_cuda_context(monkeypatch):
     assert cuda_memory({}, phases, parts, 23.0)["fits"] is False
 
 
+def test_a_cuda_phase_counts_the_allocators_cudamalloc_calls_and_retries(monkeypatch):
+    """bench/e2e_step.py's PhaseMeter on CUDA (made-up allocator readings): each phase reports the cudaMalloc calls
+    and out-of-memory retries the allocator made during it (a KV cache that grows by a new tensor at every step
+    makes one cudaMalloc per layer per step)."""
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from e2e_step import GIB, PhaseMeter
+
+    stats = {"num_device_alloc": 10, "num_alloc_retries": 1}
+    for name, value in {"synchronize": None, "reset_peak_memory_stats": None, "memory_allocated": 2 * GIB,
+                        "max_memory_allocated": 5 * GIB, "max_memory_reserved": 7 * GIB}.items():
+        monkeypatch.setattr(torch.cuda, name, lambda value=value: value)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda: dict(stats))
+
+    def generate():
+        stats["num_device_alloc"] += 72
+        stats["num_alloc_retries"] += 2
+
+    meter = PhaseMeter(cuda=True)
+    meter.measure("generate", generate)
+    assert meter.phases["generate"] == {"seconds": meter.phases["generate"]["seconds"], "peak_extra_gib": 3.0,
+                                        "left_behind_gib": 0.0, "peak_allocated_gib": 5.0, "peak_reserved_gib": 7.0,
+                                        "device_mallocs": 72, "alloc_retries": 2}
+
+
 def test_the_table_shows_what_a_stopped_or_failed_part_finished(gpu_check):
     """A step stopped mid-way (its partial report), a decode mode that failed, a CUDA step that does not fit."""
     Part = gpu_check.Part
-    phase = {"seconds": 12.5, "peak_extra_gib": 3.25, "peak_reserved_gib": 20.0}
+    phase = {"seconds": 12.5, "peak_extra_gib": 3.25, "peak_reserved_gib": 20.0, "device_mallocs": 72, "alloc_retries": 0}
     step = {"model": "3b", "tokenizer": None, "quantization": "nf4", "dtype": "bfloat16", "prompts": 8,
             "generations": 8, "max_new_tokens": 1024, "prompt_tokens": 110, "has_images": False, "device": "H200",
             "phases": {"generate": phase}, "planner_peak_gib": 9.4, "planner_fits": True,
@@ -248,7 +274,7 @@ def test_the_table_shows_what_a_stopped_or_failed_part_finished(gpu_check):
     assert ("| e2e_mgt | timeout | 100.0 | stopped during the step; phases measured: load; generate had made 640 "
             "forward calls in 96 s (150 ms each) |") in table
     assert "e2e_mgt: the step was stopped; the phases it finished:" in table
-    assert "| load | 12.50 | 3.250 | 20.000 |" in table and "| generate | 12.50 | 3.250 | 20.000 |" in table
+    assert "| load | 12.50 | 3.250 | 20.000 | 72 | 0 |" in table and "| generate | 12.50 | 3.250 | 20.000 | 72 | 0 |" in table
     assert "| weights | 2.000 | 2.100 | 1.05 |" in table
     assert "| dynamic | 64 | 128 | 6.00 | 5.00 | 1638.4 |" in table
     assert "| compiled | BackendCompilerFailed: boom | | | | |" in table

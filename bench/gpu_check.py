@@ -109,10 +109,16 @@ def installed_version(name: str) -> str | None:
         return None
 
 
-def wheels_to_install(found: list[Path]) -> list[Path]:
-    """The wheels whose distribution this Python lacks or has at another version; never the build-only ones."""
+def wheels_to_install(found: list[Path], site: Path | None = None) -> list[Path]:
+    """The wheels whose distribution this Python lacks or has at another version, and `site` (an earlier call's
+    install, kept on a warm machine) does not hold at that version either; never the build-only ones."""
+    in_site = {}
+    if site is not None and site.is_dir():
+        in_site = {dist.metadata["Name"].lower().replace("_", "-"): dist.version
+                   for dist in importlib.metadata.distributions(path=[str(site)])}
     return [w for w in found if wheel_name_version(w)[0] not in BUILD_ONLY
-            and installed_version(wheel_name_version(w)[0]) != wheel_name_version(w)[1]]
+            and wheel_name_version(w)[1] not in (installed_version(wheel_name_version(w)[0]),
+                                                 in_site.get(wheel_name_version(w)[0]))]
 
 
 DEVICE_CUDA = "cuda13"  # the device image's torch is built for CUDA 13 (bitsandbytes loads libbitsandbytes_cuda13x.so)
@@ -238,7 +244,7 @@ def install(part: Part, args, env: dict, log, deadline: float) -> None:
     the probe: every import, its version, the device, Qwen's tokenizer files."""
     wheels = Path(args.wheels)
     found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
-    needed = wheels_to_install(found)
+    needed = wheels_to_install(found, Path(args.site))
     part.result.update(wheels_found=[w.name for w in found], wheels_installed=[], project_built=None)
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
            "--upgrade"]
@@ -565,7 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="the same steps at tiny shapes on the CPU (torch path)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "gpu_check"), help="folder for the results")
     parser.add_argument("--wheels", default=str(ROOT / ".whl"), help="the carried wheels (make gpu-wheels)")
-    parser.add_argument("--site", default="/tmp/lmmr1-gpu-check/site", help="where the wheels are installed")
+    parser.add_argument("--site", default=str(ROOT / ".gpu-check" / "site"),
+                        help="where the wheels are installed (default: an ignored folder of the checkout, which the "
+                             "device keeps between the calls of a warm machine: a second call installs only what "
+                             "changed)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds for all parts together (default 525 on the GPU: the call stays under 9 minutes; "
                              "3600 with --dry-run)")

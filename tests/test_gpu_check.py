@@ -181,6 +181,15 @@ def test_only_missing_wheels_are_installed(gpu_check, tmp_path):
              "setuptools-84.2.1-py3-none-any.whl", "no_such_dist_here-1.0-py3-none-any.whl"]
     wheels = [tmp_path / name for name in names]
     assert [w.name for w in gpu_check.wheels_to_install(wheels)] == names[1:2] + names[3:]
+    # an earlier call's site on a warm machine: what it holds at the wheel's version is not installed again
+    site = tmp_path / "site"
+    info = site / "no_such_dist_here-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: no_such_dist_here\nVersion: 1.0\n")
+    assert [w.name for w in gpu_check.wheels_to_install(wheels, site)] == names[1:2]
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: no_such_dist_here\nVersion: 0.9\n")
+    assert [w.name for w in gpu_check.wheels_to_install(wheels, site)] == names[1:2] + names[3:]
+    assert gpu_check.wheels_to_install(wheels, tmp_path / "none") == gpu_check.wheels_to_install(wheels)
 
 
 def test_check_carry_counts_the_tree_and_refuses_what_would_break(gpu_check, tmp_path, capsys):

@@ -200,24 +200,17 @@ class InPlaceKVLayer(DynamicLayer):
         self.is_initialized = False
         self.length = self.rows = 0
 
-    def offload(self):
-        if self.buffers is not None:
-            self.buffers = tuple(b.to("cpu", non_blocking=True) for b in self.buffers)
-            self._set_views()
-
-    def prefetch(self):
-        if self.buffers is not None and self.buffers[0].device != self.device:
-            self.buffers = tuple(b.to(self.device, non_blocking=True) for b in self.buffers)
-            self._set_views()
-
 
 def in_place_cache(cache, count: int, max_new_tokens: int) -> bool:
     """Replace the layers of a prefilled `DynamicCache` by `InPlaceKVLayer`s holding each prompt's keys and values
     in its `count` rows, sized for the prompt plus `min(max_new_tokens, 128)` tokens and grown up to the prompt
-    plus `max_new_tokens`. False (the cache untouched) where the cache has no plain, filled `DynamicLayer`s."""
+    plus `max_new_tokens`. False (the cache untouched) where the cache has no plain, filled `DynamicLayer`s, or
+    offloads them to the CPU between layers (HF's `offloading`, which these buffers do not follow)."""
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys is None
-                         or layer.keys.dim() != 4 for layer in layers):
+    if not layers or getattr(cache, "offloading", False):
+        return False
+    if any(type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys is None or layer.keys.dim() != 4
+           for layer in layers):
         return False
     for i, layer in enumerate(layers):
         length = layer.keys.shape[2]

@@ -730,7 +730,13 @@ def test_in_place_cache_leaves_caches_of_other_layer_types_to_hf():
     mixed = cache_of(DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=8))
     empty = DynamicCache()
     empty.layers = [DynamicLayer()]
-    for cache in (mixed, empty):
+    offloaded = cache_of(DynamicLayer(), DynamicLayer())
+    offloaded.offloading = True  # HF moves its layers to the CPU and back between forwards: left to HF
+    for cache in (mixed, empty, offloaded):
         before = list(cache.layers)
         assert not in_place_cache(cache, 3, 10) and cache.layers == before
     assert not in_place_cache(object(), 3, 10)
+    ours.reset()  # HF's reset: the layers empty again, and the next write starts a new cache
+    assert ours.get_seq_length() == 0 and all(layer.buffers is None for layer in ours.layers)
+    ours.layers[0].update(keys[:1], -keys[:1])
+    assert torch.equal(ours.layers[0].keys, keys[:1]) and ours.layers[0].rows == 1

@@ -358,6 +358,53 @@ def test_a_frozen_bf16_head_on_triton_keeps_its_block_in_bf16_with_the_fp32_bloc
     assert bf16_block[-1].abs().sum() > 0
 
 
+AHEAD_OF_TIME = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lmmr1_kernels import logprobs
+
+common = {"targets_ptr": "*i64", "stride_row": "i32", "vocab_size": "i32", "inv_temperature": "fp32"}
+kernels = {"_row_stats_kernel": ({"logp_ptr": "*fp32", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
+                                  "WITH_ENTROPY": "constexpr", "BLOCK_V": "constexpr"},
+                                 {"WITH_ENTROPY": True, "BLOCK_V": 4096}),
+           "_softmax_grad_kernel": ({"lse_ptr": "*fp32", "grad_logp_ptr": "*fp32", "BLOCK_V": "constexpr"},
+                                    {"BLOCK_V": 4096})}
+done = []
+for name, (extra, constexprs) in kernels.items():
+    fn = getattr(logprobs, name)
+    for block in ("*fp32", "*bf16", "*fp16"):  # the logits block's dtypes (logprobs.logits_block_dtype)
+        signature = {arg: {"logits_ptr": block, **common, **extra}[arg] for arg in fn.arg_names}
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32))
+        done.append([name, block, "cubin" in compiled.asm])
+print(json.dumps(done))
+"""
+
+
+def test_the_triton_kernels_compile_for_the_h200_without_a_gpu():
+    """Triton's compiler, ahead of time for sm_90 (the H200's Hopper), on each kernel and each logits block dtype:
+    the interpreter the other tests run under takes code the GPU compiler refuses (a bad cast, a dtype test that is
+    not a compile-time constant), and a failure found on the lent GPU costs its minutes (tests/test_kernels.py
+    runs there in bench/gpu_check.py's kernels part)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from lmmr1_lite.config import REPO_ROOT
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME], env=env, capture_output=True, text=True, timeout=300)
+    if out.returncode and "ptxas" in out.stderr.lower() and "not found" in out.stderr.lower():
+        pytest.skip("this triton has no CUDA toolchain (ptxas) to compile with")
+    assert out.returncode == 0, out.stderr[-2000:]
+    done = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(done) == 6 and all(cubin for *_, cubin in done), done
+
+
 def test_chunk_rows_follow_the_byte_budget():
     from lmmr1_kernels.logprobs import DEFAULT_CHUNK_BYTES, chunk_rows_for_bytes
 

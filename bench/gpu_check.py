@@ -630,6 +630,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"--part-budget {item}: {err}", file=sys.stderr)
             return 2
+    if args.loss_shapes and not re.fullmatch(r"\d+x\d+(,\d+x\d+)*", args.loss_shapes.lower()):
+        # bench/loss_kernels.py --shapes would refuse it too, but on the device, after the install
+        print(f"--loss-shapes {args.loss_shapes!r}: expected tokens x hidden sizes, e.g. 8192x2048,16384x2048",
+              file=sys.stderr)
+        return 2
     learned = {}
     if args.decode_report:
         learned["decode_report"] = read_json(Path(args.decode_report))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import statistics
 import time
 from contextlib import contextmanager
@@ -164,20 +165,21 @@ def main() -> None:
     if args.shape:
         shapes = [tuple(args.shape)]
     elif args.shapes:
+        if not re.fullmatch(r"\d+x\d+(,\d+x\d+)*", args.shapes.lower()):
+            parser.error(f"--shapes {args.shapes!r}: expected tokens x hidden sizes, e.g. 8192x2048,16384x2048")
         shapes = [(*map(int, shape.lower().split("x")), V_QWEN if not args.smoke else 1000)
                   for shape in args.shapes.split(",")]
     else:
         shapes = [(64, 32, 1000)] if args.smoke else [(n, h, V_QWEN) for h in (2048, 3584) for n in (2048, 8192, 16384)]
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    key = lambda name: name.strip().lower().replace(" ", "_")  # noqa: E731
+    wanted = {key(name) for name in args.impls.split(",")} if args.impls else None
+    every = ["naive", "torch.compile", "liger", *OBJECTIVES, FP32_BLOCK]  # those this device lacks are not run
+    if wanted and wanted - {key(name) for name in every}:  # before anything is built
+        parser.error(f"--impls: no implementation {', '.join(sorted(wanted - {key(name) for name in every}))}; "
+                     f"there are {', '.join(key(name) for name in every)}")
     bench, cases = timer(device), make_cases(device)
-    if args.impls:
-        key = lambda name: name.strip().lower().replace(" ", "_")  # noqa: E731
-        wanted = {key(name) for name in args.impls.split(",")}
-        every = ["naive", "torch.compile", "liger", *OBJECTIVES, FP32_BLOCK]  # those this device lacks are not run
-        unknown = wanted - {key(name) for name in every}
-        if unknown:
-            parser.error(f"--impls: no implementation {', '.join(sorted(unknown))}; there are "
-                         f"{', '.join(key(name) for name in every)}")
+    if wanted:
         cases = {name: fn for name, fn in cases.items() if key(name) in wanted}
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)" if args.smoke else "cpu"
     report = {"benchmark": "kernels", "date": str(date.today()), "device": device_name, "rows": []}

@@ -104,10 +104,8 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
     groups = min(cfg.prompts_per_step, whole + (2 if spill else 0))
     micro_tokens = groups * prompt + micro * cfg.max_new_tokens if cfg.share_prompt else micro * seq
     scored = micro * cfg.max_new_tokens  # completion positions the log-prob kernels score
-    # the block's bytes per logit on CUDA (Triton, a frozen head: `logits_block_dtype`): the GEMM's bf16
-    # itself, or fp32 when the model runs in fp32
-    block_bytes = elt
-    chunk_rows = chunk_rows_for_bytes(scored, vocab, cfg.logprob_chunk_bytes or None, "cuda", block_bytes)
+    # on CUDA the logits block is the GEMM's own output in `dtype` (Triton, a frozen head: `logits_block_dtype`)
+    chunk_rows = chunk_rows_for_bytes(scored, vocab, cfg.logprob_chunk_bytes or None, "cuda", elt)
     optimizer_bytes = 2 if cfg.optim == "paged_adamw_8bit" else 8
     # elements of the largest language-model linear (the MLP's, or q_proj's if wider)
     largest_linear = max(h * text.num_attention_heads * head_dim, h * text.intermediate_size)
@@ -147,7 +145,7 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
             micro_tokens * elt * (12 * h + 4 * text.intermediate_size) if cfg.gradient_checkpointing else 0,
         # one [rows, vocab] logits block, the GEMM's own output on CUDA (its gradient written in place and
         # taken by the grad-hidden GEMM as it is), and the gradient of the scored hidden states, in their dtype
-        "log-prob chunk (logits block + gradient of hidden)": chunk_rows * vocab * block_bytes + scored * h * elt,
+        "log-prob chunk (logits block + gradient of hidden)": chunk_rows * vocab * elt + scored * h * elt,
         "vision encoder working set": vision_act,
         # a 4/8-bit linear is dequantised to `dtype` for its matmul, forward and backward, one at a time
         "dequantised weight of the largest linear": 0 if cfg.quantization == "none" else largest_linear * elt,

@@ -27,6 +27,9 @@ def test_kernel_bench_runs_only_the_implementations_asked_for(tmp_path):
     assert [row["impl"] for row in json.loads(out.read_text())["rows"]] == ["naive", "lmmr1_kernels"]
     refused = run("naive,no_such_loss")
     assert refused.returncode == 2 and "no implementation no_such_loss" in refused.stderr.splitlines()[-1]
+    bad_shape = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "loss_kernels.py"), "--smoke", "--shapes",
+                                "8192,2048", "--out", str(out)], capture_output=True, text=True)
+    assert bad_shape.returncode == 2 and "--shapes '8192,2048'" in bad_shape.stderr.splitlines()[-1]
 
 
 def test_the_kernel_bench_fp32_block_case_is_the_path_before_and_puts_the_rule_back():

@@ -558,3 +558,5 @@ def test_the_loss_part_can_be_cut_to_some_shapes_and_implementations(gpu_check):
                                               ("loss_impls", "naive,lmmr1_kernels,lmmr1_fp32_block")), {})
     assert cut[cut.index("--shapes") + 1] == "8192x2048"
     assert cut[cut.index("--impls") + 1] == "naive,lmmr1_kernels,lmmr1_fp32_block"
+    # a malformed shape is refused here, in one line, not by the loss part on the device after the install
+    assert gpu_check.main(["--dry-run", "--out", "o", "--parts", "loss", "--loss-shapes", "8192,2048"]) == 2

@@ -9,8 +9,9 @@ budget (twice it on the torch path, which keeps a scratch block), not
 O(tokens * vocab). The block is fp32, except on the Triton path with a frozen
 bf16/fp16 head and no bias, where it stays in the GEMM's own dtype
 (`logits_block_dtype`): the kernels widen each tile in registers and write the
-gradient back in place in that dtype, which is what the grad-hidden GEMM takes. Every chunk reads the whole LM head weight, so chunks of a
-few hundred rows run much faster than a few dozen. Backward recomputes each chunk's logits (one extra GEMM)
+gradient back in place in that dtype, which is what the grad-hidden GEMM takes.
+Every chunk reads the whole LM head weight, so chunks of a few hundred rows run
+much faster than a few dozen. Backward recomputes each chunk's logits (one extra GEMM)
 instead of keeping them; under `torch.no_grad()` nothing is saved at all, which
 is what the old-policy and reference passes need.
 
@@ -54,8 +55,9 @@ def logits_block_dtype(backend: str, weight: torch.Tensor, bias: torch.Tensor | 
     """dtype of a call's logits block. fp32, except on the Triton path with a frozen bf16/fp16 head and no
     bias (a LoRA policy's LM head): there the block is the GEMM's own output, which the kernels read into
     fp32 registers, and the gradient they write back in place is rounded to that dtype, as the grad-hidden
-    GEMM takes it anyway. So the numbers are those of an fp32 block, with a third of the bytes moved per
-    logit (the GEMM's 2, read twice, written once: 8 where widening into fp32 and casting back moved 24).
+    GEMM takes it anyway. So the numbers are those of an fp32 block, with a quarter of the bytes moved per
+    logit beside the two GEMMs' own (2 read twice, 2 written: 6, where widening into fp32, reading it twice,
+    writing the fp32 gradient and casting it back moved 24).
     A trained head keeps fp32 (its weight gradient sums the logits' gradient over tokens), and a bias is
     added after the widening as before."""
     half = weight.dtype in (torch.bfloat16, torch.float16)

@@ -30,7 +30,10 @@ decode part's speed); the report records the cut. `--generation-deadline-s` stop
 many seconds of its generation (a compile included) are spent (a prediction from a short decode misses what
 longer rows cost each step: on the H200 the MGT step's generation ran 1.65x its prediction and left no time
 for the backward, 2026-12-04), and the step goes on with the rows cut there; the report records where, and
-the planner's figures are for the length generated. Image tasks (`--data geometry`) load the
+the planner's figures are for the length generated. `--extend-completions` then continues every row with drawn
+tokens to the config's max_new_tokens, so that the passes and the update (and their planner figures) are at the
+config's own length while the generation is at the length its time allowed (on the H200 the 3B decode runs
+130-212 ms a step with the dynamic cache: 1,024 tokens outlast a part's budget). Image tasks (`--data geometry`) load the
 model's image processor, or build the Qwen2-VL one from the vision config when the architecture directory
 has none. The report is written after the step and again after each decode mode; a step stopped part-way
 leaves the phases it finished and, in generation, the decode forwards made so far.
@@ -253,6 +256,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="no decode step of the step's generation starts after this many seconds from its start "
                              "(a compile included); the rows cut there go through the whole step, and the "
                              "planner's figures are for the length generated")
+    parser.add_argument("--extend-completions", action="store_true",
+                        help="when the step's generation ends short of the config's max_new_tokens (cut by "
+                             "--generation-budget-s, stopped by --generation-deadline-s), continue every row with "
+                             "drawn tokens to that length before scoring: the passes and the update then run at the "
+                             "config's own completion length, the generation at the length it reached")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "e2e_step.json"))
     args = parser.parse_args(argv)
     from lmmr1_lite.config import ConfigError, coerce, parse_sets
@@ -301,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
             replace(cfg, **fields)
         except ConfigError as err:
             parser.error(f"--backward-ab {change}: {err}")
-    cut_from = None
+    cut_from, full_length = None, cfg.max_new_tokens
     if args.tokens_per_second and args.generation_budget_s:
         cap = new_tokens_within(cfg.max_new_tokens, cfg.prompts_per_step * cfg.num_generations,
                                 args.tokens_per_second, args.generation_budget_s)
@@ -358,6 +366,15 @@ def main(argv: list[str] | None = None) -> dict:
         stopped_at = batch.completion_ids.shape[1]
         print(f"generation stopped at {stopped_at} of {cfg.max_new_tokens} tokens by --generation-deadline-s "
               f"{args.generation_deadline_s:.0f}", flush=True)
+    generation_cap = cfg.max_new_tokens  # the config's, or its cut by --generation-budget-s
+    generated_cfg, extended_from = replace(cfg, max_new_tokens=stopped_at or cfg.max_new_tokens), None
+    if args.extend_completions and batch.completion_ids.shape[1] < full_length:
+        extended_from = batch.completion_ids.shape[1]
+        batch = with_drawn_completions(batch, full_length, min(tokenizer.vocab_size, models.lm_head_weight(policy).shape[0]),
+                                       cfg.seed)
+        cfg = ctx.cfg = replace(cfg, max_new_tokens=full_length)
+        print(f"completions extended from {extended_from} to {full_length} tokens with drawn ones: the passes and "
+              "the update at the config's length", flush=True)
     scored = meter.measure("score_and_reference", lambda: score_rollouts(ctx, batch, examples))
 
     def reference():
@@ -372,8 +389,10 @@ def main(argv: list[str] | None = None) -> dict:
     meter.measure("train", lambda: update_policy(ctx, scored))
     config = policy.get_base_model().config
     prompt_tokens = int(batch.prompt_mask.sum(1).max())
-    plan = estimate(replace(cfg, max_new_tokens=stopped_at) if stopped_at else cfg, config, has_images=has_images,
-                    prompt_tokens=prompt_tokens)
+    # the planner at the lengths measured: the training phases' (the config's own after --extend-completions) and
+    # the generation's
+    plan = estimate(cfg if extended_from else generated_cfg, config, has_images=has_images, prompt_tokens=prompt_tokens)
+    generated_plan = estimate(generated_cfg, config, has_images=has_images, prompt_tokens=prompt_tokens)
     parts = plan["parts"]
     lora_weights = sum(p.numel() * p.element_size() for p in policy.parameters() if p.requires_grad) / GIB
     phases = meter.phases
@@ -386,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
             "planner_gib": parts["LoRA parameters + gradients + optimizer states (fp32)"] / GIB,
             "measured_gib": phases["train"]["left_behind_gib"] + lora_weights},
         "generation working set (KV cache, prefill layer, dequantised weight)": {
-            "planner_gib": plan["generation_working_set"] / GIB,
+            "planner_gib": generated_plan["generation_working_set"] / GIB,
             "measured_gib": phases["generate"]["peak_extra_gib"]},
         "training working set (activations; the log-prob chunk or the recomputed layer; dequantised weight)": {
             "planner_gib": plan["training_working_set"] / GIB,
@@ -406,9 +425,12 @@ def main(argv: list[str] | None = None) -> dict:
         "share_prompt": cfg.share_prompt, "gradient_checkpointing": cfg.gradient_checkpointing,
         "runtime_baseline_gib": baseline / GIB, "phases": phases, "components": components,
         "planner_peak_gib": plan["peak"] / GIB, "planner_fits": plan["peak"] <= args.gpu_gib * GIB,
+        # the planner's peak for what ran: the generation at its length, the passes at theirs
+        "planner_peak_as_run_gib": max(generated_plan["generation_peak"], plan["training_peak"]) / GIB,
+        "completions_extended_from": extended_from,
         "has_images": has_images, "device_memory": device_memory, "progress": meter.progress,
         "decode_mode": decode_mode(cfg), "max_new_tokens_cut_from": cut_from,
-        "generation_stopped_at": stopped_at, "decode": {},
+        "generation_max_new_tokens": generation_cap, "generation_stopped_at": stopped_at, "decode": {},
         "backward_profile": None, "backward_ab": None,
         "note": "random weights: completions run to max_new_tokens, the worst case for memory",
     }
@@ -443,6 +465,18 @@ def main(argv: list[str] | None = None) -> dict:
         report["backward_profile"] = profiled(lambda: compute_gradients(ctx, scored))
         write_report(args.out, report)
     return time_decode_modes(report, meter, ctx, examples, args)
+
+
+def with_drawn_completions(batch, length: int, vocab: int, seed: int):
+    """`batch` (a Rollout) with every row's completion continued to `length` tokens drawn uniformly from the ids
+    below `vocab` (the tokenizer's ordinary tokens: no stop or image token), every token in the mask and every row
+    clipped: what random weights generate (they never stop), without the decode steps. The texts keep what was
+    generated (the rewards read them); the sampler's log-probs, which the passes do not use, are dropped."""
+    rows, have = batch.completion_ids.shape
+    drawn = torch.randint(0, vocab, (rows, length - have), generator=torch.Generator().manual_seed(seed))
+    ids = torch.cat([batch.completion_ids, drawn.to(batch.completion_ids)], dim=1)
+    return replace(batch, completion_ids=ids, completion_mask=torch.ones_like(ids, dtype=batch.completion_mask.dtype),
+                    logprobs=None, clipped=torch.ones(rows, dtype=torch.bool, device=ids.device))
 
 
 def first_layers_of(model_dir: str, layers: int, directory: str) -> str:

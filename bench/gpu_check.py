@@ -24,8 +24,10 @@ when less time is left than it needs, and stopped at its budget, so one slow or 
            side path; with merge_for_rollouts, dynamic and compiled); the steps below generate with the one
            that decodes most in their time (its compile counted). Every part's summary line lists inductor's
            reasons for skipping CUDA graphs, read from its log
-  e2e_fre  bench/e2e_step.py: the same model and config, one GRPO step; each phase's peak CUDA memory beside
-           the planner's, whether the step fits 24 GiB; then the gradient pass profiled, and timed as configured
+  e2e_fre  bench/e2e_step.py: the same model and config, one GRPO step (its generation as long as half the part's
+           time allows, then every row extended with drawn tokens to the config's 1,024 for the passes and the
+           update: --extend-completions); each phase's peak CUDA memory beside the planner's, whether the step
+           fits 24 GiB; then the gradient pass profiled, and timed as configured
            and with each of BACKWARD_AB
   e2e_mgt  the same with configs/qwen2_5_vl_3b/mgt.yaml on geometry images
 Writes into --out (default bench/out/gpu_check): summary.json, summary.md (the table, printed last),
@@ -335,6 +337,9 @@ def command_for(name: str, args, learned: dict, budget_s: float | None = None) -
                     # and a hard stop at the whole share, the compile included: the prediction, from 32-token
                     # rows, misses what long rows cost each step (the MGT step's ran 1.65x it, 2026-12-04)
                     "--generation-deadline-s", f"{share:.0f}"]
+    if name != "decode":  # the passes and the update at the config's 1,024 tokens whatever the decode reached:
+        # the step's peak at the configs' own length, never measured in runs 1-5 (the decode's time cut them)
+        cmd += ["--extend-completions"]
     if args.dry_run:  # the tiny model (its own small vocabulary and tokenizer), a few short rollouts
         return cmd + ["--config", f"configs/tiny/{stage}.yaml", "--set", "prompts_per_step=2",
                       "--set", "num_generations=4"]
@@ -446,10 +451,15 @@ def part_line(part: Part) -> str:
         decode = f"; decode timed: {', '.join(report['decode'])}" if report.get("decode") else ""
         cache = f"; generated in decode mode {report['decode_mode']}" if report.get("decode_mode") else ""
         if report.get("max_new_tokens_cut_from"):
-            cache += (f", completions cut to {report['max_new_tokens']} tokens (from {report['max_new_tokens_cut_from']})"
+            cut_to = report.get("generation_max_new_tokens") or report["max_new_tokens"]
+            cache += (f", completions cut to {cut_to} tokens (from {report['max_new_tokens_cut_from']})"
                       f" to fit the part's time")
         if report.get("generation_stopped_at"):
             cache += f", the decode stopped at {report['generation_stopped_at']} tokens by its deadline"
+        if report.get("completions_extended_from"):
+            cache += (f"; the passes and the update at {report['max_new_tokens']} tokens (completions extended from "
+                      f"{report['completions_extended_from']} with drawn tokens), the planner's peak for what ran "
+                      f"{report['planner_peak_as_run_gib']:.2f} GiB")
         cache += cudagraph_line(r, compiled=str(report.get("decode_mode", "")).startswith("compiled"))
         return (f"planner peak {report['planner_peak_gib']:.2f} GiB "
                 f"({'fits' if report.get('planner_fits') else 'does not fit'}); {measured}{cache}{decode}")
@@ -486,7 +496,8 @@ def tables(parts: list[Part], header: str) -> str:
         out += ["", f"{name}: the step was stopped; the phases it finished:" if report.get("partial") else
                 f"{name}: {report['model']}, {report['quantization']}, {report['dtype']}, tokenizer "
                 f"{report.get('tokenizer') or 'of the model directory'}, {report['prompts']} prompts x "
-                f"{report['generations']} x {report.get('generation_stopped_at') or report['max_new_tokens']} tokens "
+                f"{report['generations']} x {generated_length(report)} tokens generated"
+                f"{' (extended to ' + str(report['max_new_tokens']) + ' for the passes)' if report.get('completions_extended_from') else ''} "
                 f"(prompt {report['prompt_tokens']} "
                 f"tokens, images: {report.get('has_images')}), {report['device']}:", "",
                 "| phase | seconds | peak above start GiB | peak reserved GiB | cudaMalloc calls | allocation retries |",
@@ -511,6 +522,11 @@ def tables(parts: list[Part], header: str) -> str:
                     for label, run in report["backward_ab"].items()]
         out += profile_table(report.get("backward_profile"), f"{name}: a profiled gradient pass after the step")
     return "\n".join(out) + "\n"
+
+
+def generated_length(report: dict) -> int:
+    """The completion length e2e_step's generation reached: where its deadline stopped it, else its cap."""
+    return report.get("completions_extended_from") or report.get("generation_stopped_at") or report["max_new_tokens"]
 
 
 def cudagraph_line(result: dict, compiled: bool) -> str:

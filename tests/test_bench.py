@@ -107,6 +107,56 @@ def test_e2e_step_generation_deadline_stops_the_decode_and_the_step_goes_on(tmp_
     assert report["planner_peak_gib"] == pytest.approx(plan["peak"] / 2**30)
 
 
+def test_e2e_step_extend_completions_runs_the_passes_at_the_configs_length(tmp_path):
+    """`--extend-completions` after a generation stopped short: every row continued with drawn ordinary tokens to
+    max_new_tokens, so that the passes and the update run at the config's length (on the H200 the 3B's decode
+    cannot reach 1,024 tokens in a part's time); the generation's planner figure stays at the length generated,
+    the training's and the peak's move to the config's."""
+    out = tmp_path / "e2e.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "e2e_step.py"), "--out", str(out),
+                    "--set", "prompts_per_step=2", "--set", "max_new_tokens=40", "--generation-deadline-s", "0",
+                    "--extend-completions"], check=True, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    assert report["generation_stopped_at"] == 1 and report["completions_extended_from"] == 1
+    assert report["max_new_tokens"] == 40 and report["completion_tokens_mean"] == 40.0
+    assert {"backward", "train"} <= set(report["phases"])
+    from transformers import AutoConfig
+
+    from lmmr1_lite.config import resolve_config
+    from lmmr1_lite.plan import estimate
+
+    def plan(length):
+        cfg = resolve_config("fre", None, {"prompts_per_step": 2, "max_new_tokens": length})
+        return estimate(cfg, AutoConfig.from_pretrained(cfg.model), False, prompt_tokens=report["prompt_tokens"])
+    generated, full = plan(1), plan(40)
+    components = report["components"]
+    assert components["generation working set (KV cache, prefill layer, dequantised weight)"]["planner_gib"] == \
+        pytest.approx(generated["generation_working_set"] / 2**30)
+    training = "training working set (activations; the log-prob chunk or the recomputed layer; dequantised weight)"
+    assert components[training]["planner_gib"] == pytest.approx(full["training_working_set"] / 2**30)
+    assert full["training_working_set"] > 2 * generated["training_working_set"]
+    assert report["planner_peak_gib"] == pytest.approx(full["peak"] / 2**30)
+    assert report["planner_peak_as_run_gib"] == pytest.approx(
+        max(generated["generation_peak"], full["training_peak"]) / 2**30)
+
+
+def test_drawn_completions_continue_every_row_with_ordinary_tokens():
+    import torch
+
+    from lmmr1_lite.rollout import Rollout
+
+    batch = Rollout(torch.tensor([[5, 6], [0, 7]]), torch.tensor([[1, 1], [0, 1]]), torch.tensor([[3, 9], [4, 0]]),
+                    torch.tensor([[1, 1], [1, 0]]), ["a", "b"], [None, None], torch.zeros(2, 2),
+                    torch.tensor([False, False]), torch.tensor([0, 0]))
+    longer = _bench_module("e2e_step").with_drawn_completions(batch, 50, vocab=11, seed=0)
+    assert longer.completion_ids.shape == (2, 50) and longer.completion_ids[:, :2].tolist() == [[3, 9], [4, 0]]
+    assert 0 <= int(longer.completion_ids.min()) and int(longer.completion_ids.max()) < 11
+    assert len(set(longer.completion_ids[:, 2:].flatten().tolist())) > 5, "drawn, not one repeated token"
+    assert longer.completion_mask.tolist() == [[1] * 50] * 2 and longer.clipped.tolist() == [True, True]
+    assert longer.prompt_ids is batch.prompt_ids and longer.texts == ["a", "b"] and longer.logprobs is None
+    assert longer.prompt_index.tolist() == [0, 0]
+
+
 def _bench_module(name: str):
     """A script of bench/ imported as a module."""
     import importlib.util

@@ -430,6 +430,18 @@ def test_a_slow_decode_cuts_the_steps_completions_to_fit(gpu_check):
     step["generation_stopped_at"] = 201  # the deadline's cut, when the prediction missed
     line = gpu_check.part_line(gpu_check.Part("e2e_fre", 1, 1, {"status": "ok", "report": step}))
     assert line.endswith("(from 1024) to fit the part's time, the decode stopped at 201 tokens by its deadline")
+    # --extend-completions: the passes at the config's length, the generation's cut and stop still said
+    step.update(max_new_tokens=1024, generation_max_new_tokens=320, completions_extended_from=201,
+                planner_peak_as_run_gib=6.5)
+    line = gpu_check.part_line(gpu_check.Part("e2e_fre", 1, 1, {"status": "ok", "report": step}))
+    assert line.endswith("completions cut to 320 tokens (from 1024) to fit the part's time, the decode stopped at 201 "
+                         "tokens by its deadline; the passes and the update at 1024 tokens (completions extended from "
+                         "201 with drawn tokens), the planner's peak for what ran 6.50 GiB")
+    table = gpu_check.tables([gpu_check.Part("e2e_fre", 1, 1, {"status": "ok", "report": step})], "## head")
+    assert "8 prompts x 8 x 201 tokens generated (extended to 1024 for the passes) (prompt 110 tokens" in table
+    args = gpu_check.argparse.Namespace(out="o", dry_run=False)
+    assert "--extend-completions" in gpu_check.command_for("e2e_mgt", args, {}, 200)
+    assert "--extend-completions" not in gpu_check.command_for("decode", args, {}, 200)
 
 
 def test_the_step_reports_each_phase_as_it_ends(tmp_path):

@@ -141,8 +141,13 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
             * scratch_bytes_per_logit(cfg.temperature, cfg.top_k, cfg.top_p),
         "activations kept for backward": micro_tokens * elt * layers * (
             h if cfg.gradient_checkpointing else 12 * h + 4 * text.intermediate_size),
+        # what the rebuilt layer saves (12 h + 4 I elements per token), its backward's transients at their peak
+        # (5 h), and the gradient arriving from the layer above (h): torch's allocations over one layer's forward
+        # + backward, that gradient made before (bench/layer_saved.py, 2026-12-05), were 78,710 elements per
+        # token for the 3B's layer against 17 h + 4 I = 78,848, 1,892 for the tiny model's against 1,856,
+        # 127,002 for the 7B's against 136,704; 12 h + 4 I alone fell 13 % short at the 3B's
         "one layer recomputed in backward":
-            micro_tokens * elt * (12 * h + 4 * text.intermediate_size) if cfg.gradient_checkpointing else 0,
+            micro_tokens * elt * (18 * h + 4 * text.intermediate_size) if cfg.gradient_checkpointing else 0,
         # one [rows, vocab] logits block, the GEMM's own output on CUDA (its gradient written in place and
         # taken by the grad-hidden GEMM as it is), and the gradient of the scored hidden states, in their dtype
         "log-prob chunk (logits block + gradient of hidden)": chunk_rows * vocab * elt + scored * h * elt,

@@ -286,8 +286,12 @@ def add_lora(model, cfg: TrainConfig):
     if cfg.gradient_checkpointing:
         # Non-reentrant: with peft's frozen inputs, reentrant checkpointing yields no gradients.
         # Transformers applies it only in train mode, so generation (eval mode) keeps its KV cache.
-        policy.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-            "use_reentrant": False, "context_fn": recompute_with_forward_casting(policy)})
+        base, kwargs = policy.get_base_model(), {"use_reentrant": False,
+                                                 "context_fn": recompute_with_forward_casting(policy)}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers' name since 5.2x; the old one warns
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # the H200 image's 5.17
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return policy
 
 

@@ -240,12 +240,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile-backward", action="store_true",
                         help="after the step, profile one more gradient pass (torch.profiler: the top ops, the "
                              "device's busy time against the wall) into the report's backward_profile")
-    parser.add_argument("--backward-ab", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--backward-ab", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="after the step, time the gradient pass again on its rollouts: as configured, then "
-                             "with this config change (micro_batch_size=64: the token budget alone sizes the "
-                             "micro-batches; share_prompt=false: one forward per micro-batch instead of the "
-                             "prompts' and the completions'), into the report's backward_ab; repeat for more "
-                             "changes, each timed alone")
+                             "with this config change, one field or several joined by commas "
+                             "(micro_batch_size=64,max_tokens_per_micro_batch=32768: fewer, larger micro-batches; "
+                             "share_prompt=false: one forward per micro-batch instead of the prompts' and the "
+                             "completions'), into the report's backward_ab; repeat for more changes, each timed "
+                             "alone")
     parser.add_argument("--tokens-per-second", type=float, default=None,
                         help="the decode speed --decode-only measured, for --generation-budget-s")
     parser.add_argument("--generation-budget-s", type=float, default=None,
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for change in args.backward_ab:
             backward_changes[change] = {key: coerce(key, value, "--backward-ab")
-                                        for key, value in parse_sets([change], "--backward-ab").items()}
+                                        for key, value in parse_sets(change.split(","), "--backward-ab").items()}
     except ConfigError as err:
         parser.error(str(err))
     if args.explain_decode and not args.decode_only:

@@ -64,11 +64,13 @@ LOSS_SHAPES = "8192x2048,16384x2048,8192x3584"
 # no side path) with each cache; static (253 tokens/s against dynamic's 496, run 3) and the compiled side path
 # (744, its graphs without CUDA graphs) were measured on 2026-12-04 and are left out to keep the part's time
 DECODE_MODES = "dynamic,dynamic+merged,compiled+merged"
-# e2e_fre: the gradient pass timed as configured and with each of these changes alone: fewer, larger micro-batches;
+# e2e_fre: the gradient pass timed as configured and with each of these changes alone: fewer, larger micro-batches
+# (at the configs' 1,024 tokens their 8,192-token budget alone caps a micro-batch at 7 rows, so both limits are
+# lifted: 28 rows, 3 micro-batches of the 64 rows instead of 10);
 # one forward per micro-batch instead of two (the prompts', then the completions' over them): half the kernel
 # launches (the 3B's first 4 layers: 33.0k -> 17.0k aten calls per gradient pass on the CPU, 2026-12-04) for the
 # prompts' compute G times over
-BACKWARD_AB = ("micro_batch_size=64", "share_prompt=false")
+BACKWARD_AB = ("micro_batch_size=64,max_tokens_per_micro_batch=32768", "share_prompt=false")
 DECODE_EXPLAIN = "compiled+merged"  # its static step traced first: graphs and graph breaks (run 3's log showed a
 # graph break in Qwen2_5_VLModel.forward on the H200, which no CPU trace here reproduces)
 DECODE_PROFILE = "dynamic+merged"  # the dynamic cache's profile is in run 3: 14 % of the wall busy on the GPU
@@ -318,8 +320,8 @@ def command_for(name: str, args, learned: dict, budget_s: float | None = None) -
     if stage == "mgt":
         cmd += ["--data", "geometry"]
     if name == "e2e_fre":  # where the training pass's time goes (10x a no-grad pass on the H200, 2026-12-04), and
-        # whether fewer, larger micro-batches (the configs' 8 rows lifted; the 8,192-token budget still caps them)
-        # shorten it: that pass ran 8 micro-batches where a no-grad pass ran 3; and whether computing each
+        # whether fewer, larger micro-batches shorten it: that pass ran 8 micro-batches where a no-grad pass ran 3;
+        # and whether computing each
         # prompt once per micro-batch (a second forward) costs more launches than it saves compute
         # (the dry run's tiny config puts all 8 rows in one micro-batch: there the change is to 2 rows)
         changes = ("micro_batch_size=2", "share_prompt=false") if args.dry_run else BACKWARD_AB

@@ -382,6 +382,7 @@ def test_a_decode_mode_is_a_cache_and_whether_the_lora_is_merged(capsys):
                        (["--backward-ab", "micro_batch_size"], "expected KEY=VALUE"),
                        (["--backward-ab", "micro_batch_sise=8"], "unknown config field 'micro_batch_sise'"),
                        (["--backward-ab", "micro_batch_size=0"], "micro_batch_size must be >= 1"),
+                       (["--backward-ab", "micro_batch_size=64,max_tokens_per_micro_batch"], "expected KEY=VALUE"),
                        (["--backward-ab", "share_prompt=false", "--backward-ab", "micro_batch_size=0"],
                         "--backward-ab micro_batch_size=0: micro_batch_size must be >= 1"),
                        (["--explain-decode", "compiled+merged"], "add --decode-only"),
@@ -470,13 +471,16 @@ def test_a_step_stopped_in_its_extras_keeps_its_whole_report(tmp_path, monkeypat
     out = tmp_path / "step.json"
     with pytest.raises(KeyboardInterrupt):
         e2e_step.main(["--set", "prompts_per_step=2", "--set", "num_generations=4", "--set", "max_new_tokens=8",
-                       "--backward-ab", "micro_batch_size=2", "--backward-ab", "share_prompt=false",
-                       "--profile-backward", "--out", str(out)])
+                       "--backward-ab", "micro_batch_size=8,max_tokens_per_micro_batch=1",
+                       "--backward-ab", "share_prompt=false", "--profile-backward", "--out", str(out)])
     report = json.loads(out.read_text())
     assert "partial" not in report and list(report["phases"]) == [
         "load", "generate", "score_and_reference", "reference_pass", "old_pass", "backward", "train"]
     assert report["components"] and report["planner_peak_gib"] > 0
-    assert list(report["backward_ab"]) == ["as configured", "micro_batch_size=2", "share_prompt=false"]
+    assert list(report["backward_ab"]) == ["as configured", "micro_batch_size=8,max_tokens_per_micro_batch=1",
+                                           "share_prompt=false"]
+    # both fields of the change applied: 8 rows a micro-batch alone, 1 under a 1-token budget
+    assert report["backward_ab"]["micro_batch_size=8,max_tokens_per_micro_batch=1"]["rows_per_micro_batch"] == 1
     assert report["backward_profile"] is None
 
 

@@ -371,8 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
     generated_cfg, extended_from = replace(cfg, max_new_tokens=stopped_at or cfg.max_new_tokens), None
     if args.extend_completions and batch.completion_ids.shape[1] < full_length:
         extended_from = batch.completion_ids.shape[1]
-        batch = with_drawn_completions(batch, full_length, min(tokenizer.vocab_size, models.lm_head_weight(policy).shape[0]),
-                                       cfg.seed)
+        ordinary = min(tokenizer.vocab_size, models.lm_head_weight(policy).shape[0])  # no special token
+        batch = with_drawn_completions(batch, full_length, ordinary, cfg.seed)
         cfg = ctx.cfg = replace(cfg, max_new_tokens=full_length)
         print(f"completions extended from {extended_from} to {full_length} tokens with drawn ones: the passes and "
               "the update at the config's length", flush=True)

@@ -495,11 +495,12 @@ def tables(parts: list[Part], header: str) -> str:
     steps = [(name, by_name[name].result.get("report")) for name in ("e2e_fre", "e2e_mgt")
              if name in by_name and by_name[name].result.get("report")]
     for name, report in steps:
+        extended = (f" (extended to {report['max_new_tokens']} for the passes)"
+                    if report.get("completions_extended_from") else "")
         out += ["", f"{name}: the step was stopped; the phases it finished:" if report.get("partial") else
                 f"{name}: {report['model']}, {report['quantization']}, {report['dtype']}, tokenizer "
                 f"{report.get('tokenizer') or 'of the model directory'}, {report['prompts']} prompts x "
-                f"{report['generations']} x {generated_length(report)} tokens generated"
-                f"{' (extended to ' + str(report['max_new_tokens']) + ' for the passes)' if report.get('completions_extended_from') else ''} "
+                f"{report['generations']} x {generated_length(report)} tokens generated{extended} "
                 f"(prompt {report['prompt_tokens']} "
                 f"tokens, images: {report.get('has_images')}), {report['device']}:", "",
                 "| phase | seconds | peak above start GiB | peak reserved GiB | cudaMalloc calls | allocation retries |",

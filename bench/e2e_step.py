@@ -444,6 +444,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"{'' if ratio is None else f'{ratio:.2f}'} |", flush=True)
     meter.out = None  # the full report from here on, written again after each of the extras below, so that a
     # budget that stops the process in one of them keeps the step's measurements
+    if args.profile_backward:  # after the measured phases, so that its overhead is in none of them; before the
+        # A/B (one pass against three or more): where the pass's time goes comes first when a budget stops the rest
+        optimizer.zero_grad(set_to_none=True)
+        report["backward_profile"] = profiled(lambda: compute_gradients(ctx, scored))
+        write_report(args.out, report)
     if backward_changes:  # the same rollouts, the same work; only the change differs
         report["backward_ab"] = {}
         variants = [("as configured", cfg)] + [(change, replace(cfg, **fields))
@@ -461,10 +466,6 @@ def main(argv: list[str] | None = None) -> dict:
                 "rows_per_micro_batch": min(trained, micro_rows(variant, scored.batch, variant.micro_batch_size)),
                 "working_set_gib": phase["peak_extra_gib"] - phase["left_behind_gib"]}
             write_report(args.out, report)
-    if args.profile_backward:  # after the measured phases, so that its overhead is in none of them
-        optimizer.zero_grad(set_to_none=True)
-        report["backward_profile"] = profiled(lambda: compute_gradients(ctx, scored))
-        write_report(args.out, report)
     return time_decode_modes(report, meter, ctx, examples, args)
 
 

@@ -25,7 +25,7 @@ when less time is left than it needs, and stopped at its budget, so one slow or 
            that decodes most in their time (its compile counted). Every part's summary line lists inductor's
            reasons for skipping CUDA graphs, read from its log
   e2e_fre  bench/e2e_step.py: the same model and config, one GRPO step (its generation as long as half the part's
-           time allows, then every row extended with drawn tokens to the config's 1,024 for the passes and the
+           time allows, --generation-share, then every row extended with drawn tokens to the config's 1,024 for the passes and the
            update: --extend-completions); each phase's peak CUDA memory beside the planner's, whether the step
            fits 24 GiB; then the gradient pass profiled, and timed as configured
            and with each of BACKWARD_AB
@@ -303,7 +303,7 @@ def best_decode(report: dict | None, seconds: float | None = None) -> dict:
 
 def command_for(name: str, args, learned: dict, budget_s: float | None = None) -> list:
     """A part's command; `learned`: what earlier parts found (Qwen's tokenizer files; the decode part's report, from
-    which a step takes the cache that decodes most in `GENERATION_SHARE` of `budget_s`, and cuts its completions
+    which a step takes the cache that decodes most in `--generation-share` of `budget_s`, and cuts its completions
     to what that speed fits there)."""
     out = Path(args.out)
     py = sys.executable
@@ -315,7 +315,7 @@ def command_for(name: str, args, learned: dict, budget_s: float | None = None) -
                 *(["--smoke"] if args.dry_run else ["--shapes", args.loss_shapes or LOSS_SHAPES]),
                 *(["--impls", args.loss_impls] if args.loss_impls else [])]
     stage = "fre" if name == "decode" else name.split("_")[1]
-    share = GENERATION_SHARE * budget_s if budget_s else None  # of the part's time, for a step's generation
+    share = args.generation_share * budget_s if budget_s else None  # of the part's time, for a step's generation
     cmd = [py, "bench/e2e_step.py", "--out", out / f"{name}.json"]
     if stage == "mgt":
         cmd += ["--data", "geometry"]
@@ -608,6 +608,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the loss part's implementations only (bench/loss_kernels.py --impls), e.g. "
                              "'naive,lmmr1_kernels,lmmr1_fp32_block': the logits block's A/B without compiling "
                              "torch.compile's and Liger's losses")
+    parser.add_argument("--generation-share", type=float, default=GENERATION_SHARE,
+                        help=f"the share of a step part's budget its generation may take (default {GENERATION_SHARE}); "
+                             "less leaves the passes and the update, which run at the config's length whatever the "
+                             "decode reached (--extend-completions), more of a short part")
     parser.add_argument("--decode-report", metavar="DECODE_JSON", default=None,
                         help="an earlier call's decode.json: the steps choose their cache from its speeds (and cut their "
                              "completions to fit), for a rerun of the steps without the decode part")
@@ -617,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"only drop the native libraries the device never loads (bitsandbytes' builds for CUDA "
                              f"other than {DEVICE_CUDA}, and ROCm) from the wheels in WHEEL_DIR, and exit")
     args = parser.parse_args(argv)
+    if not 0 < args.generation_share < 1:
+        parser.error(f"--generation-share {args.generation_share:g}: a fraction between 0 and 1")
     if args.slim_wheels:
         for wheel in sorted(Path(args.slim_wheels).glob("*.whl")):
             saved = slim_wheel(wheel)

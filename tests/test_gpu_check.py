@@ -161,7 +161,7 @@ def test_a_hung_part_is_stopped_with_its_children(gpu_check, tmp_path, monkeypat
             f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)")
     monkeypatch.setattr(gpu_check, "command_for", lambda name, args, learned, budget: [sys.executable, "-c", hang])
     part = gpu_check.Part("loss", budget_s=3, min_s=0)
-    args = gpu_check.argparse.Namespace(budget_s=100, out=str(tmp_path), dry_run=True)
+    args = gpu_check.argparse.Namespace(budget_s=100, out=str(tmp_path), dry_run=True, generation_share=0.5)
     log_path = tmp_path / "parts.log"
     start = time.monotonic()
     with open(log_path, "w") as log:
@@ -308,7 +308,7 @@ def test_the_steps_generate_with_the_cache_that_decodes_most_in_their_time(gpu_c
     assert gpu_check.best_decode(report, 300.0)["decode_mode"] == "compiled"  # 217,088 against 151,040
     assert gpu_check.best_decode({"decode": {"broken": decode["broken"]}}) == {}
     assert gpu_check.best_decode(None) == {}
-    args = gpu_check.argparse.Namespace(out="o", dry_run=False)
+    args = gpu_check.argparse.Namespace(out="o", dry_run=False, generation_share=0.5)
     default = gpu_check.command_for("e2e_fre", args, {}, 240)
     assert "--decode-mode" not in default and "--tokens-per-second" not in default
     command = gpu_check.command_for("e2e_mgt", args, {"decode_report": report}, 240)
@@ -321,6 +321,15 @@ def test_the_steps_generate_with_the_cache_that_decodes_most_in_their_time(gpu_c
     command = gpu_check.command_for("e2e_fre", args, {"decode_report": report}, 600)
     assert command[command.index("--decode-mode") + 1] == "compiled" and command[command.index("--generation-budget-s") + 1] == "212"
     assert command[command.index("--generation-deadline-s") + 1] == "300"
+    # --generation-share: a short part leaves its passes and update (at the config's length) more of its time
+    args.generation_share = 0.3
+    command = gpu_check.command_for("e2e_mgt", args, {"decode_report": report}, 240)
+    assert command[command.index("--generation-deadline-s") + 1] == "72"
+    assert command[command.index("--decode-mode") + 1] == "static"  # 72 s: (72 - 5) x 512 against (72 - 88) x 1024
+    for bad in ("0", "1", "1.5", "-0.2"):  # refused before any part runs
+        with pytest.raises(SystemExit) as exit_:
+            gpu_check.main(["--generation-share", bad, "--dry-run", "--out", "/nonexistent/never-written"])
+        assert exit_.value.code == 2
     report = {"decode_only": True, "model": "3b", "quantization": "nf4", "dtype": "bfloat16", "prompts": 8,
               "generations": 8, "device": "H200", "phases": {}, "decode": decode}
     part = gpu_check.Part("decode", 1, 1, {"status": "ok", "seconds": 90.0, "report": report})
@@ -440,7 +449,7 @@ def test_a_slow_decode_cuts_the_steps_completions_to_fit(gpu_check):
                          "201 with drawn tokens), the planner's peak for what ran 6.50 GiB")
     table = gpu_check.tables([gpu_check.Part("e2e_fre", 1, 1, {"status": "ok", "report": step})], "## head")
     assert "8 prompts x 8 x 201 tokens generated (extended to 1024 for the passes) (prompt 110 tokens" in table
-    args = gpu_check.argparse.Namespace(out="o", dry_run=False)
+    args = gpu_check.argparse.Namespace(out="o", dry_run=False, generation_share=0.5)
     assert "--extend-completions" in gpu_check.command_for("e2e_mgt", args, {}, 200)
     assert "--extend-completions" not in gpu_check.command_for("decode", args, {}, 200)
 
@@ -460,14 +469,21 @@ def test_the_step_reports_each_phase_as_it_ends(tmp_path):
 
 def test_a_step_stopped_in_its_extras_keeps_its_whole_report(tmp_path, monkeypatch):
     """bench/e2e_step.py writes the step's full report (phases, planner components) before its extra passes
-    (--backward-ab, --profile-backward) and again after each, so a budget that stops it in one keeps the rest."""
+    (--profile-backward, then each --backward-ab) and again after each, so a budget that stops it in one keeps the
+    rest: here it stops in the A/B's second pass, after the profile and the pass as configured."""
     sys.path.insert(0, str(REPO_ROOT / "bench"))
     import e2e_step
 
-    def stopped(run):
-        raise KeyboardInterrupt  # as the part's budget would stop the process here
+    from lmmr1_lite import step
 
-    monkeypatch.setattr(e2e_step, "profiled", stopped)
+    passes, gradients = [], step.compute_gradients
+
+    def stopped_at_the_fifth(*args):  # the backward phase, the train phase's, the profile's, the A/B's first
+        passes.append(1)
+        if len(passes) == 5:
+            raise KeyboardInterrupt  # as the part's budget would stop the process here
+        return gradients(*args)
+    monkeypatch.setattr(step, "compute_gradients", stopped_at_the_fifth)
     out = tmp_path / "step.json"
     with pytest.raises(KeyboardInterrupt):
         e2e_step.main(["--set", "prompts_per_step=2", "--set", "num_generations=4", "--set", "max_new_tokens=8",
@@ -477,11 +493,14 @@ def test_a_step_stopped_in_its_extras_keeps_its_whole_report(tmp_path, monkeypat
     assert "partial" not in report and list(report["phases"]) == [
         "load", "generate", "score_and_reference", "reference_pass", "old_pass", "backward", "train"]
     assert report["components"] and report["planner_peak_gib"] > 0
-    assert list(report["backward_ab"]) == ["as configured", "micro_batch_size=8,max_tokens_per_micro_batch=1",
-                                           "share_prompt=false"]
-    # both fields of the change applied: 8 rows a micro-batch alone, 1 under a 1-token budget
-    assert report["backward_ab"]["micro_batch_size=8,max_tokens_per_micro_batch=1"]["rows_per_micro_batch"] == 1
-    assert report["backward_profile"] is None
+    assert report["backward_profile"]["wall_seconds"] > 0 and report["backward_profile"]["aten_calls"] > 0
+    assert list(report["backward_ab"]) == ["as configured"]
+    # a change of several fields applies them all: 8 rows a micro-batch alone, 1 under a 1-token budget
+    finished = e2e_step.main(["--set", "prompts_per_step=2", "--set", "num_generations=4", "--set", "max_new_tokens=8",
+                              "--backward-ab", "micro_batch_size=8,max_tokens_per_micro_batch=1",
+                              "--out", str(tmp_path / "ab.json")])
+    assert finished["backward_ab"]["as configured"]["rows_per_micro_batch"] == 8
+    assert finished["backward_ab"]["micro_batch_size=8,max_tokens_per_micro_batch=1"]["rows_per_micro_batch"] == 1
 
 
 def test_a_step_stopped_while_generating_says_how_far_it_got(tmp_path):

@@ -30,7 +30,8 @@ decode part's speed); the report records the cut. `--generation-deadline-s` stop
 many seconds of its generation (a compile included) are spent (a prediction from a short decode misses what
 longer rows cost each step: on the H200 the MGT step's generation ran 1.65x its prediction and left no time
 for the backward, 2026-12-04), and the step goes on with the rows cut there; the report records where, and
-the planner's figures are for the length generated. `--extend-completions` then continues every row with drawn
+the planner's figures are for the length generated (its generation figure for the room the dynamic cache's
+buffers had then: they double as they fill, `decoding.in_place_capacity`). `--extend-completions` then continues every row with drawn
 tokens to the config's max_new_tokens, so that the passes and the update (and their planner figures) are at the
 config's own length while the generation is at the length its time allowed (on the H200 the 3B decode runs
 130-212 ms a step with the dynamic cache: 1,024 tokens outlast a part's budget). Image tasks (`--data geometry`) load the
@@ -284,6 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from lmmr1_lite import models
     from lmmr1_lite.config import resolve_config
+    from lmmr1_lite.decoding import in_place_capacity
     from lmmr1_lite.distributed import OneProcess, start_verifier_pool
     from lmmr1_lite.plan import estimate
     from lmmr1_lite.step import (StepContext, compute_gradients, generate_rollouts, micro_rows, policy_logprobs,
@@ -369,6 +371,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"{args.generation_deadline_s:.0f}", flush=True)
     generation_cap = cfg.max_new_tokens  # the config's, or its cut by --generation-budget-s
     generated_cfg, extended_from = replace(cfg, max_new_tokens=stopped_at or cfg.max_new_tokens), None
+    # the KV cache the generation held: a dynamic cache written in place has room past an early stop (its buffers
+    # double as they fill, up to the prompt + the cap), which the planner's generation figure is then sized for
+    prompt_length = batch.prompt_ids.shape[1]
+    cache_room = generated_cfg.max_new_tokens
+    if stopped_at and cfg.decode_cache == "dynamic":
+        cache_room = in_place_capacity(prompt_length, prompt_length + stopped_at - 1, generation_cap) - prompt_length
     if args.extend_completions and batch.completion_ids.shape[1] < full_length:
         extended_from = batch.completion_ids.shape[1]
         ordinary = min(tokenizer.vocab_size, models.lm_head_weight(policy).shape[0])  # no special token
@@ -393,7 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
     # the planner at the lengths measured: the training phases' (the config's own after --extend-completions) and
     # the generation's
     plan = estimate(cfg if extended_from else generated_cfg, config, has_images=has_images, prompt_tokens=prompt_tokens)
-    generated_plan = estimate(generated_cfg, config, has_images=has_images, prompt_tokens=prompt_tokens)
+    generated_plan = estimate(replace(generated_cfg, max_new_tokens=cache_room), config, has_images=has_images,
+                              prompt_tokens=prompt_tokens)
     parts = plan["parts"]
     lora_weights = sum(p.numel() * p.element_size() for p in policy.parameters() if p.requires_grad) / GIB
     phases = meter.phases
@@ -431,7 +440,8 @@ def main(argv: list[str] | None = None) -> dict:
         "completions_extended_from": extended_from,
         "has_images": has_images, "device_memory": device_memory, "progress": meter.progress,
         "decode_mode": decode_mode(cfg), "max_new_tokens_cut_from": cut_from,
-        "generation_max_new_tokens": generation_cap, "generation_stopped_at": stopped_at, "decode": {},
+        "generation_max_new_tokens": generation_cap, "generation_stopped_at": stopped_at,
+        "generation_cache_room_tokens": prompt_length + cache_room, "decode": {},
         "backward_profile": None, "backward_ab": None,
         "note": "random weights: completions run to max_new_tokens, the worst case for memory",
     }

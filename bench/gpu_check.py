@@ -458,6 +458,8 @@ def part_line(part: Part) -> str:
                       f" to fit the part's time")
         if report.get("generation_stopped_at"):
             cache += f", the decode stopped at {report['generation_stopped_at']} tokens by its deadline"
+            if report.get("generation_cache_room_tokens"):  # what the planner's generation figure is sized for
+                cache += f" (its cache had room for {report['generation_cache_room_tokens']} tokens)"
         if report.get("completions_extended_from"):
             cache += (f"; the passes and the update at {report['max_new_tokens']} tokens (completions extended from "
                       f"{report['completions_extended_from']} with drawn tokens), the planner's peak for what ran "

@@ -201,11 +201,25 @@ class InPlaceKVLayer(DynamicLayer):
         self.length = self.rows = 0
 
 
+FIRST_NEW_TOKENS = 128  # the room for new tokens an `in_place_cache` layer starts with (fewer if fewer are wanted)
+
+
+def in_place_capacity(prompt_tokens: int, held: int, max_new_tokens: int) -> int:
+    """The tokens each `InPlaceKVLayer` of `in_place_cache` has room for once it holds `held` (the prompt's and
+    the decode steps' so far, written one at a time): the first capacity doubled as often as `held` outgrew it, at
+    most the prompt + `max_new_tokens`. What a generation stopped early holds (up to twice its tokens)."""
+    limit, capacity = prompt_tokens + max_new_tokens, prompt_tokens + min(max_new_tokens, FIRST_NEW_TOKENS)
+    while held > capacity:  # as `InPlaceKVLayer.update` grows it when one token more does not fit
+        capacity = max(capacity + 1, min(limit, 2 * capacity))
+    return capacity
+
+
 def in_place_cache(cache, count: int, max_new_tokens: int) -> bool:
     """Replace the layers of a prefilled `DynamicCache` by `InPlaceKVLayer`s holding each prompt's keys and values
-    in its `count` rows, sized for the prompt plus `min(max_new_tokens, 128)` tokens and grown up to the prompt
-    plus `max_new_tokens`. False (the cache untouched) where the cache has no plain, filled `DynamicLayer`s, or
-    offloads them to the CPU between layers (HF's `offloading`, which these buffers do not follow)."""
+    in its `count` rows, sized for the prompt plus `min(max_new_tokens, FIRST_NEW_TOKENS)` tokens and grown up to
+    the prompt plus `max_new_tokens` (`in_place_capacity`). False (the cache untouched) where the cache has no
+    plain, filled `DynamicLayer`s, or offloads them to the CPU between layers (HF's `offloading`, which these
+    buffers do not follow)."""
     layers = getattr(cache, "layers", None)
     if not layers or getattr(cache, "offloading", False):
         return False
@@ -214,7 +228,7 @@ def in_place_cache(cache, count: int, max_new_tokens: int) -> bool:
         return False
     for i, layer in enumerate(layers):
         length = layer.keys.shape[2]
-        layers[i] = InPlaceKVLayer.from_layer(layer, count, capacity=length + min(max_new_tokens, 128),
+        layers[i] = InPlaceKVLayer.from_layer(layer, count, capacity=in_place_capacity(length, length, max_new_tokens),
                                               limit=length + max_new_tokens)
     return True
 

@@ -96,6 +96,8 @@ def test_e2e_step_generation_deadline_stops_the_decode_and_the_step_goes_on(tmp_
     report = json.loads(out.read_text())
     assert report["generation_stopped_at"] == 1 and report["max_new_tokens"] == 48
     assert report["completion_tokens_mean"] == 1.0
+    # its cache, written in place, had room for the prompt + min(48, 128) tokens: the planner's generation figure
+    assert report["generation_cache_room_tokens"] == report["prompt_tokens"] + 48
     assert {"backward", "train"} <= set(report["phases"])
     from transformers import AutoConfig
 
@@ -130,14 +132,16 @@ def test_e2e_step_extend_completions_runs_the_passes_at_the_configs_length(tmp_p
         return estimate(cfg, AutoConfig.from_pretrained(cfg.model), False, prompt_tokens=report["prompt_tokens"])
     generated, full = plan(1), plan(40)
     components = report["components"]
+    # the generation stopped after 1 token, but its cache, written in place, had room for the prompt + min(40, 128)
+    assert report["generation_cache_room_tokens"] == report["prompt_tokens"] + 40
     assert components["generation working set (KV cache, prefill layer, dequantised weight)"]["planner_gib"] == \
-        pytest.approx(generated["generation_working_set"] / 2**30)
+        pytest.approx(full["generation_working_set"] / 2**30)
     training = "training working set (activations; the log-prob chunk or the recomputed layer; dequantised weight)"
     assert components[training]["planner_gib"] == pytest.approx(full["training_working_set"] / 2**30)
     assert full["training_working_set"] > 2 * generated["training_working_set"]
     assert report["planner_peak_gib"] == pytest.approx(full["peak"] / 2**30)
     assert report["planner_peak_as_run_gib"] == pytest.approx(
-        max(generated["generation_peak"], full["training_peak"]) / 2**30)
+        max(full["generation_peak"], full["training_peak"]) / 2**30)
 
 
 def test_drawn_completions_continue_every_row_with_ordinary_tokens():

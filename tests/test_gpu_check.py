@@ -442,11 +442,12 @@ def test_a_slow_decode_cuts_the_steps_completions_to_fit(gpu_check):
     assert line.endswith("(from 1024) to fit the part's time, the decode stopped at 201 tokens by its deadline")
     # --extend-completions: the passes at the config's length, the generation's cut and stop still said
     step.update(max_new_tokens=1024, generation_max_new_tokens=320, completions_extended_from=201,
-                planner_peak_as_run_gib=6.5)
+                planner_peak_as_run_gib=6.5, generation_cache_room_tokens=430)
     line = gpu_check.part_line(gpu_check.Part("e2e_fre", 1, 1, {"status": "ok", "report": step}))
     assert line.endswith("completions cut to 320 tokens (from 1024) to fit the part's time, the decode stopped at 201 "
-                         "tokens by its deadline; the passes and the update at 1024 tokens (completions extended from "
-                         "201 with drawn tokens), the planner's peak for what ran 6.50 GiB")
+                         "tokens by its deadline (its cache had room for 430 tokens); the passes and the update at "
+                         "1024 tokens (completions extended from 201 with drawn tokens), the planner's peak for what "
+                         "ran 6.50 GiB")
     table = gpu_check.tables([gpu_check.Part("e2e_fre", 1, 1, {"status": "ok", "report": step})], "## head")
     assert "8 prompts x 8 x 201 tokens generated (extended to 1024 for the passes) (prompt 110 tokens" in table
     args = gpu_check.argparse.Namespace(out="o", dry_run=False, generation_share=0.5)

@@ -653,6 +653,26 @@ def test_in_place_kv_cache_grows_geometrically_never_per_step(tiny_policy):
         assert [step[layer][2] for step in steps] == list(range(prompt, prompt + max_new - 1))
 
 
+@pytest.mark.parametrize("prompt,max_new", [(5, 300), (107, 1024), (40, 90)])
+def test_in_place_capacity_is_what_the_layers_hold_at_every_length(prompt, max_new):
+    """`decoding.in_place_capacity` (what bench/e2e_step.py's planner figure of a generation stopped early uses) is
+    the capacity a layer of `in_place_cache` has after each decode step's one-token write, to the end."""
+    from transformers.cache_utils import DynamicCache
+
+    from lmmr1_lite.decoding import in_place_cache, in_place_capacity
+
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 1, prompt, 1), torch.zeros(1, 1, prompt, 1), 0)
+    assert in_place_cache(cache, 1, max_new)
+    layer, seen = cache.layers[0], set()
+    for held in range(prompt + 1, prompt + max_new + 1):
+        assert layer.capacity == in_place_capacity(prompt, held - 1, max_new)
+        layer.update(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))
+        assert layer.capacity == in_place_capacity(prompt, held, max_new), held
+        seen.add(layer.capacity)
+    assert max(seen) == prompt + max_new and len(seen) >= (2 if max_new > 128 else 1)
+
+
 def test_in_place_kv_layer_matches_hf_dynamic_layer_and_compacts_in_its_own_storage():
     """`InPlaceKVLayer` against HF's `DynamicLayer` through the operations a generation (and beam search) uses:
     a prompt's cache repeated to G rows, writes past the capacity, rows leaving, a reorder, a repeat, a crop.

@@ -83,6 +83,13 @@ def _output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
+def grown_capacity(capacity: int, needed: int, limit: int) -> int:
+    """The tokens an `InPlaceKVLayer` of `capacity` reallocates to when `needed` do not fit: twice as many, at most
+    `limit` (0: none), and never fewer than needed."""
+    grown = max(needed, 2 * capacity)
+    return max(needed, min(limit, grown)) if limit else grown
+
+
 class InPlaceKVLayer(DynamicLayer):
     """A `DynamicLayer` whose keys and values live in `[rows, kv_heads, capacity, head_dim]` buffers written in
     place: `update` copies the new tokens to `[:, :, length:length + n]` and returns views of the first `length`
@@ -154,9 +161,7 @@ class InPlaceKVLayer(DynamicLayer):
             raise ValueError(f"{key_states.shape[0]} rows written to a cache of {self.rows}")
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
-            grown = max(end, 2 * self.capacity)
-            self._allocate(self.rows, max(end, min(self.limit, grown)) if self.limit else grown,
-                           like=(key_states, value_states))
+            self._allocate(self.rows, grown_capacity(self.capacity, end, self.limit), like=(key_states, value_states))
         for buffer, states in zip(self.buffers, (key_states, value_states)):
             buffer[:self.rows, :, self.length:end].copy_(states)
         self.length = end
@@ -210,7 +215,7 @@ def in_place_capacity(prompt_tokens: int, held: int, max_new_tokens: int) -> int
     most the prompt + `max_new_tokens`. What a generation stopped early holds (up to twice its tokens)."""
     limit, capacity = prompt_tokens + max_new_tokens, prompt_tokens + min(max_new_tokens, FIRST_NEW_TOKENS)
     while held > capacity:  # as `InPlaceKVLayer.update` grows it when one token more does not fit
-        capacity = max(capacity + 1, min(limit, 2 * capacity))
+        capacity = grown_capacity(capacity, capacity + 1, limit)
     return capacity
 
 

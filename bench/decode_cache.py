@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e_step import write_report  # noqa: E402
 from sampling import VOCAB, clock, qwen_tokenizer, since  # noqa: E402
 
 WORDS = "Compute the maximum of the numbers listed and answer inside tags. "
@@ -260,8 +261,7 @@ def main(argv=None) -> dict | None:
               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
               "transformers": transformers.__version__, "vocab": VOCAB, "repeats": args.repeats,
               "cases": {name: measure(name, args) for name in args.cases.split(",")}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print(json.dumps(report, indent=2))
     return report
 

@@ -519,6 +519,7 @@ def new_tokens_within(max_new_tokens: int, rows: int, tokens_per_second: float, 
 
 def write_report(out: str | Path, report: dict) -> None:
     """The report as it stands, written again after every part of it that may be the last before a stop."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -31,11 +31,11 @@ many seconds of its generation (a compile included) are spent (a prediction from
 longer rows cost each step: on the H200 the MGT step's generation ran 1.65x its prediction and left no time
 for the backward, 2026-12-04), and the step goes on with the rows cut there; the report records where, and
 the planner's figures are for the length generated (its generation figure for the room the dynamic cache's
-buffers had then: they double as they fill, `decoding.in_place_capacity`). `--extend-completions` then continues every row with drawn
-tokens to the config's max_new_tokens, so that the passes and the update (and their planner figures) are at the
-config's own length while the generation is at the length its time allowed (on the H200 the 3B decode runs
-130-212 ms a step with the dynamic cache: 1,024 tokens outlast a part's budget). Image tasks (`--data geometry`) load the
-model's image processor, or build the Qwen2-VL one from the vision config when the architecture directory
+buffers had then: they double as they fill, `decoding.in_place_capacity`). `--extend-completions` then
+continues every row with drawn tokens to the config's max_new_tokens, so that the passes and the update (and
+their planner figures) are at the config's own length while the generation is at the length its time allowed
+(on the H200 the 3B decode runs 130-212 ms a step with the dynamic cache: 1,024 tokens outlast a part's
+budget). Image tasks (`--data geometry`) load the model's image processor, or build the Qwen2-VL one from the vision config when the architecture directory
 has none. The report is written after the step and again after each decode mode; a step stopped part-way
 leaves the phases it finished and, in generation, the decode forwards made so far.
 Writes bench/out/e2e_step.json (or --out) and prints it.

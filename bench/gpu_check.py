@@ -25,10 +25,10 @@ when less time is left than it needs, and stopped at its budget, so one slow or 
            that decodes most in their time (its compile counted). Every part's summary line lists inductor's
            reasons for skipping CUDA graphs, read from its log
   e2e_fre  bench/e2e_step.py: the same model and config, one GRPO step (its generation as long as half the part's
-           time allows, --generation-share, then every row extended with drawn tokens to the config's 1,024 for the passes and the
-           update: --extend-completions); each phase's peak CUDA memory beside the planner's, whether the step
-           fits 24 GiB; then the gradient pass profiled, and timed as configured
-           and with each of BACKWARD_AB
+           time allows, --generation-share, then every row extended with drawn tokens to the config's 1,024 for
+           the passes and the update: --extend-completions); each phase's peak CUDA memory beside the planner's,
+           whether the step fits 24 GiB; then the gradient pass profiled, and timed as configured and with each
+           of BACKWARD_AB
   e2e_mgt  the same with configs/qwen2_5_vl_3b/mgt.yaml on geometry images
 Writes into --out (default bench/out/gpu_check): summary.json, summary.md (the table, printed last),
 parts.log (every part's output), loss_kernels.json, decode.json, e2e_fre.json, e2e_mgt.json.
@@ -120,9 +120,12 @@ def wheels_to_install(found: list[Path], site: Path | None = None) -> list[Path]
     if site is not None and site.is_dir():
         in_site = {dist.metadata["Name"].lower().replace("_", "-"): dist.version
                    for dist in importlib.metadata.distributions(path=[str(site)])}
-    return [w for w in found if wheel_name_version(w)[0] not in BUILD_ONLY
-            and wheel_name_version(w)[1] not in (installed_version(wheel_name_version(w)[0]),
-                                                 in_site.get(wheel_name_version(w)[0]))]
+    needed = []
+    for wheel in found:
+        name, version = wheel_name_version(wheel)
+        if name not in BUILD_ONLY and version not in (installed_version(name), in_site.get(name)):
+            needed.append(wheel)
+    return needed
 
 
 DEVICE_CUDA = "cuda13"  # the device image's torch is built for CUDA 13 (bitsandbytes loads libbitsandbytes_cuda13x.so)
@@ -321,8 +324,8 @@ def command_for(name: str, args, learned: dict, budget_s: float | None = None) -
         cmd += ["--data", "geometry"]
     if name == "e2e_fre":  # where the training pass's time goes (10x a no-grad pass on the H200, 2026-12-04), and
         # whether fewer, larger micro-batches shorten it: that pass ran 8 micro-batches where a no-grad pass ran 3;
-        # and whether computing each
-        # prompt once per micro-batch (a second forward) costs more launches than it saves compute
+        # and whether computing each prompt once per micro-batch (a second forward) costs more launches than it
+        # saves compute
         # (the dry run's tiny config puts all 8 rows in one micro-batch: there the change is to 2 rows)
         changes = ("micro_batch_size=2", "share_prompt=false") if args.dry_run else BACKWARD_AB
         cmd += ["--profile-backward"] + [arg for change in changes for arg in ("--backward-ab", change)]

@@ -142,10 +142,10 @@ def estimate(cfg: TrainConfig, config, has_images: bool, prompt_tokens: int | No
         "activations kept for backward": micro_tokens * elt * layers * (
             h if cfg.gradient_checkpointing else 12 * h + 4 * text.intermediate_size),
         # what the rebuilt layer saves (12 h + 4 I elements per token), its backward's transients at their peak
-        # (5 h), and the gradient arriving from the layer above (h): torch's allocations over one layer's forward
-        # + backward, that gradient made before (bench/layer_saved.py, 2026-12-05), were 78,710 elements per
-        # token for the 3B's layer against 17 h + 4 I = 78,848, 1,892 for the tiny model's against 1,856,
-        # 127,002 for the 7B's against 136,704; 12 h + 4 I alone fell 13 % short at the 3B's
+        # (5 h), and the gradient arriving from the layer above (h). The peak of torch's allocations over one
+        # layer's forward + backward, that gradient made before, in hidden vectors per token (bench/layer_saved.py,
+        # 2026-12-05; bench/RESULTS.md): the 3B's layer 38.8 against 17 h + 4 I = 38.5, the 7B's 35.8 against
+        # 38.1, the tiny model's 29.7 against 29.0; 12 h + 4 I alone (33.5) fell 14 % short at the 3B's
         "one layer recomputed in backward":
             micro_tokens * elt * (18 * h + 4 * text.intermediate_size) if cfg.gradient_checkpointing else 0,
         # one [rows, vocab] logits block, the GEMM's own output on CUDA (its gradient written in place and

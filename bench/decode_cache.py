@@ -7,8 +7,8 @@ old cache (the prefill's `DynamicCache` as HF returns it: `torch.cat` of every l
 step; selected here by patching `decoding.in_place_cache`, not a user option) and the new one (buffers written in
 place, grown geometrically), alternated in one process after a short warm-up of each. Reported per path: the
 median generation's seconds over its decode steps (wall and process CPU; the one prefill included, alike in
-both), the seconds spent inside the cache layers' `update` (per step), the bytes the cache layers allocated over the generation (the cat's new tensors at every step; the buffers), the
-largest cache held, and with `--rss` the peak RSS (sampled every 2 ms) of a fresh process while it runs one
+both), the seconds spent inside the cache layers' `update` (per step), the bytes the cache layers allocated
+over the generation (the cat's new tensors at every step; the buffers), the largest cache held, and with `--rss` the peak RSS (sampled every 2 ms) of a fresh process while it runs one
 generation of each (on CPU glibc hands large freed blocks back to the OS, so the cat's churn barely shows there;
 the CUDA caching allocator keeps them, which is what the H200's 23.34 GiB reserved for 5.83 GiB held was).
 

@@ -8,9 +8,10 @@ step; selected here by patching `decoding.in_place_cache`, not a user option) an
 place, grown geometrically), alternated in one process after a short warm-up of each. Reported per path: the
 median generation's seconds over its decode steps (wall and process CPU; the one prefill included, alike in
 both), the seconds spent inside the cache layers' `update` (per step), the bytes the cache layers allocated
-over the generation (the cat's new tensors at every step; the buffers), the largest cache held, and with `--rss` the peak RSS (sampled every 2 ms) of a fresh process while it runs one
-generation of each (on CPU glibc hands large freed blocks back to the OS, so the cat's churn barely shows there;
-the CUDA caching allocator keeps them, which is what the H200's 23.34 GiB reserved for 5.83 GiB held was).
+over the generation (the cat's new tensors at every step; the buffers), the largest cache held, and with
+`--rss` the peak RSS (sampled every 2 ms) of a fresh process while it runs one generation of each (on CPU
+glibc hands large freed blocks back to the OS, so the cat's churn barely shows there; the CUDA caching
+allocator keeps them, which is what the H200's 23.34 GiB reserved for 5.83 GiB held was).
 
 Cases (`--cases`, comma-separated):
   qwen05b_cache_32x400   Qwen2.5-0.5B's cache (24 layers, 2 KV heads x 64): 1 prompt x 32 rows x 400 new tokens

@@ -36,8 +36,9 @@ continues every row with drawn tokens to the config's max_new_tokens, so that th
 their planner figures) are at the config's own length while the generation is at the length its time allowed
 (on the H200 the 3B decode runs 130-212 ms a step with the dynamic cache: 1,024 tokens outlast a part's
 budget). Image tasks (`--data geometry`) load the model's image processor, or build the Qwen2-VL one from
-the vision config when the architecture directory has none. The report is written after the step and again after each decode mode; a step stopped part-way
-leaves the phases it finished and, in generation, the decode forwards made so far.
+the vision config when the architecture directory has none. The report is written after the step and again
+after each decode mode; a step stopped part-way leaves the phases it finished and, in generation, the decode
+forwards made so far.
 Writes bench/out/e2e_step.json (or --out) and prints it.
 """
 from __future__ import annotations

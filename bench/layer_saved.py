@@ -142,7 +142,6 @@ def main(argv: list[str] | None = None) -> dict:
                                     "forward_backward_peak": peak / hidden_vector},
               "by_shape": {label: saved_bytes_of_one_layer(policy, args.tokens, autocast)["by_shape"]
                            for label, autocast in (("bf16_side_path", True), ("peft_fp32_casts", False))}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_report(args.out, report)
     print(json.dumps(report, indent=2))
     return report

@@ -254,11 +254,11 @@ def test_planner_recomputed_layer_is_a_layers_forward_and_backward_peak(tiny_cfg
     backward per token (torch's allocations, bench/layer_saved.py: LoRA on a bf16 or NF4 base, the side path in
     bf16, `lora_autocast`) with the gradient arriving from the layer above: what the layer saves (12 h + 4 I
     elements, 1,500 of the tiny model's 1,536), its backward's transients at their peak (5 h more; counting the
-    saved tensors alone fell 13 % short at the 3B's layer, and 1.18x at 1,024-token completions, 2026-12-05) and
-    that gradient (h). peft's own fp32 casts of every LoRA layer's input
-    save ~1.5x as much as the bf16 side path (tiny: 2,444 elements per token against 1,500; the 3B's layer: 45.7
-    bf16 hidden vectors against 30.1, bench/RESULTS.md), which is why the NF4 configs run with lora_autocast too:
-    the H200's FRE step, before they did, measured 1.48x the planner's training working set."""
+    saved tensors alone fell 14 % short at the 3B's layer, and 1.18x at 1,024-token completions, 2026-12-05) and
+    that gradient (h). peft's own fp32 casts of every LoRA layer's input save ~1.5x as much as the bf16 side path
+    (tiny: 2,444 elements per token against 1,500; the 3B's layer: 45.7 bf16 hidden vectors against 30.1,
+    bench/RESULTS.md), which is why the NF4 configs run with lora_autocast too: the H200's FRE step, before they
+    did, measured 1.48x the planner's training working set."""
     sys.path.insert(0, str(REPO_ROOT / "bench"))
     from layer_saved import peak_bytes_of_one_layer, per_token
 

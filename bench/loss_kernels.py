@@ -174,8 +174,8 @@ def main() -> None:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     key = lambda name: name.strip().lower().replace(" ", "_")  # noqa: E731
     wanted = {key(name) for name in args.impls.split(",")} if args.impls else None
-    every = [key(name) for name in ("naive", "torch.compile", "liger", *OBJECTIVES, FP32_BLOCK)]  # those this
-    # device lacks are not run
+    # every implementation there is; those this device lacks are not run
+    every = [key(name) for name in ("naive", "torch.compile", "liger", *OBJECTIVES, FP32_BLOCK)]
     unknown = sorted(wanted - set(every)) if wanted else []
     if unknown:  # before anything is built
         parser.error(f"--impls: no implementation {', '.join(unknown)}; there are {', '.join(every)}")
